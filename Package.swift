@@ -1,0 +1,85 @@
+// swift-tools-version: 6.1
+import Foundation
+import PackageDescription
+
+// MARK: - Code generation for the host CPU
+//
+// Swift on Linux compiles for the x86-64 baseline (SSE2) unless told otherwise, which makes the
+// SIMD softmax about 16x slower. When the building machine has AVX2 and FMA (every x86 server since
+// 2013) the hot modules are compiled for `haswell`. `ATTENTIONKIT_TARGET_CPU=<llvm cpu>` picks another
+// CPU, `ATTENTIONKIT_TARGET_CPU=none` keeps the portable baseline (needed to use AttentionKit as a
+// dependency of another package, since SwiftPM refuses unsafe flags in dependencies).
+func hostCPUFlags() -> [String] {
+    let env = ProcessInfo.processInfo.environment
+    if let cpu = env["ATTENTIONKIT_TARGET_CPU"] {
+        return cpu == "none" || cpu.isEmpty ? [] : ["-target-cpu", cpu]
+    }
+    #if arch(x86_64)
+    guard let info = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
+          let flagsLine = info.split(separator: "\n").first(where: { $0.hasPrefix("flags") })
+    else { return [] }
+    let flags = Set(flagsLine.split(separator: " ").map(String.init))
+    return flags.isSuperset(of: ["avx2", "fma", "bmi2"]) ? ["-target-cpu", "haswell"] : []
+    #else
+    return []
+    #endif
+}
+
+let cpuFlags = hostCPUFlags()
+let hotSettings: [SwiftSetting] = cpuFlags.isEmpty ? [] : [.unsafeFlags(cpuFlags)]
+
+let package = Package(
+    name: "AttentionKit",
+    products: [
+        .library(name: "AttentionKit", targets: ["AttentionKit"]),
+        .library(name: "AttentionCore", targets: ["AttentionCore"]),
+        .library(name: "NumPyIO", targets: ["NumPyIO"]),
+        .executable(name: "attnbench", targets: ["attnbench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/ordo-one/TextTable", from: "0.0.2"),
+    ],
+    targets: [
+        // MARK: Public modules
+
+        /// The contract: problems, tensors, masks, errors, the `AttentionBackend` protocol, the
+        /// float64 reference backend and the accuracy metrics. No system dependencies.
+        .target(name: "AttentionCore", swiftSettings: hotSettings),
+
+        /// The OpenBLAS backend: flash-style tiling on the CPU.
+        .target(name: "AttentionBLAS", dependencies: ["AttentionCore", "CBLAS"], swiftSettings: hotSettings),
+
+        /// Umbrella: every backend plus backend selection.
+        .target(name: "AttentionKit", dependencies: ["AttentionCore", "AttentionBLAS"]),
+
+        /// NumPy `.npy` reading and writing.
+        .target(name: "NumPyIO"),
+
+        // MARK: System libraries
+
+        .systemLibrary(
+            name: "CBLAS",
+            pkgConfig: "openblas",
+            providers: [.apt(["libopenblas-dev"])]
+        ),
+
+        // MARK: Command-line tool
+
+        .executableTarget(
+            name: "attnbench",
+            dependencies: [
+                "AttentionKit", "NumPyIO",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "TextTable", package: "TextTable"),
+            ]
+        ),
+
+        // MARK: Tests
+
+        .testTarget(name: "AttentionCoreTests", dependencies: ["AttentionCore"]),
+        .testTarget(name: "AttentionBLASTests", dependencies: ["AttentionCore", "AttentionBLAS"]),
+        .testTarget(name: "NumPyIOTests", dependencies: ["NumPyIO"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,135 @@
+import AttentionCore
+import CBLAS
+import Dispatch
+import Foundation
+import Synchronization
+
+/// Flash-style attention on the CPU with OpenBLAS SGEMM tiles.
+///
+/// Per work item (a block of query rows of one batch and one key/value head) it loops over key
+/// blocks: S = scale·Q_blk·K_blkᵀ (`cblas_sgemm`), softcap and masking where the block needs them,
+/// an online softmax (running max and sum, SIMD16 polynomial exp), O += P·V_blk (`cblas_sgemm`),
+/// and finally O /= l, lse = m + log l. The Nq × Nk score matrix is never materialised: extra
+/// memory is `tiling.scratchBytesPerThread` per thread (about 256 KiB for D = 64), independent of N.
+///
+/// - Causal and window rules skip key blocks that no row of the item can see; only blocks that
+///   straddle a boundary (or any block, with an explicit mask) pay for per-element masking.
+/// - GQA/MQA: query heads of one group read the shared K/V head in place; when Nq is short,
+///   several heads of a group are stacked into one item so decode still makes real GEMMs.
+/// - Work items are spread over `threads` threads by dynamic scheduling (largest items first).
+///   OpenBLAS runs single-threaded inside tiles for the duration of the call (its global thread
+///   count is set to 1 and restored afterwards); calls to this backend are serialised process-wide
+///   for that reason, each using every thread it was given.
+public struct BLASBackend: AttentionBackend {
+    /// Worker threads per call.
+    public let threads: Int
+    /// Fixed tiling, or `nil` for `BLASTiling.default`.
+    public let tiling: BLASTiling?
+
+    public init(threads: Int? = nil, tiling: BLASTiling? = nil) {
+        self.threads = max(1, threads ?? ProcessInfo.processInfo.activeProcessorCount)
+        self.tiling = tiling
+    }
+
+    public var name: String { "blas" }
+
+    public func support(for problem: AttentionProblem) -> BackendSupport {
+        let limit = Int(Int32.max)
+        if problem.headDim > limit || problem.valueDim > limit {
+            return .unsupported(reason: "head dimension exceeds OpenBLAS's 32-bit index range")
+        }
+        return .supported
+    }
+
+    public func tiling(for problem: AttentionProblem) -> BLASTiling {
+        tiling ?? .default(headDim: problem.headDim, valueDim: problem.valueDim, queryLength: problem.queryLength)
+    }
+
+    public func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {
+        let tile = tiling(for: problem)
+        let items = WorkItem.plan(problem, tiling: tile, threads: threads)
+        let workers = min(threads, items.count)
+        let next = Atomic<Int>(0)
+        withMaskPointer(problem.options.mask) { mask in
+            openBLASSerialiser.withLock { _ in
+                let saved = openblas_get_num_threads()
+                openblas_set_num_threads(1)
+                defer { openblas_set_num_threads(saved) }
+                DispatchQueue.concurrentPerform(iterations: workers) { _ in
+                    let kernel = TileKernel(problem: problem, tiling: tile, buffers: buffers, mask: mask)
+                    defer { kernel.deallocate() }
+                    while true {
+                        let index = next.add(1, ordering: .relaxed).oldValue
+                        guard index < items.count else { break }
+                        kernel.process(items[index])
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Borrows the mask's storage for the duration of `body`.
+private func withMaskPointer(_ mask: AttentionMask?, _ body: (MaskPointer) -> Void) {
+    switch mask?.values {
+    case nil: body(.none)
+    case let .boolean(values)?: values.withUnsafeBufferPointer { body(.boolean($0.baseAddress!)) }
+    case let .additive(values)?: values.withUnsafeBufferPointer { body(.additive($0.baseAddress!)) }
+    }
+}
+
+/// Guards OpenBLAS's process-global thread count.
+private let openBLASSerialiser = Mutex<Void>(())
+
+/// A block of query rows: heads [head, head + headCount) of one batch entry (all in one GQA group),
+/// query positions [queryStart, queryEnd). Its rows are contiguous in Q and O.
+struct WorkItem {
+    var batch: Int
+    var head: Int
+    var headCount: Int
+    var queryStart: Int
+    var queryEnd: Int
+    /// Relative cost, for scheduling the largest first.
+    var cost: Int
+
+    static func plan(_ p: AttentionProblem, tiling: BLASTiling, threads: Int) -> [WorkItem] {
+        var items: [WorkItem] = []
+        let nq = p.queryLength
+        func cost(_ start: Int, _ end: Int, heads: Int) -> Int {
+            let first = p.visibleKeys(forQuery: start)
+            let last = p.visibleKeys(forQuery: end - 1)
+            return heads * (end - start) * max(1, max(first.hi, last.hi) - min(first.lo, last.lo) + 1)
+        }
+        if nq >= tiling.queryRows / 2 {
+            for b in 0..<p.batch {
+                for h in 0..<p.queryHeads {
+                    var start = 0
+                    while start < nq {
+                        let end = min(nq, start + tiling.queryRows)
+                        items.append(WorkItem(batch: b, head: h, headCount: 1, queryStart: start, queryEnd: end,
+                                              cost: cost(start, end, heads: 1)))
+                        start = end
+                    }
+                }
+            }
+        } else {
+            // Short queries: stack whole heads of a group, but keep at least two items per thread.
+            var perItem = max(1, min(p.groupSize, tiling.queryRows / nq))
+            while perItem > 1 && p.batch * p.queryHeads / perItem < 2 * threads { perItem = (perItem + 1) / 2 }
+            for b in 0..<p.batch {
+                for group in 0..<p.keyValueHeads {
+                    var h = group * p.groupSize
+                    let groupEnd = h + p.groupSize
+                    while h < groupEnd {
+                        let count = min(perItem, groupEnd - h)
+                        items.append(WorkItem(batch: b, head: h, headCount: count, queryStart: 0, queryEnd: nq,
+                                              cost: cost(0, nq, heads: count)))
+                        h += count
+                    }
+                }
+            }
+        }
+        // Largest first; ties keep memory order.
+        return items.enumerated().sorted { ($0.element.cost, -$0.offset) > ($1.element.cost, -$1.offset) }.map(\.element)
+    }
+}

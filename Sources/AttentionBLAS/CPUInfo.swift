@@ -1,0 +1,54 @@
+import CBLAS
+import Foundation
+
+/// What the CPU side of this machine is and how fast it multiplies matrices.
+public enum CPUInfo {
+    /// The kernel family OpenBLAS selected at load time ("Haswell", "SkylakeX", "Zen"...).
+    /// `OPENBLAS_CORETYPE` in the environment overrides its detection.
+    public static var openBLASCore: String {
+        guard let name = openblas_get_corename() else { return "unknown" }
+        return String(cString: name)
+    }
+
+    /// Threads OpenBLAS uses for a standalone call.
+    public static var openBLASThreads: Int { Int(openblas_get_num_threads()) }
+
+    /// Logical CPUs available to this process.
+    public static var logicalCores: Int { ProcessInfo.processInfo.activeProcessorCount }
+
+    /// The SIMD instruction sets the CPU reports (Linux: from /proc/cpuinfo), widest first.
+    public static var simdExtensions: [String] {
+        guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
+              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("flags") })
+        else { return [] }
+        let flags = Set(line.split(separator: " ").map(String.init))
+        return ["avx512f", "avx2", "fma", "avx", "sse4_2", "asimd", "sve"].filter(flags.contains)
+    }
+
+    /// The CPU model name, if the OS reports one.
+    public static var modelName: String? {
+        guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
+              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("model name") }),
+              let colon = line.firstIndex(of: ":")
+        else { return nil }
+        return line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+    }
+
+    /// Measures OpenBLAS SGEMM throughput (n × n × n, all OpenBLAS threads): the CPU roofline.
+    /// Returns the median GFLOP/s of `repeats` runs after one warm-up.
+    public static func measureSGEMM(size n: Int = 2048, repeats: Int = 5) -> Double {
+        let a = [Float](repeating: 0.5, count: n * n)
+        let b = [Float](repeating: 0.25, count: n * n)
+        var c = [Float](repeating: 0, count: n * n)
+        var times: [Double] = []
+        for rep in 0...repeats {
+            let start = DispatchTime.now().uptimeNanoseconds
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(n), Int32(n),
+                        1, a, Int32(n), b, Int32(n), 0, &c, Int32(n))
+            let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+            if rep > 0 { times.append(seconds) }
+        }
+        times.sort()
+        return 2 * Double(n) * Double(n) * Double(n) / times[times.count / 2] / 1e9
+    }
+}

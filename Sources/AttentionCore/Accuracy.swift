@@ -1,0 +1,96 @@
+/// How far a result is from the float64 reference, and whether that is within the contract.
+///
+/// Tolerance (fp32, xFormers' forward tolerance): |o - ref| <= 3e-4 + 2e-5·|ref| elementwise, no NaN
+/// where the reference has none, and rows with no visible key exactly 0. NMSE = Σ(o-ref)² / Σref²
+/// should sit near 1e-12 for fp32; it is reported, not judged.
+public struct AccuracyReport: Sendable, Equatable, CustomStringConvertible {
+    public static let absoluteTolerance = 3e-4
+    public static let relativeTolerance = 2e-5
+
+    public var maxAbsError = 0.0
+    public var maxRelError = 0.0
+    public var nmse = 0.0
+    /// Elements outside tolerance (including unexpected NaN, and non-zero masked rows).
+    public var violations = 0
+    /// The first violating flat index, if any.
+    public var firstViolation: Int?
+    /// Worst log-sum-exp error over rows where the reference is finite.
+    public var maxLSEError = 0.0
+    public var lseViolations = 0
+
+    public var passed: Bool { violations == 0 && lseViolations == 0 }
+
+    public var description: String {
+        let verdict = passed ? "ok" : "FAIL (\(violations) output, \(lseViolations) lse violations; first at \(firstViolation ?? -1))"
+        return "max abs \(format(maxAbsError)), max rel \(format(maxRelError)), NMSE \(format(nmse)), lse \(format(maxLSEError)): \(verdict)"
+    }
+
+    private func format(_ x: Double) -> String {
+        guard x.isFinite, x != 0 else { return "\(x)" }
+        var exponent = 0
+        var m = x
+        while abs(m) >= 10 { m /= 10; exponent += 1 }
+        while abs(m) < 1 { m *= 10; exponent -= 1 }
+        let rounded = (m * 100).rounded() / 100
+        return "\(rounded)e\(exponent)"
+    }
+
+    /// Compares `output` / `logSumExp` (fp32) against the float64 reference.
+    /// Rows whose reference is NaN (poisoned inputs) are skipped.
+    public init(
+        output: UnsafeBufferPointer<Float>, logSumExp: UnsafeBufferPointer<Float>?,
+        reference: [Double], referenceLSE: [Double], valueDim: Int
+    ) {
+        precondition(output.count == reference.count && valueDim > 0)
+        var sumSq = 0.0
+        var refSq = 0.0
+        for idx in 0..<reference.count {
+            let ref = reference[idx]
+            let o = Double(output[idx])
+            let row = idx / valueDim
+            if ref.isNaN { continue }
+            let masked = referenceLSE[row] == -.infinity
+            let err = abs(o - ref)
+            var bad = o.isNaN || err > Self.absoluteTolerance + Self.relativeTolerance * abs(ref)
+            if masked && o != 0 { bad = true }
+            if bad {
+                violations += 1
+                if firstViolation == nil { firstViolation = idx }
+            }
+            if err.isFinite {
+                maxAbsError = max(maxAbsError, err)
+                if ref != 0 { maxRelError = max(maxRelError, err / abs(ref)) }
+            } else {
+                maxAbsError = .infinity
+            }
+            sumSq += (o - ref) * (o - ref)
+            refSq += ref * ref
+        }
+        nmse = refSq > 0 ? sumSq / refSq : (sumSq > 0 ? .infinity : 0)
+        if let lse = logSumExp {
+            for row in 0..<referenceLSE.count {
+                let ref = referenceLSE[row]
+                let got = Double(lse[row])
+                if ref.isNaN { continue }
+                if ref == -.infinity {
+                    if got != -.infinity { lseViolations += 1 }
+                    continue
+                }
+                let err = abs(got - ref)
+                maxLSEError = max(maxLSEError, err.isNaN ? .infinity : err)
+                // LSE is O(scores): judge relative to its magnitude.
+                if !(err <= Self.absoluteTolerance + 1e-5 * abs(ref)) { lseViolations += 1 }
+            }
+        }
+    }
+
+    /// Compares a result against the reference computed from the same fp32 inputs.
+    public init(result: AttentionResult, reference: (output: [Double], logSumExp: [Double]), valueDim: Int) {
+        self = result.output.storage.withUnsafeBufferPointer { out in
+            result.logSumExp.storage.withUnsafeBufferPointer { lse in
+                AccuracyReport(output: out, logSumExp: lse, reference: reference.output,
+                               referenceLSE: reference.logSumExp, valueDim: valueDim)
+            }
+        }
+    }
+}

@@ -1,0 +1,143 @@
+/// Whether a backend can run a problem, and if not, why.
+public enum BackendSupport: Sendable, Equatable, CustomStringConvertible {
+    case supported
+    case unsupported(reason: String)
+
+    public var isSupported: Bool { self == .supported }
+    public var description: String {
+        switch self {
+        case .supported: return "supported"
+        case let .unsupported(reason): return "unsupported: \(reason)"
+        }
+    }
+}
+
+/// Borrowed views of one call's host buffers, valid only for the duration of the call.
+///
+/// `query` [B, Hq, Nq, D], `key` [B, Hkv, Nk, D], `value` [B, Hkv, Nk, Dv] are read;
+/// `output` [B, Hq, Nq, Dv] and `logSumExp` [B, Hq, Nq] (optional) are written completely.
+/// The mask, if any, is read from `problem.options.mask`.
+///
+/// `@unchecked Sendable`: backends hand these views to their worker threads, which read the inputs
+/// concurrently and write disjoint parts of the outputs; the caller must not touch the outputs
+/// until the call returns.
+public struct AttentionBuffers: @unchecked Sendable {
+    public let query: UnsafeBufferPointer<Float>
+    public let key: UnsafeBufferPointer<Float>
+    public let value: UnsafeBufferPointer<Float>
+    public let output: UnsafeMutableBufferPointer<Float>
+    public let logSumExp: UnsafeMutableBufferPointer<Float>?
+
+    public init(
+        query: UnsafeBufferPointer<Float>, key: UnsafeBufferPointer<Float>, value: UnsafeBufferPointer<Float>,
+        output: UnsafeMutableBufferPointer<Float>, logSumExp: UnsafeMutableBufferPointer<Float>?
+    ) {
+        self.query = query
+        self.key = key
+        self.value = value
+        self.output = output
+        self.logSumExp = logSumExp
+    }
+
+    /// Throws unless every buffer has exactly the element count `problem` requires.
+    public func check(against problem: AttentionProblem) throws(AttentionError) {
+        let expected: [(String, Int, Int)] = [
+            ("query", problem.queryShape.reduce(1, *), query.count),
+            ("key", problem.keyShape.reduce(1, *), key.count),
+            ("value", problem.valueShape.reduce(1, *), value.count),
+        ]
+        for (name, want, got) in expected where want != got {
+            throw .storageSizeMismatch(
+                tensor: name, shape: name == "query" ? problem.queryShape : name == "key" ? problem.keyShape : problem.valueShape,
+                expectedCount: want, actualCount: got)
+        }
+        let outCount = problem.outputShape.reduce(1, *)
+        guard output.count == outCount else {
+            throw .outputSizeMismatch(buffer: "output", expectedCount: outCount, actualCount: output.count)
+        }
+        if let lse = logSumExp, lse.count != problem.lseShape.reduce(1, *) {
+            throw .outputSizeMismatch(buffer: "logSumExp", expectedCount: problem.lseShape.reduce(1, *), actualCount: lse.count)
+        }
+    }
+}
+
+/// O and log-sum-exp of one attention call.
+public struct AttentionResult: Sendable, Equatable {
+    /// [B, Hq, Nq, Dv]. Rows with no visible key are exactly 0.
+    public var output: Tensor
+    /// [B, Hq, Nq]: m + log(l) per query, `-infinity` for rows with no visible key. Lets results over
+    /// disjoint key ranges be merged exactly.
+    public var logSumExp: Tensor
+}
+
+/// One way of computing attention. Every backend obeys the same contract (see the README's
+/// "Semantics" section); a backend that cannot do a case says so through `support(for:)` and is
+/// never asked to compute something else.
+///
+/// Conformers implement `support(for:)` and `run(_:_:)`; callers use `forward(_:_:)` or
+/// `attention(query:key:value:options:)`, which validate before calling `run`.
+/// Backends are `Sendable`: one instance may serve concurrent calls.
+public protocol AttentionBackend: Sendable {
+    /// A short, stable name ("naive", "blas", "opencl:0"...).
+    var name: String { get }
+    /// Whether this backend can run `problem` on this machine, and if not, why.
+    func support(for problem: AttentionProblem) -> BackendSupport
+    /// Computes the problem. Called only with validated buffers and a supported problem.
+    func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError)
+}
+
+extension AttentionBackend {
+    /// Checks support and buffer sizes, then runs the problem into the caller's buffers.
+    public func forward(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {
+        if case let .unsupported(reason) = support(for: problem) {
+            throw .unsupported(backend: name, reason: reason)
+        }
+        try buffers.check(against: problem)
+        try run(problem, buffers)
+    }
+
+    /// Computes attention of host tensors and returns O and the log-sum-exp.
+    ///
+    /// - Parameters:
+    ///   - query: [B, Hq, Nq, D]
+    ///   - key: [B, Hkv, Nk, D]
+    ///   - value: [B, Hkv, Nk, Dv]
+    public func attention(
+        query: Tensor, key: Tensor, value: Tensor, options: AttentionOptions = .init()
+    ) throws(AttentionError) -> AttentionResult {
+        let problem = try AttentionProblem(query: query.shape, key: key.shape, value: value.shape, options: options)
+        return try attention(problem, query: query, key: key, value: value)
+    }
+
+    /// Computes an already validated problem on host tensors.
+    public func attention(
+        _ problem: AttentionProblem, query: Tensor, key: Tensor, value: Tensor
+    ) throws(AttentionError) -> AttentionResult {
+        var output = try Tensor(shape: problem.outputShape, name: "output")
+        var lse = try Tensor(shape: problem.lseShape, name: "logSumExp")
+        try output.withUnsafeMutableBufferPointer { (out) throws(AttentionError) in
+            try lse.withUnsafeMutableBufferPointer { (lseBuffer) throws(AttentionError) in
+                try withBuffers(query, key, value) { (q, k, v) throws(AttentionError) in
+                    try forward(problem, AttentionBuffers(query: q, key: k, value: v, output: out, logSumExp: lseBuffer))
+                }
+            }
+        }
+        return AttentionResult(output: output, logSumExp: lse)
+    }
+}
+
+/// Borrows three tensors' storage at once, with typed throws.
+func withBuffers<R>(
+    _ a: Tensor, _ b: Tensor, _ c: Tensor,
+    _ body: (UnsafeBufferPointer<Float>, UnsafeBufferPointer<Float>, UnsafeBufferPointer<Float>) throws(AttentionError) -> R
+) throws(AttentionError) -> R {
+    var result: Result<R, AttentionError>!
+    a.storage.withUnsafeBufferPointer { pa in
+        b.storage.withUnsafeBufferPointer { pb in
+            c.storage.withUnsafeBufferPointer { pc in
+                do throws(AttentionError) { result = .success(try body(pa, pb, pc)) } catch { result = .failure(error) }
+            }
+        }
+    }
+    return try result.get()
+}

@@ -1,0 +1,64 @@
+/// Everything that can be wrong with an attention call, named precisely enough to fix it.
+///
+/// Every public entry point of AttentionKit throws this type (typed throws), so callers can switch
+/// over the cases; `description` is a one-line English message suitable for a command-line tool.
+public enum AttentionError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// A tensor does not have the rank the contract requires (Q, K, V: 4; a mask: 2 to 4).
+    case invalidRank(tensor: String, expected: String, actual: [Int])
+    /// A dimension of size zero (every dimension must be at least 1).
+    case zeroSizedDimension(tensor: String, shape: [Int])
+    /// A negative dimension, or a shape whose element count overflows `Int`.
+    case invalidShape(tensor: String, shape: [Int])
+    /// The storage holds a different number of elements than the shape says.
+    case storageSizeMismatch(tensor: String, shape: [Int], expectedCount: Int, actualCount: Int)
+    /// Two tensors disagree on a dimension they must share (batch, head dimension, key length...).
+    case shapeMismatch(String)
+    /// Hq is not a multiple of Hkv (grouped-query attention needs whole groups).
+    case headsNotDivisible(queryHeads: Int, keyValueHeads: Int)
+    /// The mask cannot be broadcast to [B, Hq, Nq, Nk].
+    case maskNotBroadcastable(maskShape: [Int], target: [Int])
+    /// A window bound below -1 (-1 means unbounded).
+    case invalidWindow(left: Int, right: Int)
+    /// The scale is NaN or infinite.
+    case invalidScale(Float)
+    /// The softcap is not a finite number greater than zero.
+    case invalidSoftcap(Float)
+    /// A caller-provided output buffer has the wrong number of elements.
+    case outputSizeMismatch(buffer: String, expectedCount: Int, actualCount: Int)
+    /// The backend cannot run this problem; `reason` says why.
+    case unsupported(backend: String, reason: String)
+    /// The backend failed at run time (device error, out of memory...).
+    case backendFailure(backend: String, message: String)
+
+    public var description: String {
+        switch self {
+        case let .invalidRank(tensor, expected, actual):
+            return "\(tensor) must have rank \(expected), got shape \(actual) (rank \(actual.count))"
+        case let .zeroSizedDimension(tensor, shape):
+            return "\(tensor) has a zero-sized dimension: shape \(shape); every dimension must be >= 1"
+        case let .invalidShape(tensor, shape):
+            return "\(tensor) has an invalid shape \(shape) (negative dimension or too many elements)"
+        case let .storageSizeMismatch(tensor, shape, expected, actual):
+            return "\(tensor) has shape \(shape), which needs \(expected) elements, but its storage holds \(actual)"
+        case let .shapeMismatch(message):
+            return "shape mismatch: \(message)"
+        case let .headsNotDivisible(hq, hkv):
+            return "query heads (\(hq)) must be a multiple of key/value heads (\(hkv))"
+        case let .maskNotBroadcastable(maskShape, target):
+            return "mask of shape \(maskShape) cannot be broadcast to \(target) "
+                + "(expected [B|1, Hq|1, Nq, Nk], leading dimensions may be omitted)"
+        case let .invalidWindow(left, right):
+            return "window (\(left), \(right)) is invalid: each side must be >= 0, or -1 for unbounded"
+        case let .invalidScale(scale):
+            return "scale must be a finite number, got \(scale)"
+        case let .invalidSoftcap(cap):
+            return "softcap must be a finite number > 0, got \(cap)"
+        case let .outputSizeMismatch(buffer, expected, actual):
+            return "output buffer \(buffer) must hold \(expected) elements, got \(actual)"
+        case let .unsupported(backend, reason):
+            return "backend \(backend) cannot run this problem: \(reason)"
+        case let .backendFailure(backend, message):
+            return "backend \(backend) failed: \(message)"
+        }
+    }
+}

@@ -1,0 +1,211 @@
+import Foundation
+
+/// An array read from or written to a NumPy `.npy` file: shape plus either fp32 values or booleans.
+///
+/// Reading accepts format versions 1.0, 2.0 and 3.0, C order, little-endian `<f4`, and converts
+/// `<f8` and `<f2` to fp32; `|b1` (and `|u1`, read as booleans) for masks. Everything else, and any
+/// file whose header disagrees with its size, is refused with an `NPYError` naming the file; the
+/// data size is checked against the file's actual size before any allocation.
+public struct NPYArray: Sendable, Equatable {
+    public enum Storage: Sendable, Equatable {
+        case float32([Float])
+        case bool([Bool])
+    }
+
+    /// The element type as stored in the file.
+    public enum FileDType: String, Sendable {
+        case float16 = "<f2", float32 = "<f4", float64 = "<f8", bool = "|b1", uint8 = "|u1"
+    }
+
+    public let shape: [Int]
+    public let storage: Storage
+    /// The dtype the file had (values are held as fp32 or Bool regardless).
+    public let fileDType: FileDType
+
+    public init(shape: [Int], floats: [Float]) {
+        precondition(shape.reduce(1, *) == floats.count, "shape \(shape) does not match \(floats.count) values")
+        self.shape = shape
+        self.storage = .float32(floats)
+        self.fileDType = .float32
+    }
+
+    public init(shape: [Int], bools: [Bool]) {
+        precondition(shape.reduce(1, *) == bools.count, "shape \(shape) does not match \(bools.count) values")
+        self.shape = shape
+        self.storage = .bool(bools)
+        self.fileDType = .bool
+    }
+
+    private init(shape: [Int], storage: Storage, fileDType: FileDType) {
+        self.shape = shape
+        self.storage = storage
+        self.fileDType = fileDType
+    }
+
+    public var floats: [Float]? {
+        if case let .float32(values) = storage { return values }
+        return nil
+    }
+
+    public var bools: [Bool]? {
+        if case let .bool(values) = storage { return values }
+        return nil
+    }
+
+    // MARK: Reading
+
+    /// Reads a file. `path` is used in every error message.
+    public static func read(contentsOf path: String) throws(NPYError) -> NPYArray {
+        let data: Data
+        do {
+            data = try Data(contentsOf: URL(fileURLWithPath: path), options: .mappedIfSafe)
+        } catch {
+            throw .cannotOpen(file: path, reason: (error as NSError).localizedDescription)
+        }
+        return try parse(data, file: path)
+    }
+
+    /// Parses the bytes of a `.npy` file; `file` names it in errors.
+    public static func parse(_ data: Data, file: String) throws(NPYError) -> NPYArray {
+        let bytes = [UInt8](data.prefix(12))
+        let magic: [UInt8] = [0x93, 0x4E, 0x55, 0x4D, 0x50, 0x59]  // \x93NUMPY
+        guard bytes.count >= 6, Array(bytes[0..<6]) == magic else {
+            if bytes.count < 6 && magic.starts(with: bytes) && !bytes.isEmpty { throw .truncated(file: file, detail: "only \(bytes.count) bytes") }
+            throw .notNPY(file: file)
+        }
+        guard bytes.count >= 10 else { throw .truncated(file: file, detail: "header length missing") }
+        let (major, minor) = (bytes[6], bytes[7])
+        let headerLength: Int
+        let headerStart: Int
+        switch major {
+        case 1:
+            headerLength = Int(bytes[8]) | Int(bytes[9]) << 8
+            headerStart = 10
+        case 2, 3:
+            guard bytes.count >= 12 else { throw .truncated(file: file, detail: "header length missing") }
+            headerLength = Int(bytes[8]) | Int(bytes[9]) << 8 | Int(bytes[10]) << 16 | Int(bytes[11]) << 24
+            headerStart = 12
+        default:
+            throw .unsupportedVersion(file: file, major: major, minor: minor)
+        }
+        guard minor == 0 else { throw .unsupportedVersion(file: file, major: major, minor: minor) }
+        guard data.count >= headerStart + headerLength else {
+            throw .truncated(file: file, detail: "header claims \(headerLength) bytes, file has \(data.count - headerStart) after the preamble")
+        }
+        let headerBytes = data.subdata(in: data.startIndex + headerStart ..< data.startIndex + headerStart + headerLength)
+        // Version 3.0 allows UTF-8 in the header; 1.0 and 2.0 are latin-1, which is ASCII for valid headers.
+        guard let header = String(data: headerBytes, encoding: major == 3 ? .utf8 : .isoLatin1) else {
+            throw .malformedHeader(file: file, detail: "header is not text")
+        }
+        let fields = try NPYHeader.parse(header, file: file)
+        guard !fields.fortranOrder else { throw .fortranOrder(file: file) }
+        guard let dtype = FileDType(rawValue: normalise(fields.descr)) else {
+            throw .unsupportedDType(file: file, dtype: fields.descr)
+        }
+        let itemSize: Int
+        switch dtype {
+        case .float16: itemSize = 2
+        case .float32: itemSize = 4
+        case .float64: itemSize = 8
+        case .bool, .uint8: itemSize = 1
+        }
+        var count = 1
+        for dim in fields.shape {
+            let (product, overflow) = count.multipliedReportingOverflow(by: dim)
+            guard !overflow else { throw .tooLarge(file: file, shape: fields.shape) }
+            count = product
+        }
+        let (expectedBytes, overflow) = count.multipliedReportingOverflow(by: itemSize)
+        guard !overflow else { throw .tooLarge(file: file, shape: fields.shape) }
+        let payload = data.count - headerStart - headerLength
+        guard payload == expectedBytes else {
+            if payload < expectedBytes {
+                throw .truncated(file: file, detail: "shape \(fields.shape) needs \(expectedBytes) data bytes, only \(payload) present")
+            }
+            throw .sizeMismatch(file: file, shape: fields.shape, expectedBytes: expectedBytes, actualBytes: payload)
+        }
+        let offset = data.startIndex + headerStart + headerLength
+        let storage: Storage = data.withUnsafeBytes { (raw: UnsafeRawBufferPointer) in
+            let base = raw.baseAddress! + (offset - data.startIndex)
+            switch dtype {
+            case .float32:
+                return .float32((0..<count).map { Float(bitPattern: UInt32(littleEndian: base.loadUnaligned(fromByteOffset: $0 * 4, as: UInt32.self))) })
+            case .float64:
+                return .float32((0..<count).map { Float(Double(bitPattern: UInt64(littleEndian: base.loadUnaligned(fromByteOffset: $0 * 8, as: UInt64.self)))) })
+            case .float16:
+                return .float32((0..<count).map { Float(halfBits: UInt16(littleEndian: base.loadUnaligned(fromByteOffset: $0 * 2, as: UInt16.self))) })
+            case .bool, .uint8:
+                return .bool((0..<count).map { base.load(fromByteOffset: $0, as: UInt8.self) != 0 })
+            }
+        }
+        return NPYArray(shape: fields.shape, storage: storage, fileDType: dtype)
+    }
+
+    /// `'<f4'`, `'float32'`-style spellings NumPy writes on little-endian machines.
+    private static func normalise(_ descr: String) -> String {
+        switch descr {
+        case "|b1", "<b1", "b1", "?": return "|b1"
+        case "|u1", "<u1", "u1": return "|u1"
+        default: return descr
+        }
+    }
+
+    // MARK: Writing
+
+    /// The bytes of a version 1.0 file (`<f4` or `|b1`), header padded to 64 bytes as NumPy does.
+    public func encoded() -> Data {
+        let descr: String
+        switch storage {
+        case .float32: descr = "<f4"
+        case .bool: descr = "|b1"
+        }
+        let shapeText = shape.count == 1 ? "(\(shape[0]),)" : "(" + shape.map(String.init).joined(separator: ", ") + ")"
+        var header = "{'descr': '\(descr)', 'fortran_order': False, 'shape': \(shapeText), }"
+        let preamble = 10
+        let padding = (64 - (preamble + header.utf8.count + 1) % 64) % 64
+        header += String(repeating: " ", count: padding) + "\n"
+        var data = Data([0x93, 0x4E, 0x55, 0x4D, 0x50, 0x59, 1, 0])
+        let length = UInt16(header.utf8.count)
+        data.append(UInt8(length & 0xFF))
+        data.append(UInt8(length >> 8))
+        data.append(contentsOf: Array(header.utf8))
+        switch storage {
+        case let .float32(values):
+            values.withUnsafeBufferPointer { buffer in
+                var le = [UInt32](repeating: 0, count: buffer.count)
+                for i in 0..<buffer.count { le[i] = buffer[i].bitPattern.littleEndian }
+                le.withUnsafeBytes { data.append(contentsOf: $0) }
+            }
+        case let .bool(values):
+            data.append(contentsOf: values.map { $0 ? UInt8(1) : 0 })
+        }
+        return data
+    }
+
+    /// Writes a version 1.0 file atomically.
+    public func write(to path: String) throws(NPYError) {
+        do {
+            try encoded().write(to: URL(fileURLWithPath: path), options: .atomic)
+        } catch {
+            throw .cannotWrite(file: path, reason: (error as NSError).localizedDescription)
+        }
+    }
+}
+
+extension Float {
+    /// IEEE half-precision bits to Float, without depending on platform `Float16` support.
+    init(halfBits h: UInt16) {
+        let sign = UInt32(h >> 15) << 31
+        let exponent = Int((h >> 10) & 0x1F)
+        let mantissa = UInt32(h & 0x3FF)
+        if exponent == 0x1F {
+            self = Float(bitPattern: sign | 0x7F80_0000 | (mantissa << 13))
+        } else if exponent == 0 {
+            // Subnormal (or zero): mantissa · 2^-24.
+            let magnitude = Float(mantissa) * Float(sign: .plus, exponent: -24, significand: 1)
+            self = sign != 0 ? -magnitude : magnitude
+        } else {
+            self = Float(bitPattern: sign | UInt32(exponent - 15 + 127) << 23 | (mantissa << 13))
+        }
+    }
+}

@@ -1,0 +1,17 @@
+import ArgumentParser
+
+@main
+struct AttnBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "attnbench",
+        abstract: "Run, check and time transformer attention with AttentionKit's backends.",
+        subcommands: [Check.self, Run.self],
+        defaultSubcommand: Check.self
+    )
+}
+
+/// A one-line error for the user; `attnbench` exits non-zero with it on stderr.
+struct CLIError: Error, CustomStringConvertible {
+    let description: String
+    init(_ message: String) { description = message }
+}

@@ -1,0 +1,132 @@
+import ArgumentParser
+import AttentionKit
+import Dispatch
+import Foundation
+import NumPyIO
+
+extension BackendChoice: ExpressibleByArgument {}
+
+extension AttentionWindow: ExpressibleByArgument {
+    /// "L,R", each an integer >= -1 (-1 = unbounded).
+    public init?(argument: String) {
+        let parts = argument.split(separator: ",", omittingEmptySubsequences: false)
+        guard parts.count == 2,
+              let left = Int(parts[0].trimmingCharacters(in: .whitespaces)),
+              let right = Int(parts[1].trimmingCharacters(in: .whitespaces))
+        else { return nil }
+        self.init(left: left, right: right)
+    }
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Compute attention on .npy files.",
+        discussion: """
+        Q [B, Hq, Nq, D], K [B, Hkv, Nk, D], V [B, Hkv, Nk, Dv] as .npy (<f4; <f8 and <f2 are converted).
+        The mask (optional) is |b1 (true = may attend) or float (added to scores), broadcastable to
+        [B, Hq, Nq, Nk]. Causal masking is bottom-right aligned: query i sees key j iff j <= i + Nk - Nq.
+        """
+    )
+
+    @Option(name: .customLong("q"), help: "Query .npy file, [B, Hq, Nq, D].") var queryPath: String
+    @Option(name: .customLong("k"), help: "Key .npy file, [B, Hkv, Nk, D].") var keyPath: String
+    @Option(name: .customLong("v"), help: "Value .npy file, [B, Hkv, Nk, Dv].") var valuePath: String
+    @Option(name: .customLong("mask"), help: "Mask .npy file (bool or float), broadcastable to [B, Hq, Nq, Nk].")
+    var maskPath: String?
+    @Flag(help: "Bottom-right aligned causal masking.") var causal = false
+    @Option(help: ArgumentHelp("Sliding window L,R (-1 = unbounded side).", valueName: "L,R")) var window: AttentionWindow?
+    @Option(help: "Score scale (default 1/sqrt(D)).") var scale: Float?
+    @Option(help: "Softcap c > 0: scores become c*tanh(s/c).") var softcap: Float?
+    @Option(help: "Backend: naive, blas or auto.") var backend: BackendChoice = .auto
+    @Option(name: .customLong("out"), help: "Output .npy file for O, [B, Hq, Nq, Dv].") var outPath: String
+    @Option(name: .customLong("lse"), help: "Output .npy file for the log-sum-exp, [B, Hq, Nq].") var lsePath: String?
+    @Option(name: .customLong("repeat"), help: "Timed repetitions after one warm-up; prints median time and GFLOP/s to stderr.")
+    var repetitions: Int?
+    @Option(help: "Worker threads for the CPU backends (default: all cores).") var threads: Int?
+
+    func validate() throws {
+        if let repetitions, repetitions < 1 { throw ValidationError("--repeat must be >= 1") }
+        if let threads, threads < 1 { throw ValidationError("--threads must be >= 1") }
+    }
+
+    func run() throws {
+        let q = try loadFloats(queryPath, role: "query")
+        let k = try loadFloats(keyPath, role: "key")
+        let v = try loadFloats(valuePath, role: "value")
+        var options = AttentionOptions(scale: scale, softcap: softcap, causal: causal, window: window)
+        if let maskPath { options.mask = try loadMask(maskPath) }
+
+        let problem: AttentionProblem
+        do {
+            problem = try AttentionProblem(query: q.shape, key: k.shape, value: v.shape, options: options)
+        } catch {
+            throw CLIError("\(error) (query: \(queryPath), key: \(keyPath), value: \(valuePath)\(maskPath.map { ", mask: \($0)" } ?? ""))")
+        }
+        let selection = try BackendSelection.select(backend, for: problem, threads: threads)
+        let result = try selection.backend.attention(problem, query: q, key: k, value: v)
+
+        if let repetitions {
+            var times: [Double] = []
+            for _ in 0..<repetitions {
+                let start = DispatchTime.now().uptimeNanoseconds
+                _ = try selection.backend.attention(problem, query: q, key: k, value: v)
+                times.append(Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
+            }
+            times.sort()
+            let median = times[times.count / 2]
+            let gflops = problem.flops / median / 1e9
+            let sgemm = CPUInfo.measureSGEMM()
+            var line = "\(selection.backend.name): median \(format(median * 1e3)) ms over \(repetitions) runs "
+                + "(min \(format(times.first! * 1e3)), max \(format(times.last! * 1e3))), "
+                + "\(format(gflops)) GFLOP/s = \(format(gflops / sgemm)) x SGEMM (\(format(sgemm)) GFLOP/s, OpenBLAS core \(CPUInfo.openBLASCore))"
+            if problem.queryLength <= 16 {
+                line += ", K/V read \(format(problem.keyValueBytes / median / 1e9)) GB/s"
+            }
+            printError(line)
+        } else {
+            printError("\(selection.backend.name) (\(selection.reason)): \(problem.outputShape) written to \(outPath)")
+        }
+        try write(result.output, to: outPath)
+        if let lsePath { try write(result.logSumExp, to: lsePath) }
+    }
+
+    private func loadFloats(_ path: String, role: String) throws -> Tensor {
+        let array = try NPYArray.read(contentsOf: path)
+        guard let values = array.floats else {
+            throw NPYError.wrongKind(file: path, expected: "floating-point \(role)", actual: array.fileDType.rawValue)
+        }
+        do {
+            return try Tensor(shape: array.shape, storage: values, name: "\(role) (\(path))")
+        } catch {
+            throw CLIError("\(error)")
+        }
+    }
+
+    private func loadMask(_ path: String) throws -> AttentionMask {
+        let array = try NPYArray.read(contentsOf: path)
+        do {
+            switch array.storage {
+            case let .bool(values): return try AttentionMask(shape: array.shape, allowed: values)
+            case let .float32(values): return try AttentionMask(shape: array.shape, additive: values)
+            }
+        } catch {
+            throw CLIError("\(path): \(error)")
+        }
+    }
+
+    private func write(_ tensor: Tensor, to path: String) throws {
+        try NPYArray(shape: tensor.shape, floats: tensor.storage).write(to: path)
+    }
+}
+
+func printError(_ line: String) {
+    FileHandle.standardError.write(Data((line + "\n").utf8))
+}
+
+func format(_ x: Double) -> String {
+    if x == 0 || !x.isFinite { return "\(x)" }
+    if abs(x) >= 100 { return String(format: "%.0f", x) }
+    if abs(x) >= 1 { return String(format: "%.2f", x) }
+    if abs(x) >= 0.01 { return String(format: "%.3f", x) }
+    return String(format: "%.2e", x)
+}
