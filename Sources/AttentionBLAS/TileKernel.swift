@@ -168,10 +168,11 @@ struct TileKernel {
             let row = UnsafeMutableRawPointer(scores + r * ld)
             var vmax = SIMD16<Float>(repeating: -.infinity)
             for c in stride(from: 0, to: width, by: 16) {
-                vmax = pointwiseMax(vmax, row.loadUnaligned(fromByteOffset: c * 4, as: SIMD16<Float>.self))
+                vmax = laneMax(vmax, row.loadUnaligned(fromByteOffset: c * 4, as: SIMD16<Float>.self))
             }
             let old = rowMax[r]
-            let new = max(old, vmax.max())
+            let blockMax = horizontalMax(vmax)
+            let new = blockMax > old ? blockMax : old
             if new == -.infinity {
                 // Nothing visible yet. A NaN score hidden behind -inf maxima must still poison the row.
                 let s = scores + r * ld
@@ -192,7 +193,7 @@ struct TileKernel {
                 sum += e
                 row.storeBytes(of: e, toByteOffset: c * 4, as: SIMD16<Float>.self)
             }
-            rowSum[r] += sum.sum()
+            rowSum[r] += horizontalSum(sum)
         }
     }
 

@@ -20,8 +20,10 @@ public struct BackendSelection: Sendable {
     /// Why this backend was chosen, in one line.
     public let reason: String
 
-    public static func select(_ choice: BackendChoice, for problem: AttentionProblem, threads: Int? = nil) throws(AttentionError) -> BackendSelection {
-        let blas = BLASBackend(threads: threads)
+    public static func select(
+        _ choice: BackendChoice, for problem: AttentionProblem, threads: Int? = nil, tiling: BLASTiling? = nil
+    ) throws(AttentionError) -> BackendSelection {
+        let blas = BLASBackend(threads: threads, tiling: tiling)
         switch choice {
         case .naive:
             return BackendSelection(backend: NaiveBackend(), reason: "requested")

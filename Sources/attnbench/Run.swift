@@ -6,6 +6,15 @@ import NumPyIO
 
 extension BackendChoice: ExpressibleByArgument {}
 
+extension BLASTiling: ExpressibleByArgument {
+    /// "RxK", e.g. "128x512".
+    public init?(argument: String) {
+        let parts = argument.lowercased().split(separator: "x")
+        guard parts.count == 2, let rows = Int(parts[0]), let keys = Int(parts[1]), rows > 0, keys > 0 else { return nil }
+        self.init(queryRows: rows, keyBlock: keys)
+    }
+}
+
 extension AttentionWindow: ExpressibleByArgument {
     /// "L,R", each an integer >= -1 (-1 = unbounded).
     public init?(argument: String) {
@@ -43,6 +52,8 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("repeat"), help: "Timed repetitions after one warm-up; prints median time and GFLOP/s to stderr.")
     var repetitions: Int?
     @Option(help: "Worker threads for the CPU backends (default: all cores).") var threads: Int?
+    @Option(help: ArgumentHelp("BLAS tiling: query rows x key block (default: from the tiling table).", valueName: "RxK"))
+    var tiling: BLASTiling?
 
     func validate() throws {
         if let repetitions, repetitions < 1 { throw ValidationError("--repeat must be >= 1") }
@@ -62,7 +73,7 @@ struct Run: ParsableCommand {
         } catch {
             throw CLIError("\(error) (query: \(queryPath), key: \(keyPath), value: \(valuePath)\(maskPath.map { ", mask: \($0)" } ?? ""))")
         }
-        let selection = try BackendSelection.select(backend, for: problem, threads: threads)
+        let selection = try BackendSelection.select(backend, for: problem, threads: threads, tiling: tiling)
         let result = try selection.backend.attention(problem, query: q, key: k, value: v)
 
         if let repetitions {

@@ -43,3 +43,28 @@ package func fastTanh(_ x: SIMD16<Float>) -> SIMD16<Float> {
     let t = 1 - 2 / (e + 1)
     return t.replacing(with: -t, where: x .< 0)
 }
+
+/// Lane-wise maximum as compare-and-blend. (`pointwiseMax` lowers to a per-lane loop.)
+/// A NaN in `b` is not taken; callers detect NaN separately.
+@inlinable @inline(__always)
+package func laneMax(_ a: SIMD16<Float>, _ b: SIMD16<Float>) -> SIMD16<Float> {
+    a.replacing(with: b, where: b .> a)
+}
+
+/// The largest lane (NaN lanes ignored unless all are NaN).
+@inlinable @inline(__always)
+package func horizontalMax(_ v: SIMD16<Float>) -> Float {
+    let a = v.lowHalf.replacing(with: v.highHalf, where: v.highHalf .> v.lowHalf)
+    let b = a.lowHalf.replacing(with: a.highHalf, where: a.highHalf .> a.lowHalf)
+    let c = b.lowHalf.replacing(with: b.highHalf, where: b.highHalf .> b.lowHalf)
+    return c[1] > c[0] ? c[1] : c[0]
+}
+
+/// The sum of the lanes, by halving (a fixed order, so results are deterministic).
+@inlinable @inline(__always)
+package func horizontalSum(_ v: SIMD16<Float>) -> Float {
+    let a = v.lowHalf + v.highHalf
+    let b = a.lowHalf + a.highHalf
+    let c = b.lowHalf + b.highHalf
+    return c[0] + c[1]
+}
