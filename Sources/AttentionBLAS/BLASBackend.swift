@@ -83,16 +83,16 @@ private let openBLASSerialiser = Mutex<Void>(())
 
 /// A block of query rows: heads [head, head + headCount) of one batch entry (all in one GQA group),
 /// query positions [queryStart, queryEnd). Its rows are contiguous in Q and O.
-struct WorkItem {
-    var batch: Int
-    var head: Int
-    var headCount: Int
-    var queryStart: Int
-    var queryEnd: Int
+package struct WorkItem {
+    package var batch: Int
+    package var head: Int
+    package var headCount: Int
+    package var queryStart: Int
+    package var queryEnd: Int
     /// Relative cost, for scheduling the largest first.
-    var cost: Int
+    package var cost: Int
 
-    static func plan(_ p: AttentionProblem, tiling: BLASTiling, threads: Int) -> [WorkItem] {
+    package static func plan(_ p: AttentionProblem, tiling: BLASTiling, threads: Int) -> [WorkItem] {
         var items: [WorkItem] = []
         let nq = p.queryLength
         func cost(_ start: Int, _ end: Int, heads: Int) -> Int {

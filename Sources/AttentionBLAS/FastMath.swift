@@ -40,7 +40,7 @@ package func fastTanh(_ x: SIMD16<Float>) -> SIMD16<Float> {
     let ax = x.replacing(with: -x, where: x .< 0)
     // For |x| > 9, tanh rounds to 1 in fp32.
     let e = fastExp(2 * ax.replacing(with: 9, where: ax .> 9))
-    let t = 1 - 2 / (e + 1)
+    let t = (1 - 2 / (e + 1)).replacing(with: 1, where: ax .> 9)
     return t.replacing(with: -t, where: x .< 0)
 }
 
