@@ -49,6 +49,7 @@ public struct BLASBackend: AttentionBackend {
         let tile = tiling(for: problem)
         let items = WorkItem.plan(problem, tiling: tile, threads: threads)
         let workers = min(threads, items.count)
+        let maxRows = items.map(\.rows).max() ?? 1
         let next = Atomic<Int>(0)
         withMaskPointer(problem.options.mask) { mask in
             openBLASSerialiser.withLock { _ in
@@ -56,7 +57,7 @@ public struct BLASBackend: AttentionBackend {
                 openblas_set_num_threads(1)
                 defer { openblas_set_num_threads(saved) }
                 DispatchQueue.concurrentPerform(iterations: workers) { _ in
-                    let kernel = TileKernel(problem: problem, tiling: tile, buffers: buffers, mask: mask)
+                    let kernel = TileKernel(problem: problem, tiling: tile, maxRows: maxRows, buffers: buffers, mask: mask)
                     defer { kernel.deallocate() }
                     while true {
                         let index = next.add(1, ordering: .relaxed).oldValue
@@ -89,6 +90,8 @@ package struct WorkItem {
     package var headCount: Int
     package var queryStart: Int
     package var queryEnd: Int
+    /// Query rows in the item (never more than the tiling's `queryRows`).
+    package var rows: Int { headCount * (queryEnd - queryStart) }
     /// Relative cost, for scheduling the largest first.
     package var cost: Int
 

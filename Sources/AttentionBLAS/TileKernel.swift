@@ -25,7 +25,7 @@ struct TileKernel {
     let rowMax: UnsafeMutablePointer<Float>
     let rowSum: UnsafeMutablePointer<Float>
 
-    init(problem: AttentionProblem, tiling: BLASTiling, buffers: AttentionBuffers, mask: MaskPointer) {
+    init(problem: AttentionProblem, tiling: BLASTiling, maxRows rows: Int, buffers: AttentionBuffers, mask: MaskPointer) {
         p = problem
         self.tiling = tiling
         q = buffers.query.baseAddress!
@@ -35,7 +35,6 @@ struct TileKernel {
         lse = buffers.logSumExp?.baseAddress
         self.mask = mask
         ld = tiling.keyBlock
-        let rows = tiling.queryRows * max(1, problem.groupSize)
         scores = .allocate(capacity: rows * ld)
         rowMax = .allocate(capacity: rows)
         rowSum = .allocate(capacity: rows)

@@ -43,7 +43,8 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("mask"), help: "Mask .npy file (bool or float), broadcastable to [B, Hq, Nq, Nk].")
     var maskPath: String?
     @Flag(help: "Bottom-right aligned causal masking.") var causal = false
-    @Option(help: ArgumentHelp("Sliding window L,R (-1 = unbounded side).", valueName: "L,R")) var window: AttentionWindow?
+    @Option(help: ArgumentHelp("Sliding window L,R (-1 = unbounded side; write --window=-1,0 when L is negative).", valueName: "L,R"))
+    var window: AttentionWindow?
     @Option(help: "Score scale (default 1/sqrt(D)).") var scale: Float?
     @Option(help: "Softcap c > 0: scores become c*tanh(s/c).") var softcap: Float?
     @Option(help: "Backend: naive, blas or auto.") var backend: BackendChoice = .auto
@@ -76,6 +77,10 @@ struct Run: ParsableCommand {
         let selection = try BackendSelection.select(backend, for: problem, threads: threads, tiling: tiling)
         let result = try selection.backend.attention(problem, query: q, key: k, value: v)
 
+        try write(result.output, to: outPath)
+        if let lsePath { try write(result.logSumExp, to: lsePath) }
+        printError("\(selection.backend.name) (\(selection.reason)): O \(problem.outputShape) written to \(outPath)")
+
         if let repetitions {
             var times: [Double] = []
             for _ in 0..<repetitions {
@@ -89,16 +94,17 @@ struct Run: ParsableCommand {
             let sgemm = CPUInfo.measureSGEMM()
             var line = "\(selection.backend.name): median \(format(median * 1e3)) ms over \(repetitions) runs "
                 + "(min \(format(times.first! * 1e3)), max \(format(times.last! * 1e3))), "
-                + "\(format(gflops)) GFLOP/s = \(format(gflops / sgemm)) x SGEMM (\(format(sgemm)) GFLOP/s, OpenBLAS core \(CPUInfo.openBLASCore))"
+                + "\(format(gflops)) GFLOP/s = \(format(gflops / sgemm)) x SGEMM (\(format(sgemm)) GFLOP/s measured now, "
+                + "OpenBLAS core \(CPUInfo.openBLASCore)\(coreTypeNote))"
             if problem.queryLength <= 16 {
                 line += ", K/V read \(format(problem.keyValueBytes / median / 1e9)) GB/s"
             }
             printError(line)
-        } else {
-            printError("\(selection.backend.name) (\(selection.reason)): \(problem.outputShape) written to \(outPath)")
         }
-        try write(result.output, to: outPath)
-        if let lsePath { try write(result.logSumExp, to: lsePath) }
+    }
+
+    private var coreTypeNote: String {
+        ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"].map { ", forced by OPENBLAS_CORETYPE=\($0)" } ?? ""
     }
 
     private func loadFloats(_ path: String, role: String) throws -> Tensor {

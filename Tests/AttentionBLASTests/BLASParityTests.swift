@@ -126,6 +126,7 @@ import Testing
             var seen = [Int](repeating: 0, count: 2 * q * nq)
             for item in WorkItem.plan(p, tiling: tiling, threads: 2) {
                 #expect(item.headCount >= 1 && item.head / p.groupSize == (item.head + item.headCount - 1) / p.groupSize)
+                #expect(item.rows <= tiling.queryRows)
                 for h in item.head ..< item.head + item.headCount {
                     for i in item.queryStart ..< item.queryEnd { seen[(item.batch * q + h) * nq + i] += 1 }
                 }

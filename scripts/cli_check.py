@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""End-to-end check of `attnbench run` on .npy files written by NumPy.
+
+Usage: python3 scripts/cli_check.py PATH/TO/attnbench
+
+Writes inputs with NumPy (float32, float64, float16, bool and float masks), runs attnbench, and
+compares O and LSE with an independent NumPy float64 implementation of the contract (bottom-right
+causal, sliding window, GQA, softcap). Then checks that bad inputs fail with a one-line error
+naming the file and a non-zero exit status. Prints 'N passed, N failed' and exits non-zero on failure.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+ATOL, RTOL = 3e-4, 2e-5
+
+
+def reference(q, k, v, causal=False, window=None, mask=None, scale=None, softcap=None):
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    scale = 1 / np.sqrt(D) if scale is None else scale
+    k = np.repeat(k, g, axis=1)
+    v = np.repeat(v, g, axis=1)
+    s = np.einsum("bhid,bhjd->bhij", q, k) * scale
+    if softcap is not None:
+        s = softcap * np.tanh(s / softcap)
+    pos = np.arange(Nq)[:, None] + (Nk - Nq)
+    j = np.arange(Nk)[None, :]
+    visible = np.ones((Nq, Nk), bool)
+    if causal:
+        visible &= j <= pos
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            visible &= j >= pos - left
+        if right >= 0:
+            visible &= j <= pos + right
+    visible = np.broadcast_to(visible, s.shape).copy()
+    if mask is not None:
+        if mask.dtype == bool:
+            visible &= np.broadcast_to(mask, s.shape)
+        else:
+            s = s + np.broadcast_to(mask.astype(np.float64), s.shape)
+    visible &= s != -np.inf
+    s = np.where(visible, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    empty = ~visible.any(axis=-1, keepdims=True)
+    p = np.where(visible, np.exp(s - np.where(empty, 0, m)), 0)
+    l = p.sum(axis=-1, keepdims=True)
+    o = np.where(empty, 0, (p @ v) / np.where(empty, 1, l))
+    lse = np.where(empty[..., 0], -np.inf, (m + np.log(np.where(empty, 1, l)))[..., 0])
+    return o, lse
+
+
+class Checker:
+    def __init__(self, exe, tmp):
+        self.exe, self.tmp = exe, tmp
+        self.passed = self.failed = 0
+
+    def path(self, name):
+        return os.path.join(self.tmp, name)
+
+    def run(self, args):
+        return subprocess.run([self.exe, "run", *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+    def record(self, ok, name, detail=""):
+        if ok:
+            self.passed += 1
+            print(f"ok    {name}")
+        else:
+            self.failed += 1
+            print(f"FAIL  {name}: {detail}")
+
+    def parity(self, name, q, k, v, flags=(), mask=None, **ref_kwargs):
+        for t, arr in (("q", q), ("k", k), ("v", v)):
+            np.save(self.path(f"{name}-{t}.npy"), arr)
+        args = ["--q", self.path(f"{name}-q.npy"), "--k", self.path(f"{name}-k.npy"), "--v", self.path(f"{name}-v.npy"),
+                "--out", self.path(f"{name}-o.npy"), "--lse", self.path(f"{name}-lse.npy"), *flags]
+        if mask is not None:
+            np.save(self.path(f"{name}-mask.npy"), mask)
+            args += ["--mask", self.path(f"{name}-mask.npy")]
+        for backend in ("naive", "blas", "auto"):
+            r = self.run(args + ["--backend", backend])
+            if r.returncode != 0:
+                self.record(False, f"{name} [{backend}]", r.stderr.strip())
+                continue
+            o = np.load(self.path(f"{name}-o.npy"))
+            lse = np.load(self.path(f"{name}-lse.npy"))
+            # Inputs as attnbench sees them: converted to float32 first.
+            ro, rlse = reference(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), mask=mask, **ref_kwargs)
+            ok = o.dtype == np.float32 and o.shape == ro.shape and np.all(np.abs(o - ro) <= ATOL + RTOL * np.abs(ro))
+            finite = np.isfinite(rlse)
+            ok = ok and np.array_equal(np.isneginf(lse), np.isneginf(rlse))
+            ok = ok and np.all(np.abs(lse[finite] - rlse[finite]) <= 1e-3)
+            self.record(ok, f"{name} [{backend}]", f"max err {np.max(np.abs(o - ro)) if o.shape == ro.shape else o.shape}")
+
+    def failure(self, name, args, must_mention):
+        r = self.run(args)
+        lines = [line for line in r.stderr.strip().splitlines() if line]
+        ok = r.returncode != 0 and len(lines) == 1 and must_mention in lines[0] and "Traceback" not in r.stderr
+        self.record(ok, f"error: {name}", f"exit {r.returncode}, stderr {r.stderr.strip()!r}")
+
+
+def main():
+    exe = os.path.abspath(sys.argv[1])
+    rng = np.random.default_rng(7)
+    with tempfile.TemporaryDirectory() as tmp:
+        c = Checker(exe, tmp)
+        f32 = lambda *s: rng.standard_normal(s).astype(np.float32)
+        c.parity("plain", f32(2, 4, 33, 16), f32(2, 4, 33, 16), f32(2, 4, 33, 16))
+        c.parity("gqa-causal-cross", f32(1, 8, 5, 24), f32(1, 2, 70, 24), f32(1, 2, 70, 40), ["--causal"], causal=True)
+        c.parity("window-softcap-scale", f32(1, 2, 64, 8), f32(1, 2, 64, 8), f32(1, 2, 64, 8),
+                 ["--window", "7,2", "--softcap", "3", "--scale", "0.7"], window=(7, 2), softcap=3.0, scale=0.7)
+        c.parity("sliding-window", f32(1, 2, 40, 8), f32(1, 2, 40, 8), f32(1, 2, 40, 8),
+                 ["--causal", "--window=4,0"], causal=True, window=(4, 0))
+        bool_mask = rng.random((1, 4, 9, 30)) < 0.6
+        bool_mask[0, 1, 3, :] = False  # a fully masked row
+        c.parity("bool-mask", f32(2, 4, 9, 16), f32(2, 4, 30, 16), f32(2, 4, 30, 16), mask=bool_mask)
+        float_mask = rng.standard_normal((9, 30)).astype(np.float32)
+        float_mask[2, :] = -np.inf
+        c.parity("float-mask", f32(1, 2, 9, 16), f32(1, 2, 30, 16), f32(1, 2, 30, 16), mask=float_mask)
+        c.parity("float64-inputs", rng.standard_normal((1, 2, 7, 5)), rng.standard_normal((1, 2, 7, 5)), rng.standard_normal((1, 2, 7, 5)))
+        c.parity("float16-inputs", f32(1, 2, 7, 5).astype(np.float16), f32(1, 2, 7, 5).astype(np.float16), f32(1, 2, 7, 5).astype(np.float16))
+
+        # Bad inputs: one line on stderr naming the problem, non-zero exit.
+        q = f32(1, 2, 4, 8)
+        np.save(c.path("q.npy"), q)
+        np.save(c.path("k.npy"), q)
+        np.save(c.path("v.npy"), q)
+        np.save(c.path("fortran.npy"), np.asfortranarray(f32(1, 2, 4, 8)))
+        np.save(c.path("bigendian.npy"), q.astype(">f4"))
+        np.save(c.path("int.npy"), np.zeros((1, 2, 4, 8), np.int32))
+        np.save(c.path("k3.npy"), f32(1, 3, 4, 8))
+        np.save(c.path("kD.npy"), f32(1, 2, 4, 7))
+        np.save(c.path("mask-bad.npy"), np.ones((3, 4, 4), bool))
+        with open(c.path("truncated.npy"), "wb") as f:
+            f.write(open(c.path("q.npy"), "rb").read()[:-10])
+        with open(c.path("garbage.npy"), "wb") as f:
+            f.write(b"not a numpy file at all")
+        base = ["--q", c.path("q.npy"), "--k", c.path("k.npy"), "--v", c.path("v.npy"), "--out", c.path("o.npy")]
+
+        def swap(flag, name):
+            args = list(base)
+            args[args.index(flag) + 1] = c.path(name)
+            return args
+
+        c.failure("missing file", swap("--k", "nope.npy"), "nope.npy")
+        c.failure("fortran order", swap("--q", "fortran.npy"), "fortran.npy")
+        c.failure("big endian", swap("--v", "bigendian.npy"), "bigendian.npy")
+        c.failure("integer dtype", swap("--q", "int.npy"), "int.npy")
+        c.failure("truncated", swap("--q", "truncated.npy"), "truncated.npy")
+        c.failure("not npy", swap("--k", "garbage.npy"), "garbage.npy")
+        np.save(c.path("v3.npy"), f32(1, 3, 4, 8))
+        c.failure("heads not divisible", swap("--k", "k3.npy")[:5] + [c.path("v3.npy")] + swap("--k", "k3.npy")[6:], "multiple")
+        c.failure("head dim mismatch", swap("--k", "kD.npy"), "head dimension")
+        c.failure("mask not broadcastable", base + ["--mask", c.path("mask-bad.npy")], "mask-bad.npy")
+        c.failure("bad window", base + ["--window=-3,0"], "window")
+        c.failure("bad softcap", base + ["--softcap", "0"], "softcap")
+        c.failure("unwritable output", swap("--out", "no/such/dir/o.npy"), "o.npy")
+
+        print(f"{c.passed} passed, {c.failed} failed")
+        return 1 if c.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
