@@ -83,3 +83,19 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// MARK: - Regression benchmarks (opt-in, so that normal builds and CI stay lean)
+//
+//   ATTENTIONKIT_BENCHMARKS=1 swift package benchmark
+
+if ProcessInfo.processInfo.environment["ATTENTIONKIT_BENCHMARKS"] != nil {
+    package.dependencies.append(
+        .package(url: "https://github.com/ordo-one/benchmark", from: "1.38.1", traits: ["MallocInterposer"]))
+    package.targets.append(
+        .executableTarget(
+            name: "AttentionBenchmarks",
+            dependencies: ["AttentionKit", .product(name: "Benchmark", package: "benchmark")],
+            path: "Benchmarks/AttentionBenchmarks",
+            plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
+        ))
+}

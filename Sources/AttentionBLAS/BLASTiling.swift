@@ -21,8 +21,11 @@ public struct BLASTiling: Sendable, Equatable, CustomStringConvertible {
     /// Extra bytes one worker thread allocates.
     public var scratchBytesPerThread: Int { 4 * (queryRows * keyBlock + 2 * queryRows) }
 
-    /// The default tiling for a head dimension pair and rows per item.
-    public static func `default`(headDim d: Int, valueDim dv: Int, queryLength nq: Int) -> BLASTiling {
+    /// The default tiling for a head dimension pair and rows per item, on a CPU whose per-core L2
+    /// holds `l2Bytes` (the key block is capped so that one K tile plus one V tile fill at most half).
+    public static func `default`(
+        headDim d: Int, valueDim dv: Int, queryLength nq: Int, l2Bytes: Int = CPUInfo.l2CacheBytes
+    ) -> BLASTiling {
         let width = max(d, dv)
         // (max head dim, query rows, key block) — first row whose bound holds wins.
         let table: [(maxDim: Int, rows: Int, keys: Int)] = [
@@ -31,10 +34,11 @@ public struct BLASTiling: Sendable, Equatable, CustomStringConvertible {
             (256, 64, 256),
             (Int.max, 32, 128),
         ]
-        let entry = table.first { width <= $0.maxDim }!
+        let entry = table.first { width <= $0.maxDim } ?? (Int.max, 32, 128)
+        let cacheCap = max(64, l2Bytes / 2 / (4 * (d + dv)))
         // Decode and short queries: few rows, so take longer key blocks to amortise per-call overhead
         // (the score tile stays small).
-        if nq * 4 <= entry.rows { return BLASTiling(queryRows: entry.rows, keyBlock: 2048) }
-        return BLASTiling(queryRows: entry.rows, keyBlock: entry.keys)
+        let keys = nq * 4 <= entry.rows ? 2048 : entry.keys
+        return BLASTiling(queryRows: entry.rows, keyBlock: min(keys, cacheCap))
     }
 }

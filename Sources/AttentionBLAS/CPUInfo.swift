@@ -13,6 +13,23 @@ public enum CPUInfo {
     /// Threads OpenBLAS uses for a standalone call.
     public static var openBLASThreads: Int { Int(openblas_get_num_threads()) }
 
+    /// Per-core L2 cache size in bytes (Linux sysfs; 1 MiB when unknown).
+    public static let l2CacheBytes: Int = {
+        for index in 0..<8 {
+            let dir = "/sys/devices/system/cpu/cpu0/cache/index\(index)/"
+            guard let level = try? String(contentsOfFile: dir + "level", encoding: .utf8),
+                  level.trimmingCharacters(in: .whitespacesAndNewlines) == "2",
+                  let size = try? String(contentsOfFile: dir + "size", encoding: .utf8)
+            else { continue }
+            let text = size.trimmingCharacters(in: .whitespacesAndNewlines)
+            let scale = text.hasSuffix("K") ? 1024 : text.hasSuffix("M") ? 1 << 20 : 1
+            if let value = Int(text.trimmingCharacters(in: CharacterSet.decimalDigits.inverted)), value > 0 {
+                return value * scale
+            }
+        }
+        return 1 << 20
+    }()
+
     /// Logical CPUs available to this process.
     public static var logicalCores: Int { ProcessInfo.processInfo.activeProcessorCount }
 
