@@ -1,6 +1,5 @@
 import AttentionCore
 import CBLAS
-import Dispatch
 import Foundation
 import Synchronization
 
@@ -50,17 +49,17 @@ public struct BLASBackend: AttentionBackend {
         let items = WorkItem.plan(problem, tiling: tile, threads: threads)
         let workers = min(threads, items.count)
         let maxRows = items.map(\.rows).max() ?? 1
-        let next = Atomic<Int>(0)
+        let next = WorkCounter()
         withMaskPointer(problem.options.mask) { mask in
             openBLASSerialiser.withLock { _ in
                 let saved = openblas_get_num_threads()
                 openblas_set_num_threads(1)
                 defer { openblas_set_num_threads(saved) }
-                DispatchQueue.concurrentPerform(iterations: workers) { _ in
+                WorkerPool.shared.run(workers: workers) { _ in
                     let kernel = TileKernel(problem: problem, tiling: tile, maxRows: maxRows, buffers: buffers, mask: mask)
                     defer { kernel.deallocate() }
                     while true {
-                        let index = next.add(1, ordering: .relaxed).oldValue
+                        let index = next.value.add(1, ordering: .relaxed).oldValue
                         guard index < items.count else { break }
                         kernel.process(items[index])
                     }
@@ -79,12 +78,17 @@ private func withMaskPointer(_ mask: AttentionMask?, _ body: (MaskPointer) -> Vo
     }
 }
 
+/// The next work item to take, shared by the workers of one call.
+private final class WorkCounter: Sendable {
+    let value = Atomic<Int>(0)
+}
+
 /// Guards OpenBLAS's process-global thread count.
 private let openBLASSerialiser = Mutex<Void>(())
 
 /// A block of query rows: heads [head, head + headCount) of one batch entry (all in one GQA group),
 /// query positions [queryStart, queryEnd). Its rows are contiguous in Q and O.
-package struct WorkItem {
+package struct WorkItem: Sendable {
     package var batch: Int
     package var head: Int
     package var headCount: Int

@@ -45,10 +45,10 @@ struct Check: ParsableCommand {
             let v = try Tensor.random(shape: c.v, seed: seed &+ UInt64(3 * index + 2))
             let reference = NaiveBackend.reference(problem, query: q, key: k, value: v)
             for backend in backends {
-                _ = try backend.attention(problem, query: q, key: k, value: v)  // warm-up
-                let start = DispatchTime.now().uptimeNanoseconds
                 let result = try backend.attention(problem, query: q, key: k, value: v)
-                let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+                let seconds = try measure(repetitions: 3, warmUp: 0.05) {
+                    _ = try backend.attention(problem, query: q, key: k, value: v)
+                }[1]
                 let report = AccuracyReport(result: result, reference: reference, valueDim: problem.valueDim)
                 if !report.passed { failures += 1 }
                 rows.append(Row(
