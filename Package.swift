@@ -50,13 +50,30 @@ let package = Package(
         /// The OpenBLAS backend: flash-style tiling on the CPU.
         .target(name: "AttentionBLAS", dependencies: ["AttentionCore", "CBLAS"], swiftSettings: hotSettings),
 
+        /// The OpenCL backend: flash and split-KV decode kernels, device discovery, program caches.
+        /// libOpenCL is loaded at run time, so binaries start on machines without OpenCL.
+        .target(name: "AttentionOpenCL", dependencies: ["AttentionCore", "COpenCL", "AttentionKernels"]),
+
         /// Umbrella: every backend plus backend selection.
-        .target(name: "AttentionKit", dependencies: ["AttentionCore", "AttentionBLAS"]),
+        .target(name: "AttentionKit", dependencies: ["AttentionCore", "AttentionBLAS", "AttentionOpenCL"]),
 
         /// NumPy `.npy` reading and writing.
         .target(name: "NumPyIO"),
 
-        // MARK: System libraries
+        // MARK: Kernels and system libraries
+
+        /// `Kernels/*.cl`, embedded at build time as `KernelSources` by the EmbedKernels plugin.
+        .target(
+            name: "AttentionKernels",
+            path: "Kernels",
+            exclude: ["README.md", "attention.cl", "common.cl", "decode.cl"],
+            plugins: ["EmbedKernels"]
+        ),
+        .plugin(name: "EmbedKernels", capability: .buildTool(), dependencies: ["embed-kernels"], path: "Plugins/EmbedKernels"),
+        .executableTarget(name: "embed-kernels", path: "Plugins/EmbedKernelsTool"),
+
+        /// OpenCL 1.2 headers plus a dlopen-based loader (no link-time dependency on libOpenCL).
+        .target(name: "COpenCL", linkerSettings: [.linkedLibrary("dl")]),
 
         .systemLibrary(
             name: "CBLAS",
@@ -78,7 +95,7 @@ let package = Package(
         // MARK: Tests
 
         .testTarget(name: "AttentionCoreTests", dependencies: ["AttentionCore"]),
-        .testTarget(name: "AttentionBLASTests", dependencies: ["AttentionCore", "AttentionBLAS"]),
+        .testTarget(name: "AttentionBackendTests", dependencies: ["AttentionCore", "AttentionBLAS", "AttentionOpenCL", "AttentionKit"]),
         .testTarget(name: "NumPyIOTests", dependencies: ["NumPyIO"]),
     ],
     swiftLanguageModes: [.v6]

@@ -84,7 +84,7 @@ class Checker:
         if mask is not None:
             np.save(self.path(f"{name}-mask.npy"), mask)
             args += ["--mask", self.path(f"{name}-mask.npy")]
-        for backend in ("naive", "blas", "auto"):
+        for backend in BACKENDS:
             r = self.run(args + ["--backend", backend])
             if r.returncode != 0:
                 self.record(False, f"{name} [{backend}]", r.stderr.strip())
@@ -104,6 +104,10 @@ class Checker:
         lines = [line for line in r.stderr.strip().splitlines() if line]
         ok = r.returncode != 0 and len(lines) == 1 and must_mention in lines[0] and "Traceback" not in r.stderr
         self.record(ok, f"error: {name}", f"exit {r.returncode}, stderr {r.stderr.strip()!r}")
+
+
+NO_OPENCL = os.environ.get("ATTNBENCH_EXPECT_NO_OPENCL") == "1"
+BACKENDS = ("naive", "blas", "auto") if NO_OPENCL else ("naive", "blas", "opencl", "auto")
 
 
 def main():
@@ -162,6 +166,14 @@ def main():
         c.failure("bad window", base + ["--window=-3,0"], "window")
         c.failure("bad softcap", base + ["--softcap", "0"], "softcap")
         c.failure("unwritable output", swap("--out", "no/such/dir/o.npy"), "o.npy")
+
+        if NO_OPENCL:
+            # Without OpenCL: --backend opencl fails with one line saying why; auto falls back and says so.
+            c.failure("opencl without a platform", base + ["--backend", "opencl"], "OpenCL")
+            r = c.run(base + ["--backend", "auto"])
+            c.record(r.returncode == 0 and "OpenCL unavailable" in r.stderr, "auto falls back to the CPU", r.stderr.strip())
+        else:
+            c.failure("no such OpenCL device", base + ["--backend", "opencl", "--device", "42"], "device 42")
 
         print(f"{c.passed} passed, {c.failed} failed")
         return 1 if c.failed else 0

@@ -47,7 +47,8 @@ struct Run: ParsableCommand {
     var window: AttentionWindow?
     @Option(help: "Score scale (default 1/sqrt(D)).") var scale: Float?
     @Option(help: "Softcap c > 0: scores become c*tanh(s/c).") var softcap: Float?
-    @Option(help: "Backend: naive, blas or auto.") var backend: BackendChoice = .auto
+    @Option(help: "Backend: naive, blas, opencl or auto.") var backend: BackendChoice = .auto
+    @Option(help: "OpenCL device index (see `attnbench devices`).") var device: Int = 0
     @Option(name: .customLong("out"), help: "Output .npy file for O, [B, Hq, Nq, Dv].") var outPath: String
     @Option(name: .customLong("lse"), help: "Output .npy file for the log-sum-exp, [B, Hq, Nq].") var lsePath: String?
     @Option(name: .customLong("repeat"), help: "Timed repetitions after a warm-up (>= 0.3 s); prints median time and GFLOP/s to stderr.")
@@ -74,7 +75,7 @@ struct Run: ParsableCommand {
         } catch {
             throw CLIError("\(error) (query: \(queryPath), key: \(keyPath), value: \(valuePath)\(maskPath.map { ", mask: \($0)" } ?? ""))")
         }
-        let selection = try BackendSelection.select(backend, for: problem, threads: threads, tiling: tiling)
+        let selection = try BackendSelection.select(backend, for: problem, threads: threads, tiling: tiling, device: device)
         let result = try selection.backend.attention(problem, query: q, key: k, value: v)
 
         try write(result.output, to: outPath)

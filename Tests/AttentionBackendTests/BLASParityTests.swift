@@ -12,7 +12,7 @@ import Testing
         try expectParity(blas, c)
     }
 
-    @Test(arguments: [
+    static let featureCases: [ParityCase] = [
         ParityCase(batch: 2, heads: (8, 2), nq: 130, nk: 130, d: 64, dv: 64, amplitude: 20, label: "large logits"),
         ParityCase(batch: 1, heads: (4, 4), nq: 65, nk: 777, d: 128, dv: 128, options: .init(causal: true), amplitude: 20, label: "large logits causal"),
         ParityCase(batch: 1, heads: (8, 1), nq: 1, nk: 777, d: 256, dv: 64, label: "MQA decode"),
@@ -22,7 +22,9 @@ import Testing
         ParityCase(batch: 1, heads: (2, 2), nq: 64, nk: 200, d: 16, dv: 16, options: .init(window: .init(left: 500, right: -1)), label: "window wider than keys"),
         ParityCase(batch: 1, heads: (1, 1), nq: 600, nk: 600, d: 3, dv: 200, options: .init(causal: true), label: "many key blocks, odd dims"),
         ParityCase(batch: 1, heads: (1, 1), nq: 33, nk: 1500, d: 512, dv: 512, options: .init(softcap: 30, causal: true, window: .init(left: 700, right: 0)), label: "D 512 sliding window"),
-    ])
+    ]
+
+    @Test(arguments: featureCases)
     func features(_ c: ParityCase) throws {
         try expectParity(blas, c)
     }

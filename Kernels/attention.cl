@@ -1,0 +1,110 @@
+// Prefill / general flash-attention kernel (the host prepends common.cl).
+//
+// Each work-item owns ROWS consecutive query rows of one (batch, head); a work-group owns
+// get_local_size(0) * ROWS consecutive rows. Keys are walked VEC at a time:
+//   1. S = Q K^T for VEC keys, with K transposed on the device (kt: [B, Hkv, D, NkPad]) so that
+//      VEC keys are one vector load and each query element is one broadcast multiply-add;
+//   2. scale, softcap, causal/window bounds and mask (only on blocks that need them);
+//   3. online softmax per row (running max m and sum l; O rows rescaled when m moves);
+//   4. O += P V, accumulated in the output rows in global memory.
+// Key blocks no row can see are never visited. With USE_LOCAL the work-group stages each step's
+// K^T and V tiles in local memory (GPUs); without it every work-item reads them through the
+// cache (CPUs: PoCL vectorises the explicit float vectors, and local memory only adds copies).
+
+#ifndef USE_LOCAL
+#define USE_LOCAL 0
+#endif
+
+/// kt[b, h, c, j] = k[b, h, j, c] for j < Nk, 0 for Nk <= j < NkPad. Global size (NkPad, D, B*Hkv).
+__kernel void transpose_keys(__global const float *k, __global float *kt, int Nk, int D, int NkPad) {
+    const int j = get_global_id(0), c = get_global_id(1);
+    const long bh = get_global_id(2);
+    if (j >= NkPad || c >= D) return;
+    kt[(bh * D + c) * NkPad + j] = j < Nk ? k[(bh * Nk + j) * D + c] : 0.0f;
+}
+
+/// Global size (roundUp(ceil(Nq / ROWS), local size), B * Hq); local size (WG, 1).
+__kernel void flash_attention(__global const float *q, __global const float *kt, __global const float *v,
+                              __global const float *maskF, __global const uchar *maskB,
+                              __global float *o, __global float *lse, const Params p
+#if USE_LOCAL
+                              , __local float *ktTile, __local float *vTile
+#endif
+) {
+    const int bh = get_global_id(1);
+    const int b = bh / p.Hq, h = bh % p.Hq;
+    const int kvh = h / (p.Hq / p.Hkv);
+    const int r0 = get_global_id(0) * ROWS;
+    const int nrows = clamp(p.Nq - r0, 0, ROWS);
+#if USE_LOCAL
+    // Every work-item of the group walks the same keys (the barriers need it).
+    const int firstRow = get_group_id(0) * get_local_size(0) * ROWS;
+    const int lastRow = min(p.Nq, firstRow + (int)get_local_size(0) * ROWS) - 1;
+    if (firstRow > lastRow) return;  // a whole group past the end: uniform, safe before barriers
+#else
+    if (nrows == 0) return;
+    const int firstRow = r0, lastRow = r0 + nrows - 1;
+#endif
+    // Visible ranges grow with i: the union is [lo(first), hi(last)]; all rows see [lo(last), hi(first)].
+    const int2 first = visible_range(p, firstRow), last = visible_range(p, lastRow);
+    const int lo = first.x, hi = last.y;
+    const int fullLo = last.x, fullHi = first.y;
+
+    const long rowBase = (long)bh * p.Nq + r0;
+    __global const float *qRows = q + rowBase * p.D;
+    __global float *oRows = o + rowBase * p.Dv;
+    const long kvHead = (long)b * p.Hkv + kvh;
+    __global const float *ktHead = kt + kvHead * p.D * p.NkPad;
+    __global const float *vHead = v + kvHead * p.Nk * p.Dv;
+
+    long maskRows[ROWS];
+    float m[ROWS], l[ROWS];
+    int poisoned[ROWS];
+    float P[ROWS * VEC];
+    for (int r = 0; r < ROWS; r++) {
+        maskRows[r] = (long)b * p.maskBatchStride + (long)h * p.maskHeadStride + (long)min(r0 + r, p.Nq - 1) * p.Nk;
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+        poisoned[r] = 0;
+    }
+    for (int t = 0; t < ROWS * VEC; t++) P[t] = 0.0f;
+    for (int r = 0; r < nrows; r++)
+        for (int c = 0; c < p.Dv; c++) oRows[r * p.Dv + c] = 0.0f;
+
+    for (int j0 = lo - lo % VEC; j0 <= hi; j0 += VEC) {
+        const int jn = min(VEC, p.Nk - j0);
+#if USE_LOCAL
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int idx = get_local_id(0); idx < p.D * VEC; idx += get_local_size(0))
+            ktTile[idx] = ktHead[(long)(idx / VEC) * p.NkPad + j0 + idx % VEC];
+        for (int idx = get_local_id(0); idx < VEC * p.Dv; idx += get_local_size(0))
+            vTile[idx] = idx / p.Dv < jn ? vHead[(long)j0 * p.Dv + idx] : 0.0f;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        KV_SPACE const float *ktStep = ktTile;
+        const int ktStride = VEC;
+        KV_SPACE const float *vStep = vTile;
+        if (nrows == 0) continue;
+#else
+        KV_SPACE const float *ktStep = ktHead + j0;
+        const int ktStride = p.NkPad;
+        KV_SPACE const float *vStep = vHead + (long)j0 * p.Dv;
+#endif
+        floatV dots[ROWS];
+        for (int r = 0; r < ROWS; r++) dots[r] = (floatV)(0.0f);
+        for (int c = 0; c < p.D; c++) {
+            const floatV kv = vloadV(0, ktStep + c * ktStride);
+            for (int r = 0; r < ROWS; r++) dots[r] = fma((floatV)(qRows[min(r, nrows - 1) * p.D + c]), kv, dots[r]);
+        }
+        const int needsMasking = p.maskKind != 0 || j0 < fullLo || j0 + VEC - 1 > fullHi || j0 + VEC > p.Nk;
+        for (int r = 0; r < nrows; r++) {
+            const floatV s = finish_scores(p, dots[r], r0 + r, j0, needsMasking, maskF, maskB, maskRows[r]);
+            float alpha;
+            const floatV e = softmax_step(s, &m[r], &l[r], &alpha, &poisoned[r]);
+            if (alpha != 1.0f) scale_row(oRows + r * p.Dv, p.Dv, alpha);
+            vstoreV(e, 0, P + r * VEC);
+        }
+        accumulate_pv(oRows, p.Dv, nrows, P, vStep, p.Dv, jn, p.Dv);
+    }
+    for (int r = 0; r < nrows; r++)
+        finish_row(oRows + r * p.Dv, p.Dv, lse + rowBase + r, m[r], l[r], poisoned[r]);
+}

@@ -1,0 +1,181 @@
+// Shared by attention.cl and decode.cl (the host prepends this file).
+//
+// Compile-time defines (chosen per device by the host):
+//   VEC       keys processed per step, the float vector width: 4, 8 or 16
+//   ROWS      query rows per work-item
+//   KV_SPACE  address space the K/V tiles are read from: __global, or __local when staged
+//
+// Contract (README "The contract"): Q [B,Hq,Nq,D], K [B,Hkv,Nk,D], V [B,Hkv,Nk,Dv], O [B,Hq,Nq,Dv],
+// LSE [B,Hq,Nq]; query i sits at key position i + Nk - Nq (bottom-right causal); window (L, R) with
+// -1 = unbounded; masks additive (float) or boolean (uchar, 0 = hidden); empty rows give O = 0, LSE = -inf.
+
+#ifndef VEC
+#define VEC 16
+#endif
+#ifndef ROWS
+#define ROWS 4
+#endif
+#ifndef KV_SPACE
+#define KV_SPACE __global
+#endif
+
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define floatV CAT(float, VEC)
+#define intV CAT(int, VEC)
+#define ucharV CAT(uchar, VEC)
+#define vloadV CAT(vload, VEC)
+#define vstoreV CAT(vstore, VEC)
+#define convert_intV CAT(convert_int, VEC)
+
+#if VEC == 16
+#define LANE_IDS ((intV)(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))
+#elif VEC == 8
+#define LANE_IDS ((intV)(0, 1, 2, 3, 4, 5, 6, 7))
+#elif VEC == 4
+#define LANE_IDS ((intV)(0, 1, 2, 3))
+#else
+#error "VEC must be 4, 8 or 16"
+#endif
+
+/// Problem parameters shared by every kernel (passed by value).
+typedef struct {
+    int B, Hq, Hkv, Nq, Nk, D, Dv;
+    int NkPad;        // row length of the transposed K (a multiple of VEC)
+    float scale;
+    float softcap;    // 0: off
+    int causal;
+    int winLeft, winRight;   // -1: unbounded
+    int maskKind;     // 0 none, 1 additive float, 2 boolean
+    int maskBatchStride, maskHeadStride;
+} Params;
+
+/// Visible key range [lo, hi] of query i under causal and window rules (empty when lo > hi).
+inline int2 visible_range(const Params p, int i) {
+    int pos = i + p.Nk - p.Nq;
+    int lo = 0, hi = p.Nk - 1;
+    if (p.causal) hi = min(hi, pos);
+    if (p.winLeft >= 0) lo = max(lo, pos - p.winLeft);
+    if (p.winRight >= 0) hi = min(hi, pos + p.winRight);
+    return (int2)(lo, hi);
+}
+
+inline float hmax(floatV x) {
+#if VEC == 16
+    float8 a = fmax(x.lo, x.hi);
+    float4 b = fmax(a.lo, a.hi);
+#elif VEC == 8
+    float4 b = fmax(x.lo, x.hi);
+#else
+    float4 b = x;
+#endif
+    float2 c = fmax(b.lo, b.hi);
+    return fmax(c.x, c.y);
+}
+
+inline float hsum(floatV x) {
+#if VEC == 16
+    float8 a = x.lo + x.hi;
+    float4 b = a.lo + a.hi;
+#elif VEC == 8
+    float4 b = x.lo + x.hi;
+#else
+    float4 b = x;
+#endif
+    float2 c = b.lo + b.hi;
+    return c.x + c.y;
+}
+
+/// Turns raw dot products of one row into scores for keys j0 .. j0+VEC-1: scale, softcap,
+/// visibility and mask (-inf where hidden). `maskRow` points at the row's mask entries for key 0.
+inline floatV finish_scores(const Params p, floatV dots, int i, int j0, int needsMasking,
+                            __global const float *maskF, __global const uchar *maskB, long maskRow) {
+    floatV s = dots * p.scale;
+    if (p.softcap > 0.0f) s = p.softcap * tanh(s / p.softcap);
+    if (!needsMasking) return s;
+    int2 range = visible_range(p, i);
+    intV j = (intV)(j0) + LANE_IDS;
+    intV visible = (j >= (intV)(range.x)) & (j <= (intV)(range.y)) & (j < (intV)(p.Nk));
+    if (p.maskKind != 0) {
+        if (j0 + VEC <= p.Nk) {
+            if (p.maskKind == 1) {
+                s += vloadV(0, maskF + maskRow + j0);
+            } else {
+                visible &= convert_intV(vloadV(0, maskB + maskRow + j0)) != (intV)(0);
+            }
+        } else {
+            float extra[VEC];
+            int allowed[VEC];
+            for (int t = 0; t < VEC; t++) {
+                int jj = j0 + t;
+                extra[t] = (p.maskKind == 1 && jj < p.Nk) ? maskF[maskRow + jj] : 0.0f;
+                allowed[t] = (p.maskKind == 2 && jj < p.Nk) ? (maskB[maskRow + jj] != 0) : 1;
+            }
+            s += vloadV(0, extra);
+            visible &= vloadV(0, allowed) != (intV)(0);
+        }
+    }
+    return select((floatV)(-INFINITY), s, visible);
+}
+
+/// Online-softmax update of one row with a block of scores: returns P = exp(s - m_new) and
+/// updates m, l. `alpha` receives the factor the row's accumulated output must be multiplied by.
+inline floatV softmax_step(floatV s, float *m, float *l, float *alpha, int *poisoned) {
+    if (any(isnan(s))) *poisoned = 1;
+    float mNew = fmax(*m, hmax(s));
+    if (mNew == -INFINITY) {
+        *alpha = 1.0f;
+        return (floatV)(0.0f);
+    }
+    *alpha = (*m == -INFINITY) ? 0.0f : exp(*m - mNew);
+    floatV e = exp(s - mNew);
+    *l = *l * *alpha + hsum(e);
+    *m = mNew;
+    return e;
+}
+
+/// out[0..n) *= factor
+inline void scale_row(__global float *out, int n, float factor) {
+    int c = 0;
+    for (; c + VEC <= n; c += VEC) vstoreV(vloadV(0, out + c) * factor, 0, out + c);
+    for (; c < n; c++) out[c] *= factor;
+}
+
+/// out[r][0..Dv) += sum over t < jn of P[r][t] * v[t][0..Dv), for rows r < nrows (row stride
+/// outStride), with P a private ROWS x VEC array and v rows vStride apart.
+inline void accumulate_pv(__global float *out, int outStride, int nrows, const float *P,
+                          KV_SPACE const float *v, int vStride, int jn, int Dv) {
+    int c = 0;
+    for (; c + VEC <= Dv; c += VEC) {
+        floatV acc[ROWS];
+        for (int r = 0; r < ROWS; r++) acc[r] = (r < nrows) ? vloadV(0, out + r * outStride + c) : (floatV)(0.0f);
+        for (int t = 0; t < jn; t++) {
+            floatV vv = vloadV(0, v + t * vStride + c);
+            for (int r = 0; r < ROWS; r++) acc[r] = fma((floatV)(P[r * VEC + t]), vv, acc[r]);
+        }
+        for (int r = 0; r < ROWS; r++)
+            if (r < nrows) vstoreV(acc[r], 0, out + r * outStride + c);
+    }
+    for (; c < Dv; c++) {
+        for (int r = 0; r < nrows; r++) {
+            float acc = out[r * outStride + c];
+            for (int t = 0; t < jn; t++) acc = fma(P[r * VEC + t], v[t * vStride + c], acc);
+            out[r * outStride + c] = acc;
+        }
+    }
+}
+
+/// Final normalisation of one row: O /= l, LSE = m + log l; empty rows O = 0, LSE = -inf;
+/// poisoned rows (NaN seen) O = LSE = NaN.
+inline void finish_row(__global float *out, int Dv, __global float *lse, float m, float l, int poisoned) {
+    if (poisoned) {
+        for (int c = 0; c < Dv; c++) out[c] = NAN;
+        *lse = NAN;
+    } else if (m == -INFINITY) {
+        for (int c = 0; c < Dv; c++) out[c] = 0.0f;
+        *lse = -INFINITY;
+    } else {
+        scale_row(out, Dv, 1.0f / l);
+        *lse = m + log(l);
+    }
+}

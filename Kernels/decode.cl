@@ -1,0 +1,119 @@
+// Split-KV decode (flash-decoding) for few query rows and long keys (the host prepends common.cl).
+//
+// Work-item (split, b * Hkv + kvh) takes every query row that reads K/V head kvh: the G = Hq / Hkv
+// heads of the group times Nq queries, at most ROWS rows, contiguous in Q and O. It walks keys
+// [split * splitLen, (split + 1) * splitLen) in K's natural layout (no transposed copy: decode is
+// bound by reading K and V once) and writes a normalised partial O and its log-sum-exp.
+// decode_merge then combines the splits exactly: O = sum_s e^(lse_s - M) O_s / sum_s e^(lse_s - M).
+
+/// Global size (numSplits, B * Hkv). oPart: [numSplits, B*Hq*Nq, Dv], lsePart: [numSplits, B*Hq*Nq].
+__kernel void decode_partial(__global const float *q, __global const float *k, __global const float *v,
+                             __global const float *maskF, __global const uchar *maskB,
+                             __global float *oPart, __global float *lsePart, const Params p,
+                             int splitLen, int numSplits) {
+    const int split = get_global_id(0);
+    const int bk = get_global_id(1);
+    if (split >= numSplits || bk >= p.B * p.Hkv) return;
+    const int b = bk / p.Hkv, kvh = bk % p.Hkv;
+    const int G = p.Hq / p.Hkv;
+    const int rows = min(G * p.Nq, ROWS);
+    const long totalRows = (long)p.B * p.Hq * p.Nq;
+    const long rowBase = ((long)b * p.Hq + (long)kvh * G) * p.Nq;
+    __global const float *qRows = q + rowBase * p.D;
+    __global float *oRows = oPart + ((long)split * totalRows + rowBase) * p.Dv;
+    __global float *lseRows = lsePart + (long)split * totalRows + rowBase;
+    const long kvHead = (long)b * p.Hkv + kvh;
+    __global const float *kHead = k + kvHead * p.Nk * p.D;
+    __global const float *vHead = v + kvHead * p.Nk * p.Dv;
+
+    // Rows hold queries 0 .. Nq-1 of each head: the union range is [lo(0), hi(Nq-1)].
+    const int2 first = visible_range(p, 0), last = visible_range(p, p.Nq - 1);
+    const int jBegin = max(split * splitLen, first.x);
+    const int jEnd = min(min(p.Nk, (split + 1) * splitLen), last.y + 1);
+    const int fullLo = last.x, fullHi = first.y;
+
+    long maskRows[ROWS];
+    float m[ROWS], l[ROWS];
+    int poisoned[ROWS];
+    float P[ROWS * VEC];
+    float dots[ROWS * VEC];
+    for (int r = 0; r < ROWS; r++) {
+        const int rr = min(r, rows - 1);
+        maskRows[r] = (long)b * p.maskBatchStride + (long)(kvh * G + rr / p.Nq) * p.maskHeadStride + (long)(rr % p.Nq) * p.Nk;
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+        poisoned[r] = 0;
+    }
+    for (int t = 0; t < ROWS * VEC; t++) P[t] = 0.0f;
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < p.Dv; c++) oRows[r * p.Dv + c] = 0.0f;
+
+    for (int j0 = jBegin; j0 < jEnd; j0 += VEC) {
+        const int jn = min(VEC, jEnd - j0);
+        for (int t = 0; t < VEC; t++) {
+            if (t >= jn) {
+                for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = 0.0f;
+                continue;
+            }
+            __global const float *kRow = kHead + (long)(j0 + t) * p.D;
+            floatV acc[ROWS];
+            float tail[ROWS];
+            for (int r = 0; r < ROWS; r++) {
+                acc[r] = (floatV)(0.0f);
+                tail[r] = 0.0f;
+            }
+            int c = 0;
+            for (; c + VEC <= p.D; c += VEC) {
+                const floatV kv = vloadV(0, kRow + c);
+                for (int r = 0; r < ROWS; r++) acc[r] = fma(vloadV(0, qRows + min(r, rows - 1) * p.D + c), kv, acc[r]);
+            }
+            for (; c < p.D; c++)
+                for (int r = 0; r < ROWS; r++) tail[r] = fma(qRows[min(r, rows - 1) * p.D + c], kRow[c], tail[r]);
+            for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = hsum(acc[r]) + tail[r];
+        }
+        const int needsMasking = p.maskKind != 0 || j0 < fullLo || j0 + VEC - 1 > fullHi || j0 + VEC > p.Nk;
+        const intV inSplit = ((intV)(j0) + LANE_IDS) < (intV)(jEnd);
+        for (int r = 0; r < rows; r++) {
+            floatV s = finish_scores(p, vloadV(0, dots + r * VEC), r % p.Nq, j0, needsMasking, maskF, maskB, maskRows[r]);
+            s = select((floatV)(-INFINITY), s, inSplit);
+            float alpha;
+            const floatV e = softmax_step(s, &m[r], &l[r], &alpha, &poisoned[r]);
+            if (alpha != 1.0f) scale_row(oRows + r * p.Dv, p.Dv, alpha);
+            vstoreV(e, 0, P + r * VEC);
+        }
+        accumulate_pv(oRows, p.Dv, rows, P, vHead + (long)j0 * p.Dv, p.Dv, jn, p.Dv);
+    }
+    for (int r = 0; r < rows; r++) finish_row(oRows + r * p.Dv, p.Dv, lseRows + r, m[r], l[r], poisoned[r]);
+}
+
+/// Global size (totalRows). Combines numSplits partial results per row through their LSEs.
+__kernel void decode_merge(__global const float *oPart, __global const float *lsePart,
+                           __global float *o, __global float *lse, int totalRows, int Dv, int numSplits) {
+    const long row = get_global_id(0);
+    if (row >= totalRows) return;
+    float M = -INFINITY;
+    int poisoned = 0;
+    for (int s = 0; s < numSplits; s++) {
+        const float x = lsePart[(long)s * totalRows + row];
+        if (isnan(x)) poisoned = 1;
+        M = fmax(M, x);
+    }
+    __global float *out = o + row * Dv;
+    if (poisoned || M == -INFINITY) {
+        for (int c = 0; c < Dv; c++) out[c] = poisoned ? NAN : 0.0f;
+        lse[row] = poisoned ? NAN : -INFINITY;
+        return;
+    }
+    float L = 0.0f;
+    for (int s = 0; s < numSplits; s++) L += exp(lsePart[(long)s * totalRows + row] - M);
+    const float inverse = 1.0f / L;
+    for (int c = 0; c < Dv; c++) {
+        float acc = 0.0f;
+        for (int s = 0; s < numSplits; s++) {
+            const float w = exp(lsePart[(long)s * totalRows + row] - M);
+            if (w != 0.0f) acc = fma(w, oPart[((long)s * totalRows + row) * Dv + c], acc);
+        }
+        out[c] = acc * inverse;
+    }
+    lse[row] = M + log(L);
+}

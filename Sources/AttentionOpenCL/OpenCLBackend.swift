@@ -1,0 +1,308 @@
+import AttentionCore
+import AttentionKernels
+import COpenCL
+import Foundation
+
+/// Attention on an OpenCL device: a tiled flash kernel for prefill and general problems, and
+/// split-KV decode (flash-decoding) for few queries against long keys.
+///
+/// Same contract as every backend (README, "The contract"). When OpenCL is missing (no loader, no
+/// platform) or the device index does not exist, `support(for:)` says so and nothing runs.
+/// On CPU devices host memory is used in place (`CL_MEM_USE_HOST_PTR`); elsewhere it is copied.
+/// Calls on one device are serialised.
+public struct OpenCLBackend: AttentionBackend {
+    public let device: OpenCLDevice?
+    /// Why there is no device, when there is none.
+    public let unavailableReason: String?
+    /// A fixed kernel configuration, or `nil` for the table's choice per problem.
+    public let config: OpenCLKernelConfig?
+    /// Forces the flash kernel (`false`) or lets decode-shaped problems use split-KV (`true`).
+    public let allowSplitKV: Bool
+    private let index: Int
+
+    /// The backend on device `index` of `OpenCLRuntime.devices`.
+    public init(device index: Int = 0, config: OpenCLKernelConfig? = nil, allowSplitKV: Bool = true) {
+        self.index = index
+        self.config = config
+        self.allowSplitKV = allowSplitKV
+        switch OpenCLRuntime.devices {
+        case let .success(devices) where index >= 0 && index < devices.count:
+            device = devices[index]
+            unavailableReason = nil
+        case let .success(devices):
+            device = nil
+            unavailableReason = "no OpenCL device \(index) (this machine has \(devices.count): 0...\(devices.count - 1))"
+        case let .failure(reason):
+            device = nil
+            unavailableReason = reason.reason
+        }
+    }
+
+    public var name: String { "opencl:\(index)" }
+
+    public func kernelConfig(for problem: AttentionProblem) -> OpenCLKernelConfig? {
+        guard let device else { return nil }
+        return config ?? .default(for: device.info, headDim: problem.headDim, valueDim: problem.valueDim)
+    }
+
+    /// The kernel this backend would run, and why.
+    public func kernelChoice(for problem: AttentionProblem) -> (choice: OpenCLKernelChoice, reason: String) {
+        guard let device, let cfg = kernelConfig(for: problem) else { return (.flash, "no device") }
+        let rows = problem.groupSize * problem.queryLength
+        guard allowSplitKV else { return (.flash, "split-KV disabled") }
+        guard rows <= cfg.decodeRows else {
+            return (.flash, "\(rows) query rows per K/V head > \(cfg.decodeRows): enough rows for the flash kernel")
+        }
+        guard problem.keyLength >= 2 * cfg.minKeysPerSplit else {
+            return (.flash, "Nk = \(problem.keyLength) too short to split (< \(2 * cfg.minKeysPerSplit))")
+        }
+        let heads = problem.batch * problem.keyValueHeads
+        let target = max(1, (device.info.isGPU ? 64 : 8) * device.info.computeUnits)
+        let splits = max(1, min((target + heads - 1) / heads, problem.keyLength / cfg.minKeysPerSplit))
+        let perSplit = ((problem.keyLength + splits - 1) / splits + cfg.vectorWidth - 1) / cfg.vectorWidth * cfg.vectorWidth
+        let used = (problem.keyLength + perSplit - 1) / perSplit
+        return (.splitKV(splits: used, keysPerSplit: perSplit),
+                "\(rows) query rows per K/V head: decode-shaped, keys split across \(used) work-items per head")
+    }
+
+    public func support(for problem: AttentionProblem) -> BackendSupport {
+        guard let device else { return .unsupported(reason: unavailableReason ?? "no OpenCL device") }
+        let p = problem
+        let limit = Int(Int32.max)
+        let maskStride = p.maskLayout.map { max($0.batchStride, $0.headStride) } ?? 0
+        if [p.batch * p.queryHeads, p.queryLength, p.keyLength + 64, p.headDim, p.valueDim, maskStride].contains(where: { $0 >= limit }) {
+            return .unsupported(reason: "a dimension or mask stride exceeds the kernels' 32-bit index range")
+        }
+        let (choice, _) = kernelChoice(for: problem)
+        let sizes = bufferBytes(problem, choice: choice)
+        let total = sizes.reduce(0, +)
+        if let largest = sizes.max(), UInt64(largest) > device.info.maxAllocationBytes {
+            return .unsupported(reason: "needs a \(largest >> 20) MiB buffer; \(device.info.name) allows \(device.info.maxAllocationBytes >> 20) MiB per buffer")
+        }
+        if UInt64(total) > device.info.globalMemoryBytes {
+            return .unsupported(reason: "needs \(total >> 20) MiB of device memory; \(device.info.name) has \(device.info.globalMemoryBytes >> 20) MiB")
+        }
+        return .supported
+    }
+
+    /// Bytes of every device buffer a call allocates (inputs, outputs, mask, temporaries).
+    private func bufferBytes(_ p: AttentionProblem, choice: OpenCLKernelChoice) -> [Int] {
+        var sizes = [p.queryShape, p.keyShape, p.valueShape, p.outputShape, p.lseShape].map { 4 * $0.reduce(1, *) }
+        if let mask = p.options.mask {
+            switch mask.values {
+            case let .boolean(values): sizes.append(values.count)
+            case let .additive(values): sizes.append(4 * values.count)
+            }
+        }
+        let vec = kernelConfig(for: p)?.vectorWidth ?? 16
+        switch choice {
+        case .flash:
+            sizes.append(4 * p.batch * p.keyValueHeads * p.headDim * ((p.keyLength + vec - 1) / vec * vec))
+        case let .splitKV(splits, _):
+            let rows = p.batch * p.queryHeads * p.queryLength
+            sizes.append(4 * splits * rows * p.valueDim)
+            sizes.append(4 * splits * rows)
+        }
+        return sizes
+    }
+
+    // MARK: Host tensors
+
+    public func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {
+        guard let device else { throw .unsupported(backend: name, reason: unavailableReason ?? "no OpenCL device") }
+        let zeroCopy = device.info.isCPU || device.info.hostUnifiedMemory
+        do {
+            try device.withExecution { (state) throws(OpenCLError) in
+                let readOnly = Int32(CL_MEM_READ_ONLY)
+                let q = try state.buffer(bytes: buffers.query.count * 4, flags: readOnly, host: buffers.query.baseAddress, useHostMemory: zeroCopy)
+                let k = try state.buffer(bytes: buffers.key.count * 4, flags: readOnly, host: buffers.key.baseAddress, useHostMemory: zeroCopy)
+                let v = try state.buffer(bytes: buffers.value.count * 4, flags: readOnly, host: buffers.value.baseAddress, useHostMemory: zeroCopy)
+                let writeOnly = Int32(CL_MEM_READ_WRITE)
+                let o = try state.buffer(bytes: buffers.output.count * 4, flags: writeOnly,
+                                         host: zeroCopy ? UnsafeRawPointer(buffers.output.baseAddress) : nil, useHostMemory: zeroCopy)
+                let lseCount = problem.lseShape.reduce(1, *)
+                let lseHost = buffers.logSumExp.flatMap { zeroCopy ? UnsafeRawPointer($0.baseAddress) : nil }
+                let lse = try state.buffer(bytes: lseCount * 4, flags: writeOnly, host: lseHost, useHostMemory: lseHost != nil)
+                try execute(problem, state: state, q: q, k: k, v: v, o: o, lse: lse)
+                if zeroCopy {
+                    try state.synchronizeHostMemory(o)
+                    if lseHost != nil { try state.synchronizeHostMemory(lse) }
+                } else {
+                    try state.read(o, into: UnsafeMutableRawPointer(buffers.output.baseAddress!), bytes: buffers.output.count * 4)
+                }
+                if let host = buffers.logSumExp, lseHost == nil {
+                    try state.read(lse, into: UnsafeMutableRawPointer(host.baseAddress!), bytes: lseCount * 4)
+                }
+            }
+        } catch {
+            throw .backendFailure(backend: name, message: error.description)
+        }
+    }
+
+    // MARK: Device-resident tensors
+
+    /// Copies a host tensor to the device, where it can stay across calls (a KV cache).
+    public func upload(_ tensor: Tensor) throws(AttentionError) -> OpenCLTensor {
+        guard let device else { throw .unsupported(backend: name, reason: unavailableReason ?? "no OpenCL device") }
+        do {
+            return try device.withExecution { (state) throws(OpenCLError) in
+                let buffer = try withBytes(of: tensor.storage) { (raw) throws(OpenCLError) in
+                    try state.buffer(bytes: raw.count, flags: Int32(CL_MEM_READ_WRITE), host: raw.baseAddress, useHostMemory: false)
+                }
+                return OpenCLTensor(shape: tensor.shape, buffer: buffer, device: device)
+            }
+        } catch {
+            throw .backendFailure(backend: name, message: error.description)
+        }
+    }
+
+    /// Copies a device tensor back to the host.
+    public func download(_ tensor: OpenCLTensor) throws(AttentionError) -> Tensor {
+        var host = try Tensor(shape: tensor.shape, name: "download")
+        do {
+            try tensor.device.withExecution { (state) throws(OpenCLError) in
+                try host.withUnsafeMutableBufferPointer { (out) throws(OpenCLError) in
+                    try state.read(tensor.buffer, into: UnsafeMutableRawPointer(out.baseAddress!), bytes: out.count * 4)
+                }
+            }
+        } catch {
+            throw .backendFailure(backend: name, message: error.description)
+        }
+        return host
+    }
+
+    /// Attention on tensors already on this backend's device; O and the log-sum-exp stay there.
+    public func attention(
+        _ problem: AttentionProblem, query: OpenCLTensor, key: OpenCLTensor, value: OpenCLTensor
+    ) throws(AttentionError) -> (output: OpenCLTensor, logSumExp: OpenCLTensor) {
+        guard let device else { throw .unsupported(backend: name, reason: unavailableReason ?? "no OpenCL device") }
+        if case let .unsupported(reason) = support(for: problem) { throw .unsupported(backend: name, reason: reason) }
+        for (label, tensor, shape) in [("query", query, problem.queryShape), ("key", key, problem.keyShape), ("value", value, problem.valueShape)] {
+            guard tensor.shape == shape else { throw .shapeMismatch("device tensor \(label) has shape \(tensor.shape), problem needs \(shape)") }
+            guard tensor.device === device else { throw .unsupported(backend: name, reason: "\(label) lives on another device (\(tensor.device.info.name))") }
+        }
+        do {
+            return try device.withExecution { (state) throws(OpenCLError) in
+                let o = try state.buffer(bytes: 4 * problem.outputShape.reduce(1, *), flags: Int32(CL_MEM_READ_WRITE))
+                let lse = try state.buffer(bytes: 4 * problem.lseShape.reduce(1, *), flags: Int32(CL_MEM_READ_WRITE))
+                try execute(problem, state: state, q: query.buffer, k: key.buffer, v: value.buffer, o: o, lse: lse)
+                return (OpenCLTensor(shape: problem.outputShape, buffer: o, device: device),
+                        OpenCLTensor(shape: problem.lseShape, buffer: lse, device: device))
+            }
+        } catch {
+            throw .backendFailure(backend: name, message: error.description)
+        }
+    }
+
+    // MARK: Kernels
+
+    private func execute(_ p: AttentionProblem, state: ExecutionState,
+                         q: CLBuffer, k: CLBuffer, v: CLBuffer, o: CLBuffer, lse: CLBuffer) throws(OpenCLError) {
+        guard let cfg = kernelConfig(for: p) else { return }
+        let vec = cfg.vectorWidth
+        let nkPad = (p.keyLength + vec - 1) / vec * vec
+        var params = AKParams()
+        params.B = Int32(p.batch); params.Hq = Int32(p.queryHeads); params.Hkv = Int32(p.keyValueHeads)
+        params.Nq = Int32(p.queryLength); params.Nk = Int32(p.keyLength); params.D = Int32(p.headDim); params.Dv = Int32(p.valueDim)
+        params.NkPad = Int32(nkPad)
+        params.scale = p.scale
+        params.softcap = p.options.softcap ?? 0
+        params.causal = p.options.causal ? 1 : 0
+        params.winLeft = Int32(p.options.window?.left ?? -1)
+        params.winRight = Int32(p.options.window?.right ?? -1)
+        params.maskBatchStride = Int32(p.maskLayout?.batchStride ?? 0)
+        params.maskHeadStride = Int32(p.maskLayout?.headStride ?? 0)
+
+        var maskF = state.placeholder
+        var maskB = state.placeholder
+        switch p.options.mask?.values {
+        case nil:
+            params.maskKind = 0
+        case let .additive(values)?:
+            params.maskKind = 1
+            maskF = try withBytes(of: values) { (raw) throws(OpenCLError) in
+                try state.buffer(bytes: raw.count, flags: Int32(CL_MEM_READ_ONLY), host: raw.baseAddress)
+            }
+        case let .boolean(values)?:
+            params.maskKind = 2
+            maskB = try withBytes(of: values) { (raw) throws(OpenCLError) in
+                try state.buffer(bytes: raw.count, flags: Int32(CL_MEM_READ_ONLY), host: raw.baseAddress)
+            }
+        }
+
+        switch kernelChoice(for: p).choice {
+        case .flash:
+            guard let source = KernelSources.program("attention") else { return }
+            let kt = try state.buffer(bytes: 4 * p.batch * p.keyValueHeads * p.headDim * nkPad, flags: Int32(CL_MEM_READ_WRITE))
+            let transpose = try state.kernel("transpose_keys", source: source, options: cfg.flashOptions)
+            try transpose.set(0, k)
+            try transpose.set(1, kt)
+            try transpose.set(2, value: Int32(p.keyLength))
+            try transpose.set(3, value: Int32(p.headDim))
+            try transpose.set(4, value: Int32(nkPad))
+            try state.enqueue(transpose, global: [nkPad, p.headDim, p.batch * p.keyValueHeads], local: nil)
+
+            let flash = try state.kernel("flash_attention", source: source, options: cfg.flashOptions)
+            for (i, buffer) in [q, kt, v, maskF, maskB, o, lse].enumerated() { try flash.set(i, buffer) }
+            try flash.set(7, value: params)
+            if cfg.useLocalMemory {
+                try flash.setLocal(8, bytes: 4 * p.headDim * vec)
+                try flash.setLocal(9, bytes: 4 * vec * p.valueDim)
+            }
+            let rowBlocks = (p.queryLength + cfg.rows - 1) / cfg.rows
+            let group = cfg.workGroup
+            try state.enqueue(flash, global: [(rowBlocks + group - 1) / group * group, p.batch * p.queryHeads], local: [group, 1])
+
+        case let .splitKV(splits, keysPerSplit):
+            guard let source = KernelSources.program("decode") else { return }
+            let totalRows = p.batch * p.queryHeads * p.queryLength
+            let oPart = try state.buffer(bytes: 4 * splits * totalRows * p.valueDim, flags: Int32(CL_MEM_READ_WRITE))
+            let lsePart = try state.buffer(bytes: 4 * splits * totalRows, flags: Int32(CL_MEM_READ_WRITE))
+            let partial = try state.kernel("decode_partial", source: source, options: cfg.decodeOptions)
+            for (i, buffer) in [q, k, v, maskF, maskB, oPart, lsePart].enumerated() { try partial.set(i, buffer) }
+            try partial.set(7, value: params)
+            try partial.set(8, value: Int32(keysPerSplit))
+            try partial.set(9, value: Int32(splits))
+            try state.enqueue(partial, global: [splits, p.batch * p.keyValueHeads], local: nil)
+
+            let merge = try state.kernel("decode_merge", source: source, options: cfg.decodeOptions)
+            try merge.set(0, oPart)
+            try merge.set(1, lsePart)
+            try merge.set(2, o)
+            try merge.set(3, lse)
+            try merge.set(4, value: Int32(totalRows))
+            try merge.set(5, value: Int32(p.valueDim))
+            try merge.set(6, value: Int32(splits))
+            try state.enqueue(merge, global: [totalRows], local: nil)
+        }
+        try state.finish()
+    }
+}
+
+/// A tensor in an OpenCL device's memory.
+public final class OpenCLTensor: @unchecked Sendable {
+    public let shape: [Int]
+    public let device: OpenCLDevice
+    package let buffer: CLBuffer
+
+    init(shape: [Int], buffer: CLBuffer, device: OpenCLDevice) {
+        self.shape = shape
+        self.buffer = buffer
+        self.device = device
+    }
+}
+
+/// `Array.withUnsafeBytes` with a typed error.
+func withBytes<T, R>(of array: [T], _ body: (UnsafeRawBufferPointer) throws(OpenCLError) -> R) throws(OpenCLError) -> R {
+    let result: Result<R, OpenCLError> = array.withUnsafeBytes { raw in
+        do throws(OpenCLError) { return .success(try body(raw)) } catch { return .failure(error) }
+    }
+    return try result.get()
+}
+
+extension String {
+    /// Decodes a NUL-terminated C string held in an array.
+    init(cChars: [CChar]) {
+        self = String(decoding: cChars.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}

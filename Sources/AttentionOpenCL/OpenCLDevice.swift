@@ -1,0 +1,279 @@
+import COpenCL
+import Foundation
+
+/// What an OpenCL device is, as its driver reports it.
+public struct OpenCLDeviceInfo: Sendable, Equatable, Codable {
+    /// Position in the process-wide device list (`--device N`).
+    public var index: Int
+    public var platformName: String
+    public var platformVendor: String
+    public var platformVersion: String
+    public var name: String
+    public var vendor: String
+    /// "CPU", "GPU", "ACCELERATOR" (joined with "+" when several bits are set).
+    public var type: String
+    public var driverVersion: String
+    public var deviceVersion: String
+    public var openCLCVersion: String
+    public var computeUnits: Int
+    public var clockMHz: Int
+    public var globalMemoryBytes: UInt64
+    public var maxAllocationBytes: UInt64
+    public var localMemoryBytes: UInt64
+    public var maxWorkGroupSize: Int
+    public var preferredFloatVectorWidth: Int
+    public var nativeFloatVectorWidth: Int
+    public var supportsFP16: Bool
+    public var supportsSubgroups: Bool
+    public var hostUnifiedMemory: Bool
+    public var extensions: [String]
+
+    public var isCPU: Bool { type.contains("CPU") }
+    public var isGPU: Bool { type.contains("GPU") }
+}
+
+/// One OpenCL device with its lazily created context, queue, programs and kernels.
+///
+/// Thread-safe: execution on a device is serialised (OpenCL kernel arguments are not thread-safe
+/// to set, and one in-order queue per device keeps results deterministic).
+public final class OpenCLDevice: @unchecked Sendable {
+    public let info: OpenCLDeviceInfo
+    package let id: cl_device_id
+    package let library: OpenCLLibrary
+    private let lock = NSLock()
+    private var state: ExecutionState?
+
+    init(id: cl_device_id, info: OpenCLDeviceInfo, library: OpenCLLibrary) {
+        self.id = id
+        self.info = info
+        self.library = library
+    }
+
+    /// Runs `body` with exclusive use of the device's context, queue and caches.
+    package func withExecution<R>(_ body: (ExecutionState) throws(OpenCLError) -> R) throws(OpenCLError) -> R {
+        lock.lock()
+        defer { lock.unlock() }
+        let current: ExecutionState
+        if let state {
+            current = state
+        } else {
+            current = try ExecutionState(device: self)
+            state = current
+        }
+        return try body(current)
+    }
+}
+
+/// Context, queue and built programs of one device. Used only under the device's lock.
+package final class ExecutionState {
+    package let context: CLContext
+    package let queue: CLQueue
+    /// A small buffer bound to optional pointer arguments that a call does not use.
+    package let placeholder: CLBuffer
+    private unowned let device: OpenCLDevice
+    private var programs: [String: CLProgram] = [:]
+    private var kernels: [String: CLKernel] = [:]
+    /// Builds that came from the on-disk cache / from source, for diagnostics and tests.
+    package private(set) var diskCacheHits = 0
+    package private(set) var sourceBuilds = 0
+
+    init(device: OpenCLDevice) throws(OpenCLError) {
+        self.device = device
+        let api = device.library.api
+        var status: cl_int = 0
+        var id: cl_device_id? = device.id
+        guard let ctx = api.CreateContext(nil, 1, &id, nil, nil, &status), status == CL_SUCCESS else {
+            throw OpenCLError(code: status, operation: "clCreateContext")
+        }
+        context = CLContext(ctx, library: device.library)
+        guard let q = api.CreateCommandQueue(ctx, device.id, 0, &status), status == CL_SUCCESS else {
+            throw OpenCLError(code: status, operation: "clCreateCommandQueue")
+        }
+        queue = CLQueue(q, library: device.library)
+        guard let mem = api.CreateBuffer(ctx, cl_mem_flags(CL_MEM_READ_WRITE), 64, nil, &status), status == CL_SUCCESS else {
+            throw OpenCLError(code: status, operation: "clCreateBuffer(placeholder)")
+        }
+        placeholder = CLBuffer(mem, byteCount: 64, library: device.library)
+    }
+
+    /// The kernel `name` of the program built from `source` with `options`, building (or loading
+    /// the cached binary) on first use.
+    package func kernel(_ name: String, source: String, options: String) throws(OpenCLError) -> CLKernel {
+        let key = "\(options)|\(fnv1a(source))"
+        if let kernel = kernels["\(key)#\(name)"] { return kernel }
+        let program = try self.program(source: source, options: options, key: key)
+        var status: cl_int = 0
+        guard let handle = device.library.api.CreateKernel(program.handle, name, &status), status == CL_SUCCESS else {
+            throw OpenCLError(code: status, operation: "clCreateKernel(\(name))")
+        }
+        let kernel = CLKernel(handle, name: name, library: device.library)
+        kernels["\(key)#\(name)"] = kernel
+        return kernel
+    }
+
+    private func program(source: String, options: String, key: String) throws(OpenCLError) -> CLProgram {
+        if let program = programs[key] { return program }
+        let api = device.library.api
+        let cacheFile = ProgramDiskCache.file(for: device.info, key: key)
+        if let cacheFile, let binary = ProgramDiskCache.read(cacheFile), let program = try? buildFromBinary(binary, options: options) {
+            programs[key] = program
+            diskCacheHits += 1
+            return program
+        }
+        var status: cl_int = 0
+        let handle: cl_program? = source.withCString { text in
+            var pointer: UnsafePointer<CChar>? = text
+            var length = strlen(text)
+            return api.CreateProgramWithSource(context.handle, 1, &pointer, &length, &status)
+        }
+        guard let handle, status == CL_SUCCESS else { throw OpenCLError(code: status, operation: "clCreateProgramWithSource") }
+        let program = CLProgram(handle, library: device.library)
+        try build(program, options: options)
+        programs[key] = program
+        sourceBuilds += 1
+        if let cacheFile, let binary = binary(of: program) { ProgramDiskCache.write(binary, to: cacheFile) }
+        return program
+    }
+
+    private func buildFromBinary(_ binary: [UInt8], options: String) throws(OpenCLError) -> CLProgram {
+        let api = device.library.api
+        var status: cl_int = 0
+        var binaryStatus: cl_int = 0
+        var id: cl_device_id? = device.id
+        var length = binary.count
+        let handle: cl_program? = binary.withUnsafeBufferPointer { bytes in
+            var pointer: UnsafePointer<UInt8>? = bytes.baseAddress
+            return api.CreateProgramWithBinary(context.handle, 1, &id, &length, &pointer, &binaryStatus, &status)
+        }
+        guard let handle, status == CL_SUCCESS, binaryStatus == CL_SUCCESS else {
+            throw OpenCLError(code: status != CL_SUCCESS ? status : binaryStatus, operation: "clCreateProgramWithBinary")
+        }
+        let program = CLProgram(handle, library: device.library)
+        try build(program, options: options)
+        return program
+    }
+
+    private func build(_ program: CLProgram, options: String) throws(OpenCLError) {
+        let api = device.library.api
+        var id: cl_device_id? = device.id
+        let status = api.BuildProgram(program.handle, 1, &id, options, nil, nil)
+        guard status == CL_SUCCESS else {
+            var size = 0
+            _ = api.GetProgramBuildInfo(program.handle, device.id, cl_program_build_info(CL_PROGRAM_BUILD_LOG), 0, nil, &size)
+            var log = [CChar](repeating: 0, count: max(size, 1))
+            _ = api.GetProgramBuildInfo(program.handle, device.id, cl_program_build_info(CL_PROGRAM_BUILD_LOG), log.count, &log, nil)
+            throw OpenCLError(code: status, operation: "clBuildProgram(\(options))", buildLog: String(cChars: log))
+        }
+    }
+
+    private func binary(of program: CLProgram) -> [UInt8]? {
+        let api = device.library.api
+        var size = 0
+        guard api.GetProgramInfo(program.handle, cl_program_info(CL_PROGRAM_BINARY_SIZES), MemoryLayout<Int>.size, &size, nil) == CL_SUCCESS,
+              size > 0 else { return nil }
+        var bytes = [UInt8](repeating: 0, count: size)
+        let status = bytes.withUnsafeMutableBufferPointer { buffer -> cl_int in
+            var pointer: UnsafeMutablePointer<UInt8>? = buffer.baseAddress
+            return api.GetProgramInfo(program.handle, cl_program_info(CL_PROGRAM_BINARIES), MemoryLayout<UnsafeMutablePointer<UInt8>?>.size, &pointer, nil)
+        }
+        return status == CL_SUCCESS ? bytes : nil
+    }
+
+    // MARK: Buffers
+
+    /// A new device buffer. With `host` and `useHostMemory`, the device works on the host memory in
+    /// place (CPU devices); with `host` alone the contents are copied in.
+    package func buffer(bytes: Int, flags: Int32, host: UnsafeRawPointer? = nil, useHostMemory: Bool = false) throws(OpenCLError) -> CLBuffer {
+        var status: cl_int = 0
+        var memFlags = cl_mem_flags(flags)
+        if host != nil { memFlags |= cl_mem_flags(useHostMemory ? CL_MEM_USE_HOST_PTR : CL_MEM_COPY_HOST_PTR) }
+        guard let mem = device.library.api.CreateBuffer(context.handle, memFlags, max(bytes, 4), UnsafeMutableRawPointer(mutating: host), &status),
+              status == CL_SUCCESS else {
+            throw OpenCLError(code: status, operation: "clCreateBuffer(\(bytes) bytes)")
+        }
+        return CLBuffer(mem, byteCount: bytes, library: device.library)
+    }
+
+    package func read(_ buffer: CLBuffer, into host: UnsafeMutableRawPointer, bytes: Int) throws(OpenCLError) {
+        try check(device.library.api.EnqueueReadBuffer(queue.handle, buffer.handle, cl_bool(CL_TRUE), 0, bytes, host, 0, nil, nil),
+                  "clEnqueueReadBuffer")
+    }
+
+    /// Makes a `CL_MEM_USE_HOST_PTR` buffer's contents visible in host memory (map + unmap).
+    package func synchronizeHostMemory(_ buffer: CLBuffer) throws(OpenCLError) {
+        var status: cl_int = 0
+        let api = device.library.api
+        guard let mapped = api.EnqueueMapBuffer(queue.handle, buffer.handle, cl_bool(CL_TRUE), cl_map_flags(CL_MAP_READ), 0,
+                                                max(buffer.byteCount, 4), 0, nil, nil, &status), status == CL_SUCCESS else {
+            throw OpenCLError(code: status, operation: "clEnqueueMapBuffer")
+        }
+        try check(api.EnqueueUnmapMemObject(queue.handle, buffer.handle, mapped, 0, nil, nil), "clEnqueueUnmapMemObject")
+    }
+
+    /// Enqueues `kernel` over `global` work-items in groups of `local` (nil: the driver chooses).
+    package func enqueue(_ kernel: CLKernel, global: [Int], local: [Int]?) throws(OpenCLError) {
+        var globalSize = global
+        var localSize = local ?? []
+        let status = localSize.withUnsafeMutableBufferPointer { localBuffer in
+            device.library.api.EnqueueNDRangeKernel(queue.handle, kernel.handle, cl_uint(globalSize.count), nil, &globalSize,
+                                                    local == nil ? nil : localBuffer.baseAddress, 0, nil, nil)
+        }
+        try check(status, "clEnqueueNDRangeKernel(\(kernel.name), global \(global), local \(local.map { "\($0)" } ?? "auto"))")
+    }
+
+    package func finish() throws(OpenCLError) {
+        try check(device.library.api.Finish(queue.handle), "clFinish")
+    }
+}
+
+/// 64-bit FNV-1a, for cache keys (stable across processes, unlike `Hasher`).
+func fnv1a(_ text: String) -> String {
+    var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+    for byte in text.utf8 {
+        hash ^= UInt64(byte)
+        hash = hash &* 0x100_0000_01b3
+    }
+    return String(hash, radix: 16)
+}
+
+/// Built program binaries on disk, so a second process does not pay the build.
+///
+/// Location: `$ATTENTIONKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/attentionkit`, else
+/// `~/.cache/attentionkit`, under `opencl/`. `ATTENTIONKIT_OPENCL_DISK_CACHE=0` turns it off.
+/// A corrupt or stale file is ignored (the program is rebuilt from source and the file replaced).
+package enum ProgramDiskCache {
+    package static var directory: URL? {
+        let env = ProcessInfo.processInfo.environment
+        if env["ATTENTIONKIT_OPENCL_DISK_CACHE"] == "0" { return nil }
+        let base: URL
+        if let dir = env["ATTENTIONKIT_CACHE_DIR"], !dir.isEmpty {
+            base = URL(fileURLWithPath: dir)
+        } else if let xdg = env["XDG_CACHE_HOME"], !xdg.isEmpty {
+            base = URL(fileURLWithPath: xdg).appendingPathComponent("attentionkit")
+        } else if let home = env["HOME"], !home.isEmpty {
+            base = URL(fileURLWithPath: home).appendingPathComponent(".cache/attentionkit")
+        } else {
+            return nil
+        }
+        return base.appendingPathComponent("opencl")
+    }
+
+    static func file(for info: OpenCLDeviceInfo, key: String) -> URL? {
+        let identity = [info.platformName, info.platformVersion, info.name, info.driverVersion, info.deviceVersion, key]
+        return directory?.appendingPathComponent(fnv1a(identity.joined(separator: "\u{1}")) + ".bin")
+    }
+
+    static func read(_ file: URL) -> [UInt8]? {
+        guard let data = try? Data(contentsOf: file), !data.isEmpty else { return nil }
+        return [UInt8](data)
+    }
+
+    static func write(_ bytes: [UInt8], to file: URL) {
+        do {
+            try FileManager.default.createDirectory(at: file.deletingLastPathComponent(), withIntermediateDirectories: true)
+            try Data(bytes).write(to: file, options: .atomic)
+        } catch {
+            // The disk cache is an optimisation: an unwritable cache folder only costs build time.
+        }
+    }
+}
