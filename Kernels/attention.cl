@@ -2,8 +2,9 @@
 //
 // Each work-item owns ROWS consecutive query rows of one (batch, head); a work-group owns
 // get_local_size(0) * ROWS consecutive rows. Keys are walked VEC at a time:
-//   1. S = Q K^T for VEC keys, with K transposed on the device (kt: [B, Hkv, D, NkPad]) so that
-//      VEC keys are one vector load and each query element is one broadcast multiply-add;
+//   1. S = Q K^T for VEC keys, with K re-laid on the device in key blocks (kt: [B, Hkv, NkPad/VEC, D, VEC])
+//      so that VEC keys are one vector load, each query element one broadcast multiply-add, and a
+//      step reads one contiguous D x VEC tile (one stream for the prefetcher, not D);
 //   2. scale, softcap, causal/window bounds and mask (only on blocks that need them);
 //   3. online softmax per row (running max m and sum l; O rows rescaled when m moves);
 //   4. O += P V, accumulated in the output rows in global memory.
@@ -15,12 +16,13 @@
 #define USE_LOCAL 0
 #endif
 
-/// kt[b, h, c, j] = k[b, h, j, c] for j < Nk, 0 for Nk <= j < NkPad. Global size (NkPad, D, B*Hkv).
+/// kt[b, h, j / VEC, c, j % VEC] = k[b, h, j, c] for j < Nk, 0 for Nk <= j < NkPad.
+/// Global size (NkPad, D, B*Hkv).
 __kernel void transpose_keys(__global const float *k, __global float *kt, int Nk, int D, int NkPad) {
     const int j = get_global_id(0), c = get_global_id(1);
     const long bh = get_global_id(2);
     if (j >= NkPad || c >= D) return;
-    kt[(bh * D + c) * NkPad + j] = j < Nk ? k[(bh * Nk + j) * D + c] : 0.0f;
+    kt[((bh * (NkPad / VEC) + j / VEC) * D + c) * VEC + j % VEC] = j < Nk ? k[(bh * Nk + j) * D + c] : 0.0f;
 }
 
 /// Global size (roundUp(ceil(Nq / ROWS), local size), B * Hq); local size (WG, 1).
@@ -58,6 +60,8 @@ __kernel void flash_attention(__global const float *q, __global const float *kt,
     __global const float *vHead = v + kvHead * p.Nk * p.Dv;
 
     long maskRows[ROWS];
+    int qOffset[ROWS];
+    UNROLL for (int r = 0; r < ROWS; r++) qOffset[r] = min(r, max(nrows, 1) - 1) * p.D;
     float m[ROWS], l[ROWS];
     int poisoned[ROWS];
     float P[ROWS * VEC];
@@ -76,24 +80,22 @@ __kernel void flash_attention(__global const float *q, __global const float *kt,
 #if USE_LOCAL
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int idx = get_local_id(0); idx < p.D * VEC; idx += get_local_size(0))
-            ktTile[idx] = ktHead[(long)(idx / VEC) * p.NkPad + j0 + idx % VEC];
+            ktTile[idx] = ktHead[(long)j0 * p.D + idx];
         for (int idx = get_local_id(0); idx < VEC * p.Dv; idx += get_local_size(0))
             vTile[idx] = idx / p.Dv < jn ? vHead[(long)j0 * p.Dv + idx] : 0.0f;
         barrier(CLK_LOCAL_MEM_FENCE);
         KV_SPACE const float *ktStep = ktTile;
-        const int ktStride = VEC;
         KV_SPACE const float *vStep = vTile;
         if (nrows == 0) continue;
 #else
-        KV_SPACE const float *ktStep = ktHead + j0;
-        const int ktStride = p.NkPad;
+        KV_SPACE const float *ktStep = ktHead + (long)j0 * p.D;  // block j0 / VEC, D x VEC floats
         KV_SPACE const float *vStep = vHead + (long)j0 * p.Dv;
 #endif
         floatV dots[ROWS];
-        for (int r = 0; r < ROWS; r++) dots[r] = (floatV)(0.0f);
+        UNROLL for (int r = 0; r < ROWS; r++) dots[r] = (floatV)(0.0f);
         for (int c = 0; c < p.D; c++) {
-            const floatV kv = vloadV(0, ktStep + c * ktStride);
-            for (int r = 0; r < ROWS; r++) dots[r] = fma((floatV)(qRows[min(r, nrows - 1) * p.D + c]), kv, dots[r]);
+            const floatV kv = vloadV(0, ktStep + c * VEC);
+            UNROLL for (int r = 0; r < ROWS; r++) dots[r] = fma((floatV)(qRows[qOffset[r] + c]), kv, dots[r]);
         }
         const int needsMasking = p.maskKind != 0 || j0 < fullLo || j0 + VEC - 1 > fullHi || j0 + VEC > p.Nk;
         for (int r = 0; r < nrows; r++) {

@@ -27,6 +27,9 @@
 #define vloadV CAT(vload, VEC)
 #define vstoreV CAT(vstore, VEC)
 #define convert_intV CAT(convert_int, VEC)
+#define as_floatV CAT(as_float, VEC)
+#define as_intV CAT(as_int, VEC)
+#define UNROLL _Pragma("unroll")
 
 #if VEC == 16
 #define LANE_IDS ((intV)(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))
@@ -41,7 +44,7 @@
 /// Problem parameters shared by every kernel (passed by value).
 typedef struct {
     int B, Hq, Hkv, Nq, Nk, D, Dv;
-    int NkPad;        // row length of the transposed K (a multiple of VEC)
+    int NkPad;        // keys in the re-laid K, a multiple of VEC
     float scale;
     float softcap;    // 0: off
     int causal;
@@ -86,6 +89,32 @@ inline float hsum(floatV x) {
     return c.x + c.y;
 }
 
+/// e^x on VEC lanes, relative error below 2e-7: Cody-Waite reduction, degree-6 polynomial, 2^k built
+/// in the exponent bits. Lanes below -87.3 (and -inf) give exactly 0, NaN stays NaN, no libm call
+/// (PoCL scalarises the vector `exp`).
+inline floatV vexp(floatV x) {
+    const intV tiny = x < (floatV)(-87.3f);
+    floatV xc = select(x, (floatV)(-87.3f), tiny);
+    xc = select(xc, (floatV)(88.7f), xc > (floatV)(88.7f));
+    const floatV t = fma(xc, (floatV)(1.44269504f), (floatV)(12582912.0f));
+    const floatV k = t - (floatV)(12582912.0f);
+    floatV r = fma(k, (floatV)(-0.693359375f), xc);
+    r = fma(k, (floatV)(2.12194440e-4f), r);
+    floatV poly = (floatV)(1.9875691500e-4f);
+    poly = fma(poly, r, (floatV)(1.3981999507e-3f));
+    poly = fma(poly, r, (floatV)(8.3334519073e-3f));
+    poly = fma(poly, r, (floatV)(4.1665795894e-2f));
+    poly = fma(poly, r, (floatV)(1.6666665459e-1f));
+    poly = fma(poly, r, (floatV)(5.0000001201e-1f));
+    poly = fma(poly, r * r, r + (floatV)(1.0f));
+    const intV ki = as_intV(t) - (intV)(0x4B400000);
+    const intV k1 = ki >> 1;
+    const intV k2 = ki - k1;
+    const floatV s1 = as_floatV((k1 + (intV)(127)) << 23);
+    const floatV s2 = as_floatV((k2 + (intV)(127)) << 23);
+    return select(poly * s1 * s2, (floatV)(0.0f), tiny);
+}
+
 /// Turns raw dot products of one row into scores for keys j0 .. j0+VEC-1: scale, softcap,
 /// visibility and mask (-inf where hidden). `maskRow` points at the row's mask entries for key 0.
 inline floatV finish_scores(const Params p, floatV dots, int i, int j0, int needsMasking,
@@ -127,8 +156,8 @@ inline floatV softmax_step(floatV s, float *m, float *l, float *alpha, int *pois
         *alpha = 1.0f;
         return (floatV)(0.0f);
     }
-    *alpha = (*m == -INFINITY) ? 0.0f : exp(*m - mNew);
-    floatV e = exp(s - mNew);
+    *alpha = (*m == -INFINITY) ? 0.0f : (*m == mNew ? 1.0f : exp(*m - mNew));
+    floatV e = vexp(s - mNew);
     *l = *l * *alpha + hsum(e);
     *m = mNew;
     return e;
@@ -142,18 +171,26 @@ inline void scale_row(__global float *out, int n, float factor) {
 }
 
 /// out[r][0..Dv) += sum over t < jn of P[r][t] * v[t][0..Dv), for rows r < nrows (row stride
-/// outStride), with P a private ROWS x VEC array and v rows vStride apart.
+/// outStride), with P a private ROWS x VEC array and v rows vStride apart. Full blocks (jn == VEC)
+/// are unrolled so that P and the accumulators stay in registers.
 inline void accumulate_pv(__global float *out, int outStride, int nrows, const float *P,
                           KV_SPACE const float *v, int vStride, int jn, int Dv) {
     int c = 0;
     for (; c + VEC <= Dv; c += VEC) {
         floatV acc[ROWS];
-        for (int r = 0; r < ROWS; r++) acc[r] = (r < nrows) ? vloadV(0, out + r * outStride + c) : (floatV)(0.0f);
-        for (int t = 0; t < jn; t++) {
-            floatV vv = vloadV(0, v + t * vStride + c);
-            for (int r = 0; r < ROWS; r++) acc[r] = fma((floatV)(P[r * VEC + t]), vv, acc[r]);
+        UNROLL for (int r = 0; r < ROWS; r++) acc[r] = (r < nrows) ? vloadV(0, out + r * outStride + c) : (floatV)(0.0f);
+        if (jn == VEC) {
+            UNROLL for (int t = 0; t < VEC; t++) {
+                const floatV vv = vloadV(0, v + t * vStride + c);
+                UNROLL for (int r = 0; r < ROWS; r++) acc[r] = fma((floatV)(P[r * VEC + t]), vv, acc[r]);
+            }
+        } else {
+            for (int t = 0; t < jn; t++) {
+                const floatV vv = vloadV(0, v + t * vStride + c);
+                UNROLL for (int r = 0; r < ROWS; r++) acc[r] = fma((floatV)(P[r * VEC + t]), vv, acc[r]);
+            }
         }
-        for (int r = 0; r < ROWS; r++)
+        UNROLL for (int r = 0; r < ROWS; r++)
             if (r < nrows) vstoreV(acc[r], 0, out + r * outStride + c);
     }
     for (; c < Dv; c++) {

@@ -24,6 +24,11 @@ public struct BackendSelection: Sendable {
     /// Why this backend was chosen, in one line.
     public let reason: String
 
+    public init(backend: any AttentionBackend, reason: String) {
+        self.backend = backend
+        self.reason = reason
+    }
+
     public static func select(
         _ choice: BackendChoice, for problem: AttentionProblem, threads: Int? = nil, tiling: BLASTiling? = nil,
         device: Int = 0

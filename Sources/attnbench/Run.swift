@@ -49,6 +49,10 @@ struct Run: ParsableCommand {
     @Option(help: "Softcap c > 0: scores become c*tanh(s/c).") var softcap: Float?
     @Option(help: "Backend: naive, blas, opencl or auto.") var backend: BackendChoice = .auto
     @Option(help: "OpenCL device index (see `attnbench devices`).") var device: Int = 0
+    @Option(help: ArgumentHelp("OpenCL kernel configuration, e.g. vec=16,rows=4,wg=4,local=0,decoderows=8,split=256 (omitted keys: the device table).",
+                               valueName: "k=v,..."))
+    var kernelConfig: String?
+    @Flag(help: "OpenCL: never use the split-KV decode kernel.") var noSplitKV = false
     @Option(name: .customLong("out"), help: "Output .npy file for O, [B, Hq, Nq, Dv].") var outPath: String
     @Option(name: .customLong("lse"), help: "Output .npy file for the log-sum-exp, [B, Hq, Nq].") var lsePath: String?
     @Option(name: .customLong("repeat"), help: "Timed repetitions after a warm-up (>= 0.3 s); prints median time and GFLOP/s to stderr.")
@@ -75,7 +79,13 @@ struct Run: ParsableCommand {
         } catch {
             throw CLIError("\(error) (query: \(queryPath), key: \(keyPath), value: \(valuePath)\(maskPath.map { ", mask: \($0)" } ?? ""))")
         }
-        let selection = try BackendSelection.select(backend, for: problem, threads: threads, tiling: tiling, device: device)
+        var selection = try BackendSelection.select(backend, for: problem, threads: threads, tiling: tiling, device: device)
+        if selection.backend is OpenCLBackend && (kernelConfig != nil || noSplitKV) {
+            let base = OpenCLBackend(device: device)
+            let config = try parseKernelConfig(kernelConfig ?? "", base: base.kernelConfig(for: problem))
+            let tuned = OpenCLBackend(device: device, config: config, allowSplitKV: !noSplitKV)
+            selection = BackendSelection(backend: tuned, reason: "requested, \(config.map { "\($0)" } ?? "table config"), \(tuned.kernelChoice(for: problem).choice)")
+        }
         let result = try selection.backend.attention(problem, query: q, key: k, value: v)
 
         try write(result.output, to: outPath)
@@ -98,6 +108,26 @@ struct Run: ParsableCommand {
             }
             printError(line)
         }
+    }
+
+    private func parseKernelConfig(_ text: String, base: OpenCLKernelConfig?) throws -> OpenCLKernelConfig? {
+        guard var config = base else { return nil }
+        for item in text.split(separator: ",") where !item.isEmpty {
+            let parts = item.split(separator: "=")
+            guard parts.count == 2, let value = Int(parts[1]) else { throw CLIError("--kernel-config: cannot read '\(item)'") }
+            switch parts[0].lowercased() {
+            case "vec":
+                guard [4, 8, 16].contains(value) else { throw CLIError("--kernel-config: vec must be 4, 8 or 16") }
+                config.vectorWidth = value
+            case "rows": config.rows = max(1, value)
+            case "wg": config.workGroup = max(1, value)
+            case "local": config.useLocalMemory = value != 0
+            case "decoderows": config.decodeRows = max(1, value)
+            case "split": config.minKeysPerSplit = max(16, value)
+            default: throw CLIError("--kernel-config: unknown key '\(parts[0])' (vec, rows, wg, local, decoderows, split)")
+            }
+        }
+        return config
     }
 
     private var coreTypeNote: String {
