@@ -30,6 +30,8 @@
 #define as_floatV CAT(as_float, VEC)
 #define as_intV CAT(as_int, VEC)
 #define UNROLL _Pragma("unroll")
+/* Helpers must inline: the unrolled loops rely on constant indices into private arrays. */
+#define INLINE inline __attribute__((always_inline))
 
 #if VEC == 16
 #define LANE_IDS ((intV)(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))
@@ -54,7 +56,7 @@ typedef struct {
 } Params;
 
 /// Visible key range [lo, hi] of query i under causal and window rules (empty when lo > hi).
-inline int2 visible_range(const Params p, int i) {
+INLINE int2 visible_range(const Params p, int i) {
     int pos = i + p.Nk - p.Nq;
     int lo = 0, hi = p.Nk - 1;
     if (p.causal) hi = min(hi, pos);
@@ -63,7 +65,7 @@ inline int2 visible_range(const Params p, int i) {
     return (int2)(lo, hi);
 }
 
-inline float hmax(floatV x) {
+INLINE float hmax(floatV x) {
 #if VEC == 16
     float8 a = fmax(x.lo, x.hi);
     float4 b = fmax(a.lo, a.hi);
@@ -76,7 +78,7 @@ inline float hmax(floatV x) {
     return fmax(c.x, c.y);
 }
 
-inline float hsum(floatV x) {
+INLINE float hsum(floatV x) {
 #if VEC == 16
     float8 a = x.lo + x.hi;
     float4 b = a.lo + a.hi;
@@ -92,7 +94,7 @@ inline float hsum(floatV x) {
 /// e^x on VEC lanes, relative error below 2e-7: Cody-Waite reduction, degree-6 polynomial, 2^k built
 /// in the exponent bits. Lanes below -87.3 (and -inf) give exactly 0, NaN stays NaN, no libm call
 /// (PoCL scalarises the vector `exp`).
-inline floatV vexp(floatV x) {
+INLINE floatV vexp(floatV x) {
     const intV tiny = x < (floatV)(-87.3f);
     floatV xc = select(x, (floatV)(-87.3f), tiny);
     xc = select(xc, (floatV)(88.7f), xc > (floatV)(88.7f));
@@ -117,7 +119,7 @@ inline floatV vexp(floatV x) {
 
 /// Turns raw dot products of one row into scores for keys j0 .. j0+VEC-1: scale, softcap,
 /// visibility and mask (-inf where hidden). `maskRow` points at the row's mask entries for key 0.
-inline floatV finish_scores(const Params p, floatV dots, int i, int j0, int needsMasking,
+INLINE floatV finish_scores(const Params p, floatV dots, int i, int j0, int needsMasking,
                             __global const float *maskF, __global const uchar *maskB, long maskRow) {
     floatV s = dots * p.scale;
     if (p.softcap > 0.0f) s = p.softcap * tanh(s / p.softcap);
@@ -149,7 +151,7 @@ inline floatV finish_scores(const Params p, floatV dots, int i, int j0, int need
 
 /// Online-softmax update of one row with a block of scores: returns P = exp(s - m_new) and
 /// updates m, l. `alpha` receives the factor the row's accumulated output must be multiplied by.
-inline floatV softmax_step(floatV s, float *m, float *l, float *alpha, int *poisoned) {
+INLINE floatV softmax_step(floatV s, float *m, float *l, float *alpha, int *poisoned) {
     if (any(isnan(s))) *poisoned = 1;
     float mNew = fmax(*m, hmax(s));
     if (mNew == -INFINITY) {
@@ -164,7 +166,7 @@ inline floatV softmax_step(floatV s, float *m, float *l, float *alpha, int *pois
 }
 
 /// out[0..n) *= factor
-inline void scale_row(__global float *out, int n, float factor) {
+INLINE void scale_row(__global float *out, int n, float factor) {
     int c = 0;
     for (; c + VEC <= n; c += VEC) vstoreV(vloadV(0, out + c) * factor, 0, out + c);
     for (; c < n; c++) out[c] *= factor;
@@ -173,7 +175,7 @@ inline void scale_row(__global float *out, int n, float factor) {
 /// out[r][0..Dv) += sum over t < jn of P[r][t] * v[t][0..Dv), for rows r < nrows (row stride
 /// outStride), with P a private ROWS x VEC array and v rows vStride apart. Full blocks (jn == VEC)
 /// are unrolled so that P and the accumulators stay in registers.
-inline void accumulate_pv(__global float *out, int outStride, int nrows, const float *P,
+INLINE void accumulate_pv(__global float *out, int outStride, int nrows, const float *P,
                           KV_SPACE const float *v, int vStride, int jn, int Dv) {
     int c = 0;
     for (; c + VEC <= Dv; c += VEC) {
@@ -204,7 +206,7 @@ inline void accumulate_pv(__global float *out, int outStride, int nrows, const f
 
 /// Final normalisation of one row: O /= l, LSE = m + log l; empty rows O = 0, LSE = -inf;
 /// poisoned rows (NaN seen) O = LSE = NaN.
-inline void finish_row(__global float *out, int Dv, __global float *lse, float m, float l, int poisoned) {
+INLINE void finish_row(__global float *out, int Dv, __global float *lse, float m, float l, int poisoned) {
     if (poisoned) {
         for (int c = 0; c < Dv; c++) out[c] = NAN;
         *lse = NAN;

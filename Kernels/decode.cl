@@ -6,6 +6,26 @@
 // bound by reading K and V once) and writes a normalised partial O and its log-sum-exp.
 // decode_merge then combines the splits exactly: O = sum_s e^(lse_s - M) O_s / sum_s e^(lse_s - M).
 
+/// dots[r][t] = q_r . k for every row r (K in natural layout: a dot product over D, reduced).
+INLINE void key_dots(__global const float *kRow, __global const float *qRows, const int *qOffset, int D, float *dots, int t) {
+    floatV acc[ROWS];
+    float tail[ROWS];
+    UNROLL for (int r = 0; r < ROWS; r++) {
+        acc[r] = (floatV)(0.0f);
+        tail[r] = 0.0f;
+    }
+    int c = 0;
+    for (; c + VEC <= D; c += VEC) {
+        const floatV kv = vloadV(0, kRow + c);
+        UNROLL for (int r = 0; r < ROWS; r++) acc[r] = fma(vloadV(0, qRows + qOffset[r] + c), kv, acc[r]);
+    }
+    for (; c < D; c++) {
+        const float kc = kRow[c];
+        UNROLL for (int r = 0; r < ROWS; r++) tail[r] = fma(qRows[qOffset[r] + c], kc, tail[r]);
+    }
+    UNROLL for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = hsum(acc[r]) + tail[r];
+}
+
 /// Global size (numSplits, B * Hkv). oPart: [numSplits, B*Hq*Nq, Dv], lsePart: [numSplits, B*Hq*Nq].
 __kernel void decode_partial(__global const float *q, __global const float *k, __global const float *v,
                              __global const float *maskF, __global const uchar *maskB,
@@ -33,13 +53,15 @@ __kernel void decode_partial(__global const float *q, __global const float *k, _
     const int fullLo = last.x, fullHi = first.y;
 
     long maskRows[ROWS];
+    int qOffset[ROWS];
     float m[ROWS], l[ROWS];
     int poisoned[ROWS];
     float P[ROWS * VEC];
     float dots[ROWS * VEC];
-    for (int r = 0; r < ROWS; r++) {
+    UNROLL for (int r = 0; r < ROWS; r++) {
         const int rr = min(r, rows - 1);
         maskRows[r] = (long)b * p.maskBatchStride + (long)(kvh * G + rr / p.Nq) * p.maskHeadStride + (long)(rr % p.Nq) * p.Nk;
+        qOffset[r] = rr * p.D;
         m[r] = -INFINITY;
         l[r] = 0.0f;
         poisoned[r] = 0;
@@ -50,26 +72,16 @@ __kernel void decode_partial(__global const float *q, __global const float *k, _
 
     for (int j0 = jBegin; j0 < jEnd; j0 += VEC) {
         const int jn = min(VEC, jEnd - j0);
-        for (int t = 0; t < VEC; t++) {
-            if (t >= jn) {
-                for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = 0.0f;
-                continue;
+        if (jn == VEC) {
+            UNROLL for (int t = 0; t < VEC; t++) key_dots(kHead + (long)(j0 + t) * p.D, qRows, qOffset, p.D, dots, t);
+        } else {
+            for (int t = 0; t < VEC; t++) {
+                if (t < jn) {
+                    key_dots(kHead + (long)(j0 + t) * p.D, qRows, qOffset, p.D, dots, t);
+                } else {
+                    UNROLL for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = 0.0f;
+                }
             }
-            __global const float *kRow = kHead + (long)(j0 + t) * p.D;
-            floatV acc[ROWS];
-            float tail[ROWS];
-            for (int r = 0; r < ROWS; r++) {
-                acc[r] = (floatV)(0.0f);
-                tail[r] = 0.0f;
-            }
-            int c = 0;
-            for (; c + VEC <= p.D; c += VEC) {
-                const floatV kv = vloadV(0, kRow + c);
-                for (int r = 0; r < ROWS; r++) acc[r] = fma(vloadV(0, qRows + min(r, rows - 1) * p.D + c), kv, acc[r]);
-            }
-            for (; c < p.D; c++)
-                for (int r = 0; r < ROWS; r++) tail[r] = fma(qRows[min(r, rows - 1) * p.D + c], kRow[c], tail[r]);
-            for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = hsum(acc[r]) + tail[r];
         }
         const int needsMasking = p.maskKind != 0 || j0 < fullLo || j0 + VEC - 1 > fullHi || j0 + VEC > p.Nk;
         const intV inSplit = ((intV)(j0) + LANE_IDS) < (intV)(jEnd);

@@ -51,6 +51,40 @@ public enum CPUInfo {
         return line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
     }
 
+    /// Measures memory read bandwidth in GB/s: `threads` threads (default: all cores) each sum
+    /// their share of a `megabytes` buffer with SIMD loads; the best of `repeats` passes.
+    public static func measureReadBandwidth(megabytes: Int = 512, repeats: Int = 3, threads: Int? = nil) -> Double {
+        let count = megabytes << 18  // floats
+        let workers = max(1, threads ?? logicalCores)
+        let buffer = UnsafeMutablePointer<Float>.allocate(capacity: count)
+        defer { buffer.deallocate() }
+        buffer.initialize(repeating: 1, count: count)
+        let shared = SharedPointer(buffer)
+        let sink = UnsafeMutablePointer<Float>.allocate(capacity: workers)
+        defer { sink.deallocate() }
+        let sinkShared = SharedPointer(sink)
+        var best = Double.infinity
+        for _ in 0..<repeats {
+            let start = DispatchTime.now().uptimeNanoseconds
+            WorkerPool.shared.run(workers: workers) { w in
+                let chunk = (count / workers) & ~63
+                let base = UnsafeRawPointer(shared.pointer + w * chunk)
+                var a = SIMD16<Float>(), b = SIMD16<Float>(), c = SIMD16<Float>(), d = SIMD16<Float>()
+                var offset = 0
+                while offset < chunk * 4 {
+                    a += base.load(fromByteOffset: offset, as: SIMD16<Float>.self)
+                    b += base.load(fromByteOffset: offset + 64, as: SIMD16<Float>.self)
+                    c += base.load(fromByteOffset: offset + 128, as: SIMD16<Float>.self)
+                    d += base.load(fromByteOffset: offset + 192, as: SIMD16<Float>.self)
+                    offset += 256
+                }
+                sinkShared.pointer[w] = horizontalSum(a + b + c + d)
+            }
+            best = min(best, Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
+        }
+        return Double((count / workers) & ~63) * Double(workers) * 4 / best / 1e9
+    }
+
     /// Measures OpenBLAS SGEMM throughput (n × n × n, all OpenBLAS threads): the CPU roofline.
     /// Returns the median GFLOP/s of `repeats` runs after one warm-up.
     public static func measureSGEMM(size n: Int = 2048, repeats: Int = 5) -> Double {
@@ -68,4 +102,10 @@ public enum CPUInfo {
         times.sort()
         return 2 * Double(n) * Double(n) * Double(n) / times[times.count / 2] / 1e9
     }
+}
+
+/// A raw pointer handed to worker threads that touch disjoint parts of it.
+struct SharedPointer<T>: @unchecked Sendable {
+    let pointer: UnsafeMutablePointer<T>
+    init(_ pointer: UnsafeMutablePointer<T>) { self.pointer = pointer }
 }

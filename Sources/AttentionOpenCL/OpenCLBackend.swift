@@ -258,14 +258,17 @@ public struct OpenCLBackend: AttentionBackend {
             let totalRows = p.batch * p.queryHeads * p.queryLength
             let oPart = try state.buffer(bytes: 4 * splits * totalRows * p.valueDim, flags: Int32(CL_MEM_READ_WRITE))
             let lsePart = try state.buffer(bytes: 4 * splits * totalRows, flags: Int32(CL_MEM_READ_WRITE))
-            let partial = try state.kernel("decode_partial", source: source, options: cfg.decodeOptions)
+            let options = cfg.decodeOptions(rows: p.groupSize * p.queryLength)
+            let partial = try state.kernel("decode_partial", source: source, options: options)
             for (i, buffer) in [q, k, v, maskF, maskB, oPart, lsePart].enumerated() { try partial.set(i, buffer) }
             try partial.set(7, value: params)
             try partial.set(8, value: Int32(keysPerSplit))
             try partial.set(9, value: Int32(splits))
-            try state.enqueue(partial, global: [splits, p.batch * p.keyValueHeads], local: nil)
+            // One work-item per group: drivers left to choose (PoCL) may pack the whole small range
+            // into a single group, which then runs on one core.
+            try state.enqueue(partial, global: [splits, p.batch * p.keyValueHeads], local: [1, 1])
 
-            let merge = try state.kernel("decode_merge", source: source, options: cfg.decodeOptions)
+            let merge = try state.kernel("decode_merge", source: source, options: options)
             try merge.set(0, oPart)
             try merge.set(1, lsePart)
             try merge.set(2, o)

@@ -50,9 +50,12 @@ public struct OpenCLKernelConfig: Sendable, Hashable, CustomStringConvertible {
         "-cl-std=CL1.2 -cl-mad-enable -w -DVEC=\(vectorWidth) -DROWS=\(rows) -DUSE_LOCAL=\(useLocalMemory ? 1 : 0) -DKV_SPACE=\(useLocalMemory ? "__local" : "__global")"
     }
 
-    /// Build options of the decode program.
-    var decodeOptions: String {
-        "-cl-std=CL1.2 -cl-mad-enable -w -DVEC=\(vectorWidth) -DROWS=\(decodeRows) -DKV_SPACE=__global"
+    /// Build options of the decode program for `rows` query rows per K/V head (ROWS is the next
+    /// power of two, so a handful of variants cover every problem).
+    func decodeOptions(rows: Int) -> String {
+        var compiled = 1
+        while compiled < rows { compiled *= 2 }
+        return "-cl-std=CL1.2 -cl-mad-enable -w -DVEC=\(vectorWidth) -DROWS=\(compiled) -DKV_SPACE=__global"
     }
 }
 

@@ -53,6 +53,8 @@ struct Run: ParsableCommand {
                                valueName: "k=v,..."))
     var kernelConfig: String?
     @Flag(help: "OpenCL: never use the split-KV decode kernel.") var noSplitKV = false
+    @Flag(help: "OpenCL with --repeat: upload Q, K, V once and time device-resident calls (a KV cache on the device).")
+    var resident = false
     @Option(name: .customLong("out"), help: "Output .npy file for O, [B, Hq, Nq, Dv].") var outPath: String
     @Option(name: .customLong("lse"), help: "Output .npy file for the log-sum-exp, [B, Hq, Nq].") var lsePath: String?
     @Option(name: .customLong("repeat"), help: "Timed repetitions after a warm-up (>= 0.3 s); prints median time and GFLOP/s to stderr.")
@@ -93,8 +95,15 @@ struct Run: ParsableCommand {
         printError("\(selection.backend.name) (\(selection.reason)): O \(problem.outputShape) written to \(outPath)")
 
         if let repetitions {
-            let times = try measure(repetitions: repetitions) {
-                _ = try selection.backend.attention(problem, query: q, key: k, value: v)
+            let times: [Double]
+            if resident {
+                guard let opencl = selection.backend as? OpenCLBackend else { throw CLIError("--resident needs --backend opencl") }
+                let (dq, dk, dv) = (try opencl.upload(q), try opencl.upload(k), try opencl.upload(v))
+                times = try measure(repetitions: repetitions) { _ = try opencl.attention(problem, query: dq, key: dk, value: dv) }
+            } else {
+                times = try measure(repetitions: repetitions) {
+                    _ = try selection.backend.attention(problem, query: q, key: k, value: v)
+                }
             }
             let median = times[times.count / 2]
             let gflops = problem.flops / median / 1e9
@@ -104,7 +113,9 @@ struct Run: ParsableCommand {
                 + "\(format(gflops)) GFLOP/s = \(format(gflops / sgemm)) x SGEMM (\(format(sgemm)) GFLOP/s measured now, "
                 + "OpenBLAS core \(CPUInfo.openBLASCore)\(coreTypeNote))"
             if problem.queryLength <= 16 {
-                line += ", K/V read \(format(problem.keyValueBytes / median / 1e9)) GB/s"
+                let bandwidth = CPUInfo.measureReadBandwidth()
+                let rate = problem.keyValueBytes / median / 1e9
+                line += ", K/V read \(format(rate)) GB/s = \(format(rate / bandwidth)) x memory read bandwidth (\(format(bandwidth)) GB/s measured now)"
             }
             printError(line)
         }
