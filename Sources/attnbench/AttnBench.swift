@@ -5,7 +5,7 @@ struct AttnBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "attnbench",
         abstract: "Run, check and time transformer attention with AttentionKit's backends.",
-        subcommands: [Check.self, Run.self],
+        subcommands: [Check.self, Run.self, Devices.self],
         defaultSubcommand: Check.self
     )
 }

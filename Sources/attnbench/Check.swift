@@ -32,7 +32,9 @@ struct Check: ParsableCommand {
 
     func run() throws {
         let cases = try makeCases()
-        let backends: [any AttentionBackend] = [NaiveBackend(), BLASBackend(threads: threads)]
+        var backends: [any AttentionBackend] = [NaiveBackend(), BLASBackend(threads: threads)]
+        backends += OpenCLRuntime.availableDevices.indices.map { OpenCLBackend(device: $0) }
+        if case let .failure(reason) = OpenCLRuntime.devices { printError("OpenCL backend skipped: \(reason)") }
         printError("attnbench check: \(cases.count) problems x \(backends.count) backends, CPU: "
             + "\(CPUInfo.modelName ?? "unknown") (\(CPUInfo.logicalCores) cores, \(CPUInfo.simdExtensions.joined(separator: "/"))), "
             + "OpenBLAS core \(CPUInfo.openBLASCore)")

@@ -1,0 +1,80 @@
+import ArgumentParser
+import AttentionKit
+import Foundation
+
+/// Lists the CPU and every OpenCL device with their properties.
+struct Devices: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "List the CPU and every OpenCL device.",
+        discussion: "With --measure, also measures the CPU roofline: OpenBLAS SGEMM GFLOP/s and memory read GB/s."
+    )
+
+    @Flag(help: "Print JSON instead of text.") var json = false
+    @Flag(help: "Measure SGEMM GFLOP/s and memory read bandwidth (a few seconds).") var measure = false
+
+    struct CPUReport: Codable {
+        var model: String
+        var logicalCores: Int
+        var simd: [String]
+        var l2CacheBytes: Int
+        var openBLASCore: String
+        var openBLASThreads: Int
+        var openBLASCoreTypeOverride: String?
+        var sgemmGFLOPS: Double?
+        var memoryReadGBps: Double?
+    }
+
+    struct Report: Codable {
+        var cpu: CPUReport
+        var opencl: [OpenCLDeviceInfo]
+        var openclUnavailable: String?
+    }
+
+    func run() throws {
+        var cpu = CPUReport(
+            model: CPUInfo.modelName ?? "unknown", logicalCores: CPUInfo.logicalCores, simd: CPUInfo.simdExtensions,
+            l2CacheBytes: CPUInfo.l2CacheBytes, openBLASCore: CPUInfo.openBLASCore, openBLASThreads: CPUInfo.openBLASThreads,
+            openBLASCoreTypeOverride: ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"])
+        if measure {
+            cpu.sgemmGFLOPS = CPUInfo.measureSGEMM()
+            cpu.memoryReadGBps = CPUInfo.measureReadBandwidth()
+        }
+        var report = Report(cpu: cpu, opencl: [], openclUnavailable: nil)
+        switch OpenCLRuntime.devices {
+        case let .success(devices): report.opencl = devices.map(\.info)
+        case let .failure(reason): report.openclUnavailable = reason.reason
+        }
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+            return
+        }
+        print(describe(cpu))
+        if let reason = report.openclUnavailable {
+            print("OpenCL: unavailable: \(reason)")
+        }
+        for info in report.opencl { print(describe(info)) }
+    }
+
+    private func describe(_ cpu: CPUReport) -> String {
+        var lines = ["CPU: \(cpu.model)",
+                     "  cores \(cpu.logicalCores), SIMD \(cpu.simd.joined(separator: " ")), L2 \(cpu.l2CacheBytes >> 10) KiB per core",
+                     "  OpenBLAS core \(cpu.openBLASCore)\(cpu.openBLASCoreTypeOverride.map { " (forced by OPENBLAS_CORETYPE=\($0))" } ?? ""), \(cpu.openBLASThreads) threads"]
+        if let sgemm = cpu.sgemmGFLOPS, let bandwidth = cpu.memoryReadGBps {
+            lines.append("  roofline: SGEMM \(format(sgemm)) GFLOP/s, memory read \(format(bandwidth)) GB/s")
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    private func describe(_ d: OpenCLDeviceInfo) -> String {
+        let gib = { (bytes: UInt64) in format(Double(bytes) / Double(1 << 30)) + " GiB" }
+        return """
+        OpenCL device \(d.index): \(d.name) [\(d.type)]
+          platform \(d.platformName) (\(d.platformVersion)), vendor \(d.vendor)
+          driver \(d.driverVersion), \(d.deviceVersion), \(d.openCLCVersion)
+          \(d.computeUnits) compute units @ \(d.clockMHz) MHz, global memory \(gib(d.globalMemoryBytes)) (max buffer \(gib(d.maxAllocationBytes))), local memory \(d.localMemoryBytes >> 10) KiB
+          max work-group \(d.maxWorkGroupSize), float vector width preferred \(d.preferredFloatVectorWidth) / native \(d.nativeFloatVectorWidth), cl_khr_fp16 \(d.supportsFP16 ? "yes" : "no"), subgroups \(d.supportsSubgroups ? "yes" : "no"), host-unified memory \(d.hostUnifiedMemory ? "yes" : "no")
+        """
+    }
+}
