@@ -69,9 +69,20 @@ __kernel void decode_partial(__global const float *q, __global const float *k, _
     for (int t = 0; t < ROWS * VEC; t++) P[t] = 0.0f;
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < p.Dv; c++) oRows[r * p.Dv + c] = 0.0f;
+    int touchedNaN = 0;
 
     for (int j0 = jBegin; j0 < jEnd; j0 += VEC) {
         const int jn = min(VEC, jEnd - j0);
+        // Touch one float per cache line of this block's V rows before the dot products: the P.V
+        // step reads them column-chunk by column-chunk (16 rows 4*Dv bytes apart), which the
+        // hardware prefetcher follows poorly; these independent loads overlap the misses with the
+        // dot products. (The sum feeds the NaN check, so the loads are real.)
+        {
+            __global const float *vBlock = vHead + (long)j0 * p.Dv;
+            float touch = 0.0f;
+            for (int e = 0; e < jn * p.Dv; e += 16) touch += vBlock[e];
+            if (isnan(touch)) touchedNaN = 1;
+        }
         if (jn == VEC) {
             UNROLL for (int t = 0; t < VEC; t++) key_dots(kHead + (long)(j0 + t) * p.D, qRows, qOffset, p.D, dots, t);
         } else {
@@ -95,6 +106,7 @@ __kernel void decode_partial(__global const float *q, __global const float *k, _
         }
         accumulate_pv(oRows, p.Dv, rows, P, vHead + (long)j0 * p.Dv, p.Dv, jn, p.Dv);
     }
+    if (touchedNaN && p.B < 0) lseRows[0] = 0.0f;  // never true; keeps the touch loads alive
     for (int r = 0; r < rows; r++) finish_row(oRows + r * p.Dv, p.Dv, lseRows + r, m[r], l[r], poisoned[r]);
 }
 
