@@ -110,6 +110,77 @@ NO_OPENCL = os.environ.get("ATTNBENCH_EXPECT_NO_OPENCL") == "1"
 BACKENDS = ("naive", "blas", "auto") if NO_OPENCL else ("naive", "blas", "opencl", "auto")
 
 
+def harness_checks(c, q):
+    """The harness subcommands: verify, bench (JSON/CSV/plot), report, map, devices."""
+    import csv
+    import json
+    import xml.etree.ElementTree as ET
+    import zlib
+    import base64
+
+    def run(args):
+        return subprocess.run([c.exe, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              env={**os.environ, "CI": "true"})
+
+    r = run(["verify", "--quick", "--json", c.path("verify.json")])
+    ok = r.returncode == 0 and "pass" in r.stdout and "FAIL" not in r.stdout
+    if ok:
+        v = json.load(open(c.path("verify.json")))
+        ok = v["passed"] and len(v["cells"]) >= 14 * (2 if NO_OPENCL else 4) and all("nmse" in cell for cell in v["cells"])
+    c.record(ok, "verify --quick passes for every backend", r.stdout[-2000:] + r.stderr[-2000:])
+
+    r = run(["bench", "--shapes", "small-128", "decode-4k", "t:b=1,hq=2,hkv=1,nq=33,nk=70,d=24,causal",
+             "--repeat", "2", "--json", c.path("bench.json"), "--csv", c.path("bench.csv"), "--plot", c.path("bench.svg")])
+    ok = r.returncode == 0
+    detail = r.stderr[-1500:]
+    if ok:
+        rows = json.load(open(c.path("bench.json")))["results"]
+        required = {"shape", "backend", "device", "median_seconds", "gflops", "roofline_fraction", "max_abs_error"}
+        ran = [row for row in rows if not row.get("skipped")]
+        ok = len(rows) == 12 and all(required <= row.keys() for row in ran)
+        ok = ok and all(row["median_seconds"] > 0 and row.get("within_tolerance") for row in ran)
+        ok = ok and all(row["skipped"] for row in rows if row not in ran)
+        ok = ok and any(row["backend"] == "auto" for row in ran)
+        if NO_OPENCL:
+            ok = ok and all("OpenCL" in row["skipped"] for row in rows if row["backend"] == "opencl")
+        ok = ok and len(list(csv.DictReader(open(c.path("bench.csv"))))) == len(rows)
+        ET.parse(c.path("bench.svg"))
+        detail = json.dumps(rows)[:1500]
+    c.record(ok, "bench writes JSON, CSV and plot", detail)
+
+    out = c.path("report")
+    r = run(["report", "--shapes", "small-128", "prefill-512", "--out", out, "--repeat", "2"])
+    ok = r.returncode == 0 and all(os.path.exists(os.path.join(out, f)) for f in ("report.json", "results.csv", "throughput.svg"))
+    if ok:
+        report = json.load(open(os.path.join(out, "report.json")))
+        svg = ET.parse(os.path.join(out, "throughput.svg")).getroot()
+        texts = " ".join(t.text or "" for t in svg.iter("{http://www.w3.org/2000/svg}text"))
+        ok = report["verification"]["passed"] and "roofline" in texts and "blas" in texts and "GFLOP/s" in texts
+    c.record(ok, "report writes report.json, results.csv, throughput.svg", r.stdout[-1500:] + r.stderr[-1500:])
+
+    r = run(["map", "--q", c.path("q.npy"), "--k", c.path("k.npy"), "--head", "1", "--causal", "--out", c.path("map.svg")])
+    ok = r.returncode == 0
+    if ok:
+        root = ET.parse(c.path("map.svg")).getroot()
+        image = next(root.iter("{http://www.w3.org/2000/svg}image"))
+        href = image.get("{http://www.w3.org/1999/xlink}href")
+        png = base64.b64decode(href.split(",", 1)[1])
+        width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+        idat = png[png.index(b"IDAT") + 4: png.index(b"IEND") - 8]
+        pixels = zlib.decompress(idat)
+        ok = png[:8] == b"\x89PNG\r\n\x1a\n" and (width, height) == (q.shape[2], q.shape[2]) and len(pixels) == height * (3 * width + 1)
+    c.record(ok, "map draws an SVG heatmap with a valid PNG", r.stderr[-800:])
+    r = run(["map", "--q", c.path("q.npy"), "--k", c.path("k.npy"), "--head", "9", "--out", c.path("m.svg")])
+    c.record(r.returncode != 0 and "--head 9" in r.stderr, "map refuses a head that does not exist", r.stderr)
+
+    r = run(["devices", "--json"])
+    ok = r.returncode == 0
+    if ok:
+        d = json.loads(r.stdout)
+        ok = d["cpu"]["logicalCores"] > 0 and (bool(d["opencl"]) != NO_OPENCL)
+    c.record(ok, "devices --json", r.stdout[-800:] + r.stderr[-800:])
+
+
 def main():
     exe = os.path.abspath(sys.argv[1])
     rng = np.random.default_rng(7)
@@ -175,6 +246,7 @@ def main():
         else:
             c.failure("no such OpenCL device", base + ["--backend", "opencl", "--device", "42"], "device 42")
 
+        harness_checks(c, q)
         print(f"{c.passed} passed, {c.failed} failed")
         return 1 if c.failed else 0
 

@@ -39,73 +39,100 @@ public struct NaiveBackend: AttentionBackend {
         return (out, lses)
     }
 
+    /// The float64 reference of selected rows only (flat indices into [B, Hq, Nq]): cheap error
+    /// measurement on problems too large for a full reference.
+    public static func reference(
+        _ problem: AttentionProblem, query: Tensor, key: Tensor, value: Tensor, rows: [Int]
+    ) -> [(row: Int, output: [Double], logSumExp: Double)] {
+        query.storage.withUnsafeBufferPointer { q in
+            key.storage.withUnsafeBufferPointer { k in
+                value.storage.withUnsafeBufferPointer { v in
+                    var scratch = RowScratch(problem)
+                    return rows.map { row in
+                        let (o, lse) = computeRow(problem, row: row, query: q, key: k, value: v, scratch: &scratch)
+                        return (row, o, lse)
+                    }
+                }
+            }
+        }
+    }
+
     /// Calls `emit(rowIndex, o_row, lse)` for each query row in [B, Hq, Nq] order.
     static func compute(
         _ p: AttentionProblem,
         query: UnsafeBufferPointer<Float>, key: UnsafeBufferPointer<Float>, value: UnsafeBufferPointer<Float>,
         emit: (Int, [Double], Double) -> Void
     ) {
+        var scratch = RowScratch(p)
+        for row in 0..<(p.batch * p.queryHeads * p.queryLength) {
+            let (o, lse) = computeRow(p, row: row, query: query, key: key, value: value, scratch: &scratch)
+            emit(row, o, lse)
+        }
+    }
+
+    /// Per-row working memory, reused across rows.
+    struct RowScratch {
+        var scores: [Double]
+        var visible: [Bool]
+        init(_ p: AttentionProblem) {
+            scores = [Double](repeating: 0, count: p.keyLength)
+            visible = [Bool](repeating: false, count: p.keyLength)
+        }
+    }
+
+    /// Output and log-sum-exp of one query row (flat index into [B, Hq, Nq]), in Double.
+    static func computeRow(
+        _ p: AttentionProblem, row: Int,
+        query: UnsafeBufferPointer<Float>, key: UnsafeBufferPointer<Float>, value: UnsafeBufferPointer<Float>,
+        scratch: inout RowScratch
+    ) -> ([Double], Double) {
         let (d, dv, nq, nk) = (p.headDim, p.valueDim, p.queryLength, p.keyLength)
+        let i = row % nq
+        let h = (row / nq) % p.queryHeads
+        let b = row / (nq * p.queryHeads)
         let scale = Double(p.scale)
         let softcap = p.options.softcap.map(Double.init)
-        var scores = [Double](repeating: 0, count: nk)
-        var visible = [Bool](repeating: false, count: nk)
-        var out = [Double](repeating: 0, count: dv)
-
-        for b in 0..<p.batch {
-            for h in 0..<p.queryHeads {
-                let kvHead = h / p.groupSize
-                let kvBase = (b * p.keyValueHeads + kvHead) * nk
-                for i in 0..<nq {
-                    let row = (b * p.queryHeads + h) * nq + i
-                    let qBase = row * d
-                    let (lo, hi) = p.visibleKeys(forQuery: i)
-                    var rowMax = -Double.infinity
-                    var poisoned = false
-                    for j in 0..<nk {
-                        // Visibility: causal/window range AND mask.
-                        visible[j] = j >= lo && j <= hi
-                        var s = 0.0
-                        for c in 0..<d { s += Double(query[qBase + c]) * Double(key[(kvBase + j) * d + c]) }
-                        s *= scale
-                        if let cap = softcap { s = cap * tanh(s / cap) }
-                        if let mask = p.options.mask, let layout = p.maskLayout {
-                            let m = layout.offset(batch: b, head: h, row: i) + j
-                            switch mask.values {
-                            case let .boolean(allowed): if !allowed[m] { visible[j] = false }
-                            case let .additive(add): s += Double(add[m])
-                            }
-                        }
-                        // A score of -inf (from an additive mask) hides the key like a false mask entry.
-                        if s == -.infinity { visible[j] = false }
-                        scores[j] = s
-                        guard visible[j] else { continue }
-                        if s.isNaN { poisoned = true } else { rowMax = max(rowMax, s) }
-                    }
-                    if poisoned {
-                        emit(row, [Double](repeating: .nan, count: dv), .nan)
-                        continue
-                    }
-                    if rowMax == -.infinity {  // no visible key
-                        emit(row, [Double](repeating: 0, count: dv), -.infinity)
-                        continue
-                    }
-                    if rowMax == .infinity {  // +inf score: exp(inf - inf) is undefined
-                        emit(row, [Double](repeating: .nan, count: dv), .nan)
-                        continue
-                    }
-                    var sum = 0.0
-                    for c in 0..<dv { out[c] = 0 }
-                    for j in 0..<nk where visible[j] {
-                        let pj = exp(scores[j] - rowMax)
-                        sum += pj
-                        let vBase = (kvBase + j) * dv
-                        for c in 0..<dv { out[c] += pj * Double(value[vBase + c]) }
-                    }
-                    for c in 0..<dv { out[c] /= sum }
-                    emit(row, out, rowMax + log(sum))
+        let kvBase = (b * p.keyValueHeads + h / p.groupSize) * nk
+        let qBase = row * d
+        let (lo, hi) = p.visibleKeys(forQuery: i)
+        var rowMax = -Double.infinity
+        var poisoned = false
+        for j in 0..<nk {
+            // Visibility: causal/window range AND mask.
+            var visible = j >= lo && j <= hi
+            var s = 0.0
+            for c in 0..<d { s += Double(query[qBase + c]) * Double(key[(kvBase + j) * d + c]) }
+            s *= scale
+            if let cap = softcap { s = cap * tanh(s / cap) }
+            if let mask = p.options.mask, let layout = p.maskLayout {
+                let m = layout.offset(batch: b, head: h, row: i) + j
+                switch mask.values {
+                case let .boolean(allowed): if !allowed[m] { visible = false }
+                case let .additive(add): s += Double(add[m])
                 }
             }
+            // A score of -inf (from an additive mask) hides the key like a false mask entry.
+            if s == -.infinity { visible = false }
+            scratch.scores[j] = s
+            scratch.visible[j] = visible
+            guard visible else { continue }
+            if s.isNaN { poisoned = true } else { rowMax = max(rowMax, s) }
         }
+        if poisoned || rowMax == .infinity {  // NaN, or exp(inf - inf): undefined
+            return ([Double](repeating: .nan, count: dv), .nan)
+        }
+        if rowMax == -.infinity {  // no visible key
+            return ([Double](repeating: 0, count: dv), -.infinity)
+        }
+        var sum = 0.0
+        var out = [Double](repeating: 0, count: dv)
+        for j in 0..<nk where scratch.visible[j] {
+            let pj = exp(scratch.scores[j] - rowMax)
+            sum += pj
+            let vBase = (kvBase + j) * dv
+            for c in 0..<dv { out[c] += pj * Double(value[vBase + c]) }
+        }
+        for c in 0..<dv { out[c] /= sum }
+        return (out, rowMax + log(sum))
     }
 }

@@ -5,8 +5,8 @@ struct AttnBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "attnbench",
         abstract: "Run, check and time transformer attention with AttentionKit's backends.",
-        subcommands: [Check.self, Run.self, Devices.self],
-        defaultSubcommand: Check.self
+        subcommands: [Report.self, Bench.self, Verify.self, Run.self, Devices.self, Map.self],
+        defaultSubcommand: Report.self
     )
 }
 

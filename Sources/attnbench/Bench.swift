@@ -1,0 +1,154 @@
+import ArgumentParser
+import AttentionKit
+import Foundation
+import TextTable
+
+/// Options shared by `bench` and the default report.
+struct BenchOptions: ParsableArguments {
+    @Option(parsing: .upToNextOption, help: ArgumentHelp("Shapes: standard names or NAME:b=1,hq=8,nq=1000,d=64[,hkv=..,nk=..,dv=..,causal].", valueName: "shape"))
+    var shapes: [String] = ShapeSpec.standard.map(\.name)
+    @Option(help: "Backends: all (naive, blas, every OpenCL device, and an auto row per shape) or a comma-separated list of naive, blas, opencl, auto. Default: all for bench, naive,blas,opencl for the report.")
+    var backend: String?
+    @Option(parsing: .upToNextOption, help: "OpenCL device indices (default: every device).") var device: [Int] = []
+    @Option(name: .customLong("repeat"), help: "Timed repetitions per cell (fewer when a cell would exceed its time budget).")
+    var repetitions: Int = 5
+    @Option(help: "Seconds of timed runs per cell at most (at least one run is made).") var cellBudget: Double = 2
+    @Option(help: "Skip a cell whose single run is estimated to exceed this many seconds.") var maxRunSeconds: Double = 12
+
+    func validate() throws {
+        if repetitions < 1 { throw ValidationError("--repeat must be >= 1") }
+        if cellBudget <= 0 || maxRunSeconds <= 0 { throw ValidationError("budgets must be > 0") }
+    }
+
+    func shapeSpecs() throws -> [ShapeSpec] { try shapes.map(ShapeSpec.parse) }
+}
+
+/// Times backends on shapes and writes the results.
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Benchmark backends on the standard (or given) shapes.",
+        discussion: "Every cell: warm-up, timed repetitions, median and spread, GFLOP/s against the SGEMM roofline measured in the same run, K/V GB/s against memory bandwidth for decode shapes, peak extra memory, max error against the float64 reference of sampled rows."
+    )
+
+    @OptionGroup var options: BenchOptions
+    @Option(help: "Write the rows as JSON to this file.") var json: String?
+    @Option(help: "Write the rows as CSV to this file.") var csv: String?
+    @Option(help: "Write a GFLOP/s vs sequence length plot (SVG) to this file.") var plot: String?
+
+    func run() throws {
+        let shapes = try options.shapeSpecs()
+        printError("measuring the roofline (SGEMM, memory bandwidth)...")
+        let roofline = Roofline.measure()
+        let backends = try BenchBackend.all(choice: options.backend ?? "all", devices: options.device.isEmpty ? nil : options.device, roofline: roofline)
+        let rows = runBench(shapes: shapes, backends: backends, options: options, roofline: roofline)
+        print(renderTable(rows, roofline: roofline))
+        if let json { try writeJSON(BenchReport(machine: .current(roofline), results: rows, verification: nil), to: json) }
+        if let csv { try writeCSV(rows, to: csv) }
+        if let plot { try writeText(svgPlot(rows, roofline: roofline), to: plot) }
+    }
+}
+
+func runBench(shapes: [ShapeSpec], backends: [BenchBackend], options: BenchOptions, roofline: Roofline) -> [BenchRow] {
+    let engine = BenchEngine(repetitions: options.repetitions, cellBudget: options.cellBudget,
+                             maxRunSeconds: options.maxRunSeconds, roofline: roofline)
+    let progress = Progress(total: shapes.count * backends.count)
+    var rows: [BenchRow] = []
+    for shape in shapes {
+        for entry in backends {
+            let row = engine.run(shape, on: entry)
+            progress.step("\(shape.name) \(entry.backend.name): " + (row.skipped.map { "skipped (\($0))" } ?? "\(format((row.medianSeconds ?? 0) * 1e3)) ms"))
+            rows.append(row)
+        }
+    }
+    progress.finish()
+    return rows
+}
+
+/// The machine a report was measured on.
+struct MachineReport: Codable {
+    var cpu: String
+    var logicalCores: Int
+    var simd: [String]
+    var roofline: Roofline
+    var opencl: [OpenCLDeviceInfo]
+    var openclUnavailable: String?
+    var date: String
+
+    static func current(_ roofline: Roofline) -> MachineReport {
+        var unavailable: String?
+        if case let .failure(reason) = OpenCLRuntime.devices { unavailable = reason.reason }
+        return MachineReport(cpu: CPUInfo.modelName ?? "unknown", logicalCores: CPUInfo.logicalCores, simd: CPUInfo.simdExtensions,
+                             roofline: roofline, opencl: OpenCLRuntime.availableDevices.map(\.info), openclUnavailable: unavailable,
+                             date: ISO8601DateFormatter().string(from: Date()))
+    }
+}
+
+struct BenchReport: Codable {
+    var machine: MachineReport
+    var results: [BenchRow]
+    var verification: VerifyReport?
+}
+
+func renderTable(_ rows: [BenchRow], roofline: Roofline) -> String {
+    struct Line {
+        var shape, backend, ms, gflops, roof, gbps, error, memory, pick, note: String
+    }
+    let lines = rows.map { r -> Line in
+        let ms = r.medianSeconds.map { format($0 * 1e3) + (r.repetitions > 1 ? " ±\(format(((r.maxSeconds ?? 0) - (r.minSeconds ?? 0)) * 500))" : "") } ?? "-"
+        return Line(shape: r.shape, backend: r.backendLabel, ms: ms, gflops: r.gflops.map(format) ?? "-",
+                    roof: r.rooflineFraction.map { format($0) } ?? "-",
+                    gbps: r.keyValueGBps.map { "\(format($0)) (\(format(r.bandwidthFraction ?? 0)))" } ?? "",
+                    error: r.maxAbsError.map { format($0) + (r.withinTolerance == false ? " FAIL" : "") } ?? "-",
+                    memory: r.peakExtraBytes.map { format(Double($0) / Double(1 << 20)) } ?? "-",
+                    pick: r.skipped == nil && r.dispatcherPick == r.backendLabel ? "*" : "",
+                    note: r.skipped.map { "skipped: " + ($0.count > 70 ? $0.prefix(67) + "..." : $0) } ?? (r.kernel ?? ""))
+    }
+    let table = TextTable<Line> {
+        [Column(title: "shape", value: $0.shape), Column(title: "backend/device", value: $0.backend),
+         Column(title: "median ms", value: $0.ms, align: .right), Column(title: "GFLOP/s", value: $0.gflops, align: .right),
+         Column(title: "x SGEMM", value: $0.roof, align: .right), Column(title: "K/V GB/s (x bw)", value: $0.gbps, align: .right),
+         Column(title: "max abs err", value: $0.error, align: .right), Column(title: "extra MiB", value: $0.memory, align: .right),
+         Column(title: "auto", value: $0.pick),
+         Column(title: "note", value: $0.note)]
+    }
+    let header = "Roofline measured in this run: OpenBLAS SGEMM \(format(roofline.sgemmGFLOPS)) GFLOP/s (core \(roofline.openBLASCore)"
+        + (roofline.openBLASCoreTypeOverride.map { ", forced by OPENBLAS_CORETYPE=\($0)" } ?? "")
+        + "), memory read \(format(roofline.memoryReadGBps)) GB/s. auto: * marks the dispatcher's pick; extra MiB: peak resident memory added by a call."
+    var devices: [String] = []
+    for r in rows where r.backend == "opencl" && !devices.contains("\(r.backendLabel) = \(r.device)") { devices.append("\(r.backendLabel) = \(r.device)") }
+    let legend = devices.isEmpty ? "" : "\n" + devices.joined(separator: "; ")
+    return header + legend + "\n" + (table.string(for: lines) ?? "")
+}
+
+func writeJSON<T: Encodable>(_ value: T, to path: String) throws {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    encoder.keyEncodingStrategy = .convertToSnakeCase
+    encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+    try writeData(try encoder.encode(value), to: path)
+}
+
+func writeCSV(_ rows: [BenchRow], to path: String) throws {
+    var text = "shape,backend,device,kernel,median_seconds,min_seconds,max_seconds,repetitions,gflops,roofline_fraction,kv_gbps,bandwidth_fraction,max_abs_error,nmse,peak_extra_bytes,dispatcher_pick,skipped\n"
+    func field(_ s: String?) -> String {
+        guard let s else { return "" }
+        return s.contains(",") || s.contains("\"") ? "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\"" : s
+    }
+    func num(_ x: Double?) -> String { x.map { "\($0)" } ?? "" }
+    for r in rows {
+        text += [field(r.shape), field(r.backend), field(r.device), field(r.kernel), num(r.medianSeconds), num(r.minSeconds), num(r.maxSeconds),
+                 "\(r.repetitions)", num(r.gflops), num(r.rooflineFraction), num(r.keyValueGBps), num(r.bandwidthFraction),
+                 num(r.maxAbsError), num(r.nmse), r.peakExtraBytes.map(String.init) ?? "", field(r.dispatcherPick), field(r.skipped)].joined(separator: ",") + "\n"
+    }
+    try writeText(text, to: path)
+}
+
+func writeText(_ text: String, to path: String) throws { try writeData(Data(text.utf8), to: path) }
+
+func writeData(_ data: Data, to path: String) throws {
+    do {
+        try data.write(to: URL(fileURLWithPath: path), options: .atomic)
+    } catch {
+        throw CLIError("\(path): cannot write: \((error as NSError).localizedDescription)")
+    }
+}
