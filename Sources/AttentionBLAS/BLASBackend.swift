@@ -40,6 +40,11 @@ public struct BLASBackend: AttentionBackend {
         return .supported
     }
 
+    /// One score tile per worker thread.
+    public func workspaceBytes(for problem: AttentionProblem) -> Int {
+        threads * tiling(for: problem).scratchBytesPerThread
+    }
+
     public func tiling(for problem: AttentionProblem) -> BLASTiling {
         tiling ?? .default(headDim: problem.headDim, valueDim: problem.valueDim, queryLength: problem.queryLength)
     }

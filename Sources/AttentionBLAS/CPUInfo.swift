@@ -30,6 +30,15 @@ public enum CPUInfo {
         return 1 << 20
     }()
 
+    /// The CPU clock the OS reports, in MHz (Linux: /proc/cpuinfo), if any.
+    public static var clockMHz: Double? {
+        guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
+              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("cpu MHz") }),
+              let colon = line.firstIndex(of: ":")
+        else { return nil }
+        return Double(line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces))
+    }
+
     /// Logical CPUs available to this process.
     public static var logicalCores: Int { ProcessInfo.processInfo.activeProcessorCount }
 

@@ -84,6 +84,13 @@ public protocol AttentionBackend: Sendable {
     func support(for problem: AttentionProblem) -> BackendSupport
     /// Computes the problem. Called only with validated buffers and a supported problem.
     func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError)
+    /// Extra memory a call needs beyond the caller's inputs and outputs (scratch, device copies),
+    /// in bytes: what the dispatcher's memory guard compares with the device's memory.
+    func workspaceBytes(for problem: AttentionProblem) -> Int
+}
+
+extension AttentionBackend {
+    public func workspaceBytes(for problem: AttentionProblem) -> Int { 0 }
 }
 
 extension AttentionBackend {

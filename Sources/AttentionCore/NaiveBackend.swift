@@ -13,6 +13,9 @@ public struct NaiveBackend: AttentionBackend {
 
     public func support(for problem: AttentionProblem) -> BackendSupport { .supported }
 
+    /// One row of scores and visibility flags plus one output row, in Double.
+    public func workspaceBytes(for problem: AttentionProblem) -> Int { 9 * problem.keyLength + 8 * problem.valueDim }
+
     public func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {
         Self.compute(problem, query: buffers.query, key: buffers.key, value: buffers.value) { row, values, lse in
             for (c, x) in values.enumerated() { buffers.output[row * problem.valueDim + c] = Float(x) }

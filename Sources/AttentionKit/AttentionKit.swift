@@ -1,6 +1,7 @@
 @_exported import AttentionBLAS
 @_exported import AttentionCore
 @_exported import AttentionOpenCL
+import Foundation
 
 /// The backends AttentionKit knows, by name.
 public enum BackendChoice: String, Sendable, CaseIterable {
@@ -10,61 +11,59 @@ public enum BackendChoice: String, Sendable, CaseIterable {
     case blas
     /// OpenCL kernels on a device (`device` picks which).
     case opencl
-    /// Chosen per problem (see `BackendSelection.select`).
+    /// The dispatcher's choice (see `Dispatcher`), unless `ATTENTIONKIT_BACKEND` forces one.
     case auto
 }
 
-/// Picks a backend for a problem.
-///
-/// `auto` for now: the OpenCL backend when the device is a GPU and supports the problem; otherwise
-/// the BLAS backend when it supports the problem (saying why OpenCL was not taken); otherwise the
-/// naive reference. The measured, explainable dispatcher replaces this rule in a later release.
+/// A backend chosen for a problem, and why.
 public struct BackendSelection: Sendable {
     public let backend: any AttentionBackend
     /// Why this backend was chosen, in one line.
     public let reason: String
+    /// The dispatcher's full decision, when it made one.
+    public let decision: DispatchDecision?
 
-    public init(backend: any AttentionBackend, reason: String) {
+    public init(backend: any AttentionBackend, reason: String, decision: DispatchDecision? = nil) {
         self.backend = backend
         self.reason = reason
+        self.decision = decision
     }
 
+    /// The environment variable that forces a backend for `.auto`: naive, blas, opencl, opencl:N.
+    public static let overrideVariable = "ATTENTIONKIT_BACKEND"
+
+    /// Selects a backend. A forced choice (`.naive`, `.blas`, `.opencl`, or `.auto` overridden by
+    /// `ATTENTIONKIT_BACKEND`) that cannot run the problem throws `.unsupported` with the reason;
+    /// `.auto` otherwise asks the dispatcher. Tuned block sizes from the machine profile apply to
+    /// every choice unless `tiling` is given.
     public static func select(
         _ choice: BackendChoice, for problem: AttentionProblem, threads: Int? = nil, tiling: BLASTiling? = nil,
-        device: Int = 0
+        device: Int = 0, dispatcher: Dispatcher? = nil, environment: [String: String] = ProcessInfo.processInfo.environment
     ) throws(AttentionError) -> BackendSelection {
-        let blas = BLASBackend(threads: threads, tiling: tiling)
+        let dispatcher = dispatcher ?? Dispatcher.current(threads: threads)
+        func forced(_ name: String, reason: String) throws(AttentionError) -> BackendSelection {
+            guard let candidate = dispatcher.candidates.first(where: { $0.profile.backend == name }) else {
+                let known = dispatcher.candidates.map(\.profile.backend).joined(separator: ", ")
+                throw .unsupported(backend: name, reason: "no such backend on this machine (have: \(known))")
+            }
+            var backend = candidate.make(problem)
+            if name == "blas", let tiling { backend = BLASBackend(threads: threads, tiling: tiling) }
+            if case let .unsupported(why) = backend.support(for: problem) { throw .unsupported(backend: backend.name, reason: why) }
+            return BackendSelection(backend: backend, reason: reason)
+        }
         switch choice {
-        case .naive:
-            return BackendSelection(backend: NaiveBackend(), reason: "requested")
-        case .blas:
-            if case let .unsupported(reason) = blas.support(for: problem) {
-                throw .unsupported(backend: blas.name, reason: reason)
-            }
-            return BackendSelection(backend: blas, reason: "requested")
-        case .opencl:
-            let opencl = OpenCLBackend(device: device)
-            if case let .unsupported(reason) = opencl.support(for: problem) {
-                throw .unsupported(backend: opencl.name, reason: reason)
-            }
-            return BackendSelection(backend: opencl, reason: "requested, \(opencl.kernelChoice(for: problem).choice)")
+        case .naive: return try forced("naive", reason: "requested")
+        case .blas: return try forced("blas", reason: "requested")
+        case .opencl: return try forced("opencl:\(device)", reason: "requested")
         case .auto:
-            let opencl = OpenCLBackend(device: device)
-            let openclNote: String
-            switch opencl.support(for: problem) {
-            case .supported where opencl.device?.info.isGPU == true:
-                return BackendSelection(backend: opencl, reason: "auto: OpenCL GPU \(opencl.device?.info.name ?? "")")
-            case .supported:
-                openclNote = "OpenCL device \(device) is a CPU, where BLAS is faster"
-            case let .unsupported(reason):
-                openclNote = "OpenCL unavailable (\(reason))"
+            if let value = environment[overrideVariable], !value.isEmpty, value != "auto" {
+                let name = value == "opencl" ? "opencl:0" : value
+                return try forced(name, reason: "forced by \(overrideVariable)=\(value)")
             }
-            switch blas.support(for: problem) {
-            case .supported:
-                return BackendSelection(backend: blas, reason: "auto: \(openclNote); using the CPU (blas)")
-            case let .unsupported(reason):
-                return BackendSelection(backend: NaiveBackend(), reason: "auto: \(openclNote); blas unsupported (\(reason)); using naive")
-            }
+            let decision = dispatcher.decide(problem)
+            var backend = decision.chosen
+            if decision.winner.backend == "blas", let tiling { backend = BLASBackend(threads: threads, tiling: tiling) }
+            return BackendSelection(backend: backend, reason: "auto: " + decision.reason, decision: decision)
         }
     }
 }

@@ -85,6 +85,11 @@ public struct OpenCLBackend: AttentionBackend {
         return .supported
     }
 
+    /// Device memory of a call: copies of the inputs and outputs, the mask and the temporaries.
+    public func workspaceBytes(for problem: AttentionProblem) -> Int {
+        bufferBytes(problem, choice: kernelChoice(for: problem).choice).reduce(0, +)
+    }
+
     /// Bytes of every device buffer a call allocates (inputs, outputs, mask, temporaries).
     private func bufferBytes(_ p: AttentionProblem, choice: OpenCLKernelChoice) -> [Int] {
         var sizes = [p.queryShape, p.keyShape, p.valueShape, p.outputShape, p.lseShape].map { 4 * $0.reduce(1, *) }

@@ -1,3 +1,4 @@
+import AttentionCore
 import COpenCL
 import Foundation
 
@@ -243,19 +244,8 @@ func fnv1a(_ text: String) -> String {
 /// A corrupt or stale file is ignored (the program is rebuilt from source and the file replaced).
 package enum ProgramDiskCache {
     package static var directory: URL? {
-        let env = ProcessInfo.processInfo.environment
-        if env["ATTENTIONKIT_OPENCL_DISK_CACHE"] == "0" { return nil }
-        let base: URL
-        if let dir = env["ATTENTIONKIT_CACHE_DIR"], !dir.isEmpty {
-            base = URL(fileURLWithPath: dir)
-        } else if let xdg = env["XDG_CACHE_HOME"], !xdg.isEmpty {
-            base = URL(fileURLWithPath: xdg).appendingPathComponent("attentionkit")
-        } else if let home = env["HOME"], !home.isEmpty {
-            base = URL(fileURLWithPath: home).appendingPathComponent(".cache/attentionkit")
-        } else {
-            return nil
-        }
-        return base.appendingPathComponent("opencl")
+        if ProcessInfo.processInfo.environment["ATTENTIONKIT_OPENCL_DISK_CACHE"] == "0" { return nil }
+        return CacheDirectory.url?.appendingPathComponent("opencl")
     }
 
     static func file(for info: OpenCLDeviceInfo, key: String) -> URL? {

@@ -28,6 +28,7 @@ struct Devices: ParsableCommand {
         var cpu: CPUReport
         var opencl: [OpenCLDeviceInfo]
         var openclUnavailable: String?
+        var dispatcherProfile: MachineProfile
     }
 
     func run() throws {
@@ -39,7 +40,7 @@ struct Devices: ParsableCommand {
             cpu.sgemmGFLOPS = CPUInfo.measureSGEMM()
             cpu.memoryReadGBps = CPUInfo.measureReadBandwidth()
         }
-        var report = Report(cpu: cpu, opencl: [], openclUnavailable: nil)
+        var report = Report(cpu: cpu, opencl: [], openclUnavailable: nil, dispatcherProfile: Dispatcher.machineProfile)
         switch OpenCLRuntime.devices {
         case let .success(devices): report.opencl = devices.map(\.info)
         case let .failure(reason): report.openclUnavailable = reason.reason
@@ -55,6 +56,15 @@ struct Devices: ParsableCommand {
             print("OpenCL: unavailable: \(reason)")
         }
         for info in report.opencl { print(describe(info)) }
+        let profile = report.dispatcherProfile
+        print("Dispatcher profile: \(profile.source)" + (profile.source.hasPrefix("measured") ? " (\(MachineProfile.fileURL?.path ?? ""))" : "; run `attnbench tune` to measure this machine"))
+        for b in profile.backends {
+            let g64 = b.gflops(headDim: 64, keyLength: 2048), g128 = b.gflops(headDim: 128, keyLength: 2048)
+            var line = "  \(b.backend): \(format(g64)) GFLOP/s at N=2k D64, \(format(g128)) at D128; decode \(format(b.decodeGBps.value(at: 32768))) GB/s; overhead \(format(b.overheadSeconds * 1e6)) us"
+            if let t = b.blasTilings { line += "; tilings " + t.map { "D\($0.headDim) \($0.queryRows)x\($0.keyBlock)" }.joined(separator: ", ") }
+            if let c = b.openclConfigs { line += "; kernels " + c.map { "D\($0.headDim) vec\($0.vectorWidth) rows\($0.rows) wg\($0.workGroup)" }.joined(separator: ", ") }
+            print(line)
+        }
     }
 
     private func describe(_ cpu: CPUReport) -> String {

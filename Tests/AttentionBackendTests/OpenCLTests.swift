@@ -202,7 +202,7 @@ struct OpenCLRobustness {
             }
             // auto falls back to the CPU and says why.
             let choice = try BackendSelection.select(.auto, for: problem)
-            #expect(choice.backend.name == "blas" && choice.reason.contains("OpenCL unavailable"))
+            #expect(choice.backend.name == "blas" && choice.reason.contains("not possible: opencl:0 (no OpenCL"))
         }
         let missing = OpenCLBackend(device: 99)
         #expect(!missing.support(for: problem).isSupported)

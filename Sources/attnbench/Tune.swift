@@ -1,0 +1,167 @@
+import ArgumentParser
+import AttentionKit
+import Foundation
+import TextTable
+
+/// Measures this machine and stores the dispatcher's profile.
+struct Tune: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure every backend on this machine and store the dispatcher's profile.",
+        discussion: """
+        Per backend and device: the best block sizes for head dimensions 64 and 128, GFLOP/s against sequence \
+        length, decode K/V bandwidth, and per-call overhead. The profile is written to the cache folder \
+        (~/.cache/attentionkit/profile.json) and used automatically by every later process on this machine.
+        """
+    )
+
+    @Flag(help: "Fewer measurement points (about half the time).") var quick = false
+    @Flag(help: "Measure and print, but do not store the profile.") var dryRun = false
+
+    func run() throws {
+        let defaults = MachineProfile.defaults()
+        var measured: [BackendProfile] = []
+        let candidates = defaults.backends.filter { $0.backend != "naive" }
+        let progress = Progress(total: candidates.count * (quick ? 6 : 9) + 1)
+        for base in candidates {
+            measured.append(try tuneBackend(base, progress: progress))
+        }
+        // The naive reference: one point is enough (it is flat and never a contender).
+        var naive = defaults.profile(for: "naive")!
+        let gflops = try measureGFLOPS(NaiveBackend(), shape: .make("t", hq: 2, nq: 256, d: 64), repetitions: 2)
+        naive.gflops = [.init(headDim: 64, curve: ThroughputCurve([(1, gflops)]))]
+        naive.decodeGBps = ThroughputCurve([(1, gflops / 2)])
+        progress.step("naive")
+        progress.finish()
+        measured.insert(naive, at: 0)
+
+        let formatter = ISO8601DateFormatter()
+        let profile = MachineProfile(identity: MachineProfile.currentIdentity,
+                                     source: "measured by attnbench tune on \(formatter.string(from: Date()))", backends: measured)
+        print(describe(profile))
+        if !dryRun {
+            do {
+                try profile.save()
+            } catch {
+                throw CLIError("cannot write the profile to \(MachineProfile.fileURL?.path ?? "the cache folder"): \(error)")
+            }
+            print("\nprofile written to \(MachineProfile.fileURL?.path ?? "?"); used by every later attnbench and AttentionKit process on this machine")
+        }
+    }
+
+    private func tuneBackend(_ base: BackendProfile, progress: Progress) throws -> BackendProfile {
+        var profile = base
+        let isBLAS = base.backend == "blas"
+        let deviceIndex = Int(base.backend.split(separator: ":").last ?? "0") ?? 0
+        func backend(headDim: Int, tiling: BLASTiling? = nil, config: OpenCLKernelConfig? = nil) -> any AttentionBackend {
+            isBLAS ? BLASBackend(tiling: tiling) : OpenCLBackend(device: deviceIndex, config: config)
+        }
+        var curves: [BackendProfile.HeadDimCurve] = []
+        var tilings: [BackendProfile.TunedTiling] = []
+        var configs: [BackendProfile.TunedConfig] = []
+        for d in [64, 128] {
+            let probe = ShapeSpec.make("probe", hq: 8, nq: 1024, d: d)
+            // 1. Block sizes.
+            var best: (gflops: Double, tiling: BLASTiling?, config: OpenCLKernelConfig?) = (0, nil, nil)
+            if isBLAS {
+                for (rows, keys) in [(128, 512), (256, 256), (128, 256), (64, 256), (256, 512)] {
+                    let tiling = BLASTiling(queryRows: rows, keyBlock: keys)
+                    let g = try measureGFLOPS(BLASBackend(tiling: tiling), shape: probe, repetitions: 3)
+                    if g > best.gflops { best = (g, tiling, nil) }
+                }
+                if let t = best.tiling { tilings.append(.init(headDim: d, queryRows: t.queryRows, keyBlock: t.keyBlock)) }
+            } else {
+                let problem = try probe.problem()
+                guard let table = OpenCLBackend(device: deviceIndex).kernelConfig(for: problem) else { continue }
+                var variants: [OpenCLKernelConfig] = []
+                let gpu = OpenCLRuntime.availableDevices[deviceIndex].info.isGPU
+                for (vec, rows, group, local) in gpu
+                    ? [(4, 2, 64, true), (4, 4, 64, true), (8, 2, 64, true), (4, 2, 128, true), (4, 2, 64, false)]
+                    : [(16, 4, 4, false), (16, 6, 4, false), (16, 8, 4, false), (16, 4, 1, false), (8, 8, 4, false)] {
+                    var c = table
+                    c.vectorWidth = vec; c.rows = rows; c.workGroup = group; c.useLocalMemory = local
+                    variants.append(c)
+                }
+                for config in variants {
+                    let g = try measureGFLOPS(OpenCLBackend(device: deviceIndex, config: config), shape: probe, repetitions: 2)
+                    if g > best.gflops { best = (g, nil, config) }
+                }
+                if let c = best.config {
+                    configs.append(.init(headDim: d, vectorWidth: c.vectorWidth, rows: c.rows, workGroup: c.workGroup, useLocalMemory: c.useLocalMemory))
+                }
+            }
+            progress.step("\(base.backend) D\(d) block sizes")
+            // 2. Throughput against sequence length with those block sizes.
+            let tuned = backend(headDim: d, tiling: best.tiling, config: best.config)
+            var points: [(Int, Double)] = [(1024, best.gflops)]
+            let lengths = quick ? [128, 4096] : [128, 512, 4096]
+            for n in lengths {
+                let heads = n >= 4096 ? 4 : (n <= 128 ? 32 : 8)
+                points.append((n, try measureGFLOPS(tuned, shape: .make("n\(n)", hq: heads, nq: n, d: d), repetitions: 3)))
+                if !quick || n == 4096 { progress.step("\(base.backend) D\(d) N\(n)") }
+            }
+            curves.append(.init(headDim: d, curve: ThroughputCurve(points)))
+        }
+        profile.gflops = curves
+        profile.blasTilings = tilings.isEmpty ? nil : tilings
+        profile.openclConfigs = configs.isEmpty ? nil : configs
+        // 3. Decode bandwidth and per-call overhead.
+        let decodeBackend = backend(headDim: 128)
+        var decode: [(Int, Double)] = []
+        for nk in quick ? [32768] : [4096, 32768] {
+            let shape = ShapeSpec.make("decode", hq: 32, hkv: 8, nq: 1, nk: nk, d: 128)
+            let problem = try shape.problem()
+            let seconds = try measureSeconds(decodeBackend, shape: shape, repetitions: 5)
+            decode.append((nk, problem.keyValueBytes / seconds / 1e9))
+        }
+        profile.decodeGBps = ThroughputCurve(decode)
+        progress.step("\(base.backend) decode")
+        profile.overheadSeconds = try measureSeconds(backend(headDim: 64), shape: .make("tiny", hq: 1, nq: 1, d: 64), repetitions: 20)
+        progress.step("\(base.backend) overhead")
+        return profile
+    }
+
+    private func describe(_ profile: MachineProfile) -> String {
+        struct Line { var backend, blocks, d64, d128, decode, overhead: String }
+        let lines = profile.backends.map { b -> Line in
+            func curve(_ d: Int) -> String {
+                guard let c = b.gflops.first(where: { $0.headDim == d })?.curve else { return "-" }
+                return c.points.map { "\($0.keyLength >= 1024 ? "\($0.keyLength / 1024)k" : "\($0.keyLength)"):\(format($0.value))" }.joined(separator: " ")
+            }
+            let blocks = (b.blasTilings?.map { "D\($0.headDim) \($0.queryRows)x\($0.keyBlock)" } ?? [])
+                + (b.openclConfigs?.map { "D\($0.headDim) vec\($0.vectorWidth) rows\($0.rows) wg\($0.workGroup)\($0.useLocalMemory ? " local" : "")" } ?? [])
+            return Line(backend: b.backend, blocks: blocks.joined(separator: ", "), d64: curve(64), d128: curve(128),
+                        decode: b.decodeGBps.points.map { "\($0.keyLength / 1024)k:\(format($0.value))" }.joined(separator: " "),
+                        overhead: format(b.overheadSeconds * 1e6))
+        }
+        let table = TextTable<Line> {
+            [Column(title: "backend", value: $0.backend), Column(title: "block sizes", value: $0.blocks),
+             Column(title: "GFLOP/s by N, D64", value: $0.d64), Column(title: "GFLOP/s by N, D128", value: $0.d128),
+             Column(title: "decode GB/s by Nk", value: $0.decode), Column(title: "overhead us", value: $0.overhead, align: .right)]
+        }
+        var text = "Profile (\(profile.source)):\n" + (table.string(for: lines) ?? "")
+        // Crossovers the profile implies on the standard shapes.
+        let dispatcher = Dispatcher.current(profile: profile)
+        var picks: [String] = []
+        for shape in ShapeSpec.standard {
+            if let problem = try? shape.problem() { picks.append("\(shape.name) -> \(dispatcher.decide(problem).winner.backend)") }
+        }
+        text += "\n\ndispatcher picks: " + picks.joined(separator: ", ")
+        return text
+    }
+}
+
+/// Median seconds of `repetitions` runs of `shape` on `backend` (after a warm-up).
+func measureSeconds(_ backend: any AttentionBackend, shape: ShapeSpec, repetitions: Int) throws -> Double {
+    let problem = try shape.problem()
+    let q = try Tensor.random(shape: problem.queryShape, seed: 1)
+    let k = try Tensor.random(shape: problem.keyShape, seed: 2)
+    let v = try Tensor.random(shape: problem.valueShape, seed: 3)
+    let times = try timeCalls(repetitions: repetitions, budget: 1.5) {
+        _ = try backend.attention(problem, query: q, key: k, value: v)
+    }
+    return times[times.count / 2]
+}
+
+func measureGFLOPS(_ backend: any AttentionBackend, shape: ShapeSpec, repetitions: Int) throws -> Double {
+    try shape.problem().flops / measureSeconds(backend, shape: shape, repetitions: repetitions) / 1e9
+}
