@@ -26,7 +26,7 @@ public struct BLASBackend: AttentionBackend {
     public let tiling: BLASTiling?
 
     public init(threads: Int? = nil, tiling: BLASTiling? = nil) {
-        self.threads = max(1, threads ?? ProcessInfo.processInfo.activeProcessorCount)
+        self.threads = max(1, threads ?? CPUInfo.logicalCores)
         self.tiling = tiling
     }
 

@@ -39,8 +39,9 @@ public enum CPUInfo {
         return Double(line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces))
     }
 
-    /// Logical CPUs available to this process.
-    public static var logicalCores: Int { ProcessInfo.processInfo.activeProcessorCount }
+    /// Logical CPUs available to this process, read once (on Linux Foundation reads cgroup files
+    /// for this on every call, which costs tens of microseconds).
+    public static let logicalCores: Int = ProcessInfo.processInfo.activeProcessorCount
 
     /// The SIMD instruction sets the CPU reports (Linux: from /proc/cpuinfo), widest first.
     public static var simdExtensions: [String] {

@@ -18,19 +18,30 @@ public enum BackendChoice: String, Sendable, CaseIterable {
 /// A backend chosen for a problem, and why.
 public struct BackendSelection: Sendable {
     public let backend: any AttentionBackend
-    /// Why this backend was chosen, in one line.
-    public let reason: String
     /// The dispatcher's full decision, when it made one.
     public let decision: DispatchDecision?
+    private let forcedReason: String?
 
-    public init(backend: any AttentionBackend, reason: String, decision: DispatchDecision? = nil) {
+    /// Why this backend was chosen, in one line (built on demand: selection stays cheap).
+    public var reason: String { decision.map { "auto: " + $0.reason } ?? forcedReason ?? "" }
+
+    public init(backend: any AttentionBackend, reason: String) {
         self.backend = backend
-        self.reason = reason
+        self.forcedReason = reason
+        self.decision = nil
+    }
+
+    init(backend: any AttentionBackend, decision: DispatchDecision) {
+        self.backend = backend
+        self.forcedReason = nil
         self.decision = decision
     }
 
     /// The environment variable that forces a backend for `.auto`: naive, blas, opencl, opencl:N.
     public static let overrideVariable = "ATTENTIONKIT_BACKEND"
+
+    /// `ATTENTIONKIT_BACKEND` as this process started with it (read once).
+    static let processOverride: String? = ProcessInfo.processInfo.environment[overrideVariable]
 
     /// Selects a backend. A forced choice (`.naive`, `.blas`, `.opencl`, or `.auto` overridden by
     /// `ATTENTIONKIT_BACKEND`) that cannot run the problem throws `.unsupported` with the reason;
@@ -38,7 +49,7 @@ public struct BackendSelection: Sendable {
     /// every choice unless `tiling` is given.
     public static func select(
         _ choice: BackendChoice, for problem: AttentionProblem, threads: Int? = nil, tiling: BLASTiling? = nil,
-        device: Int = 0, dispatcher: Dispatcher? = nil, environment: [String: String] = ProcessInfo.processInfo.environment
+        device: Int = 0, dispatcher: Dispatcher? = nil, environment: [String: String]? = nil
     ) throws(AttentionError) -> BackendSelection {
         let dispatcher = dispatcher ?? Dispatcher.current(threads: threads)
         func forced(_ name: String, reason: String) throws(AttentionError) -> BackendSelection {
@@ -56,14 +67,15 @@ public struct BackendSelection: Sendable {
         case .blas: return try forced("blas", reason: "requested")
         case .opencl: return try forced("opencl:\(device)", reason: "requested")
         case .auto:
-            if let value = environment[overrideVariable], !value.isEmpty, value != "auto" {
+            let override = environment.map { $0[overrideVariable] } ?? processOverride
+            if let value = override, !value.isEmpty, value != "auto" {
                 let name = value == "opencl" ? "opencl:0" : value
                 return try forced(name, reason: "forced by \(overrideVariable)=\(value)")
             }
             let decision = dispatcher.decide(problem)
             var backend = decision.chosen
             if decision.winner.backend == "blas", let tiling { backend = BLASBackend(threads: threads, tiling: tiling) }
-            return BackendSelection(backend: backend, reason: "auto: " + decision.reason, decision: decision)
+            return BackendSelection(backend: backend, decision: decision)
         }
     }
 }

@@ -170,8 +170,9 @@ public struct Dispatcher: Sendable {
         return profile.overheadSeconds + seconds
     }
 
+    /// "1.5 GiB", "256.1 MiB", "12 KiB" (no Foundation formatting: this runs on every decision).
     static func bytes(_ n: Int) -> String {
-        n >= 1 << 30 ? String(format: "%.1f GiB", Double(n) / Double(1 << 30))
-            : n >= 1 << 20 ? String(format: "%.1f MiB", Double(n) / Double(1 << 20)) : "\(n >> 10) KiB"
+        func tenths(_ unit: Int) -> String { "\(n / unit).\((n % unit) * 10 / unit)" }
+        return n >= 1 << 30 ? tenths(1 << 30) + " GiB" : n >= 1 << 20 ? tenths(1 << 20) + " MiB" : "\(n >> 10) KiB"
     }
 }

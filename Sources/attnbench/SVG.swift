@@ -1,3 +1,4 @@
+import AttentionKit
 import Foundation
 
 /// Escapes text for SVG/XML.
@@ -125,7 +126,7 @@ enum CPUInfoSummary {
         let cpu = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8))?
             .split(separator: "\n").first { $0.hasPrefix("model name") }
             .map { String($0.split(separator: ":", maxSplits: 1).last ?? "").trimmingCharacters(in: .whitespaces) } ?? "CPU"
-        return "\(cpu), \(ProcessInfo.processInfo.activeProcessorCount) cores"
+        return "\(cpu), \(CPUInfo.logicalCores) cores"
     }
 }
 
