@@ -53,11 +53,15 @@ public struct BackendSelection: Sendable {
     ) throws(AttentionError) -> BackendSelection {
         let dispatcher = dispatcher ?? Dispatcher.current(threads: threads)
         func forced(_ name: String, reason: String) throws(AttentionError) -> BackendSelection {
-            guard let candidate = dispatcher.candidates.first(where: { $0.profile.backend == name }) else {
+            var backend: any AttentionBackend
+            if let candidate = dispatcher.candidates.first(where: { $0.profile.backend == name }) {
+                backend = candidate.make(problem)
+            } else if name.hasPrefix("opencl:"), let index = Int(name.dropFirst("opencl:".count)) {
+                backend = OpenCLBackend(device: index)  // says which devices exist
+            } else {
                 let known = dispatcher.candidates.map(\.profile.backend).joined(separator: ", ")
                 throw .unsupported(backend: name, reason: "no such backend on this machine (have: \(known))")
             }
-            var backend = candidate.make(problem)
             if name == "blas", let tiling { backend = BLASBackend(threads: threads, tiling: tiling) }
             if case let .unsupported(why) = backend.support(for: problem) { throw .unsupported(backend: backend.name, reason: why) }
             return BackendSelection(backend: backend, reason: reason)
