@@ -57,4 +57,14 @@ let benchmarks: @Sendable () -> Void = {
             blackHole(try BackendSelection.select(.auto, for: problem))
         }
     }
+
+    // The dispatcher's decision alone, on a causal prefill (its cost model walks the rows once).
+    let dispatcher = Dispatcher.current()
+    let causal = try? AttentionProblem(query: [1, 8, 2048, 64], key: [1, 8, 2048, 64], value: [1, 8, 2048, 64], options: .init(causal: true))
+    Benchmark("dispatch decision", configuration: .init(metrics: [.wallClock, .mallocCountTotal], maxIterations: 10_000)) { benchmark in
+        guard let causal else { return }
+        for _ in benchmark.scaledIterations {
+            blackHole(dispatcher.decide(causal).winner.backend)
+        }
+    }
 }
