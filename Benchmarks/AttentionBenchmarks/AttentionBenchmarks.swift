@@ -27,7 +27,10 @@ let benchmarks: @Sendable () -> Void = {
         metrics: [.wallClock, .throughput, .peakMemoryResident, .mallocCountTotal, gflopsMetric],
         warmupIterations: 1, maxDuration: .seconds(3), maxIterations: 50)
 
-    let backends: [(any AttentionBackend, maxFlops: Double)] = [(BLASBackend(), .infinity), (NaiveBackend(), 1e9)]
+    // Each backend on the shapes that suit it: the naive reference only where it takes about a
+    // second; every OpenCL device (none on machines without OpenCL).
+    var backends: [(any AttentionBackend, maxFlops: Double)] = [(BLASBackend(), .infinity), (NaiveBackend(), 1e9)]
+    backends += OpenCLRuntime.availableDevices.indices.map { (OpenCLBackend(device: $0), .infinity) }
     for shape in shapes {
         for (backend, maxFlops) in backends {
             let problem: AttentionProblem

@@ -51,14 +51,15 @@ struct Bench: ParsableCommand {
 func runBench(shapes: [ShapeSpec], backends: [BenchBackend], options: BenchOptions, roofline: Roofline) -> [BenchRow] {
     let engine = BenchEngine(repetitions: options.repetitions, cellBudget: options.cellBudget,
                              maxRunSeconds: options.maxRunSeconds, roofline: roofline)
-    let progress = Progress(total: shapes.count * backends.count)
+    let progress = Progress(total: shapes.count)
     var rows: [BenchRow] = []
     for shape in shapes {
-        for entry in backends {
-            let row = engine.run(shape, on: entry)
-            progress.step("\(shape.name) \(entry.backend.name): " + (row.skipped.map { "skipped (\($0))" } ?? "\(format((row.medianSeconds ?? 0) * 1e3)) ms"))
-            rows.append(row)
-        }
+        let shapeRows = engine.run(shape, on: backends)
+        let summary = shapeRows.map { row in
+            "\(row.backendLabel) " + (row.skipped != nil ? "skipped" : "\(format((row.medianSeconds ?? 0) * 1e3)) ms")
+        }.joined(separator: ", ")
+        progress.step("\(shape.name): \(summary)")
+        rows += shapeRows
     }
     progress.finish()
     return rows

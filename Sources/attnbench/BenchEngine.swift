@@ -1,4 +1,5 @@
 import AttentionKit
+import Dispatch
 import Foundation
 
 /// One cell of a benchmark: a shape on a backend/device, or why it was skipped.
@@ -82,7 +83,9 @@ struct AutoBackend: AttentionBackend {
     }
 }
 
-/// Runs benchmark cells.
+/// Runs benchmark cells. The backends of one shape are timed round-robin (one call each per
+/// round, on the same inputs), so that a machine whose speed drifts during the run affects them
+/// alike and the ratios between them stay meaningful.
 struct BenchEngine {
     var repetitions: Int
     /// Most seconds one cell may spend on timed runs (at least one run is made).
@@ -91,72 +94,118 @@ struct BenchEngine {
     var maxRunSeconds: Double
     var roofline: Roofline
 
-    func run(_ shape: ShapeSpec, on entry: BenchBackend) -> BenchRow {
-        let name = entry.backend.name
-        var row = BenchRow(shape: shape.name, shapeSummary: shape.summary, backend: name.split(separator: ":").first.map(String.init) ?? name,
-                           device: entry.device, repetitions: 0, dispatcherPick: "", backendName: name)
+    /// Every backend on one shape: a row each, skipped ones with the reason.
+    func run(_ shape: ShapeSpec, on entries: [BenchBackend], progress: Progress? = nil) -> [BenchRow] {
+        var rows = entries.map { entry -> BenchRow in
+            let name = entry.backend.name
+            return BenchRow(shape: shape.name, shapeSummary: shape.summary, backend: name.split(separator: ":").first.map(String.init) ?? name,
+                            device: entry.device, repetitions: 0, dispatcherPick: "", backendName: name)
+        }
         let problem: AttentionProblem
+        let inputs: (Tensor, Tensor, Tensor)
         do {
             problem = try shape.problem()
         } catch {
-            row.skipped = "\(error)"
-            return row
+            for index in rows.indices { rows[index].skipped = "\(error)" }
+            return rows
         }
-        row.dispatcherPick = (try? BackendSelection.select(.auto, for: problem).backend.name) ?? "none"
-        if case let .unsupported(reason) = entry.backend.support(for: problem) {
-            row.skipped = reason
-            return row
+        let pick = (try? BackendSelection.select(.auto, for: problem).backend.name) ?? "none"
+        var active: [Int] = []
+        for (index, entry) in entries.enumerated() {
+            rows[index].dispatcherPick = pick
+            if let reason = skipReason(problem, entry) {
+                rows[index].skipped = reason
+            } else {
+                active.append(index)
+            }
+            if let opencl = entry.backend as? OpenCLBackend, rows[index].skipped == nil {
+                rows[index].kernel = opencl.kernelChoice(for: problem).choice.description
+            }
         }
+        guard !active.isEmpty else { return rows }
+        do {
+            inputs = (try Tensor.random(shape: problem.queryShape, seed: 1), try Tensor.random(shape: problem.keyShape, seed: 2),
+                      try Tensor.random(shape: problem.valueShape, seed: 3))
+        } catch {
+            for index in active { rows[index].skipped = "failed: \(error)" }
+            return rows
+        }
+        let (q, k, v) = inputs
+        // First call (peak memory, error against the reference) and warm-up, per backend.
+        var times: [Int: [Double]] = [:]
+        var running: [Int] = []
+        for index in active {
+            let backend = entries[index].backend
+            do {
+                var result: AttentionResult?
+                rows[index].peakExtraBytes = try PeakMemory.measure {
+                    result = try backend.attention(problem, query: q, key: k, value: v)
+                }
+                if let result {
+                    let error = SampledError(problem, q: q, k: k, v: v, result: result)
+                    rows[index].maxAbsError = error.maxAbs
+                    rows[index].maxRelError = error.maxRel
+                    rows[index].nmse = error.nmse
+                    rows[index].errorRowsChecked = error.rows
+                    rows[index].withinTolerance = error.violations == 0
+                }
+                _ = try timeCalls(repetitions: 0, budget: 0) { _ = try backend.attention(problem, query: q, key: k, value: v) }
+                times[index] = []
+                running.append(index)
+            } catch {
+                rows[index].skipped = "failed: \(error)"
+            }
+        }
+        // Timed rounds.
+        var spent: [Int: Double] = [:]
+        for round in 0..<repetitions {
+            for index in running {
+                let last = times[index]?.last ?? 0
+                guard round == 0 || (spent[index] ?? 0) + last <= cellBudget else { continue }
+                let start = DispatchTime.now().uptimeNanoseconds
+                do {
+                    _ = try entries[index].backend.attention(problem, query: q, key: k, value: v)
+                } catch {
+                    rows[index].skipped = "failed: \(error)"
+                    continue
+                }
+                let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+                times[index, default: []].append(seconds)
+                spent[index, default: 0] += seconds
+            }
+        }
+        for index in running where rows[index].skipped == nil {
+            let sorted = (times[index] ?? []).sorted()
+            guard !sorted.isEmpty else { continue }
+            let median = sorted[sorted.count / 2]
+            rows[index].repetitions = sorted.count
+            rows[index].medianSeconds = median
+            rows[index].minSeconds = sorted.first
+            rows[index].maxSeconds = sorted.last
+            rows[index].gflops = problem.flops / median / 1e9
+            rows[index].rooflineFraction = rows[index].gflops.map { $0 / roofline.sgemmGFLOPS }
+            if shape.isDecode {
+                rows[index].keyValueGBps = problem.keyValueBytes / median / 1e9
+                rows[index].bandwidthFraction = rows[index].keyValueGBps.map { $0 / roofline.memoryReadGBps }
+            }
+        }
+        return rows
+    }
+
+    /// Why a backend does not run this shape (unsupported, memory, time budget), or nil.
+    private func skipReason(_ problem: AttentionProblem, _ entry: BenchBackend) -> String? {
+        if case let .unsupported(reason) = entry.backend.support(for: problem) { return reason }
         let inputBytes = 4 * (problem.queryShape.reduce(1, *) + problem.keyShape.reduce(1, *) + problem.valueShape.reduce(1, *)
             + problem.outputShape.reduce(1, *))
         let physical = Int(ProcessInfo.processInfo.physicalMemory)
         if inputBytes > physical / 2 {
-            row.skipped = "needs \(inputBytes >> 20) MiB of host memory, more than half of this machine's \(physical >> 20) MiB"
-            return row
+            return "needs \(inputBytes >> 20) MiB of host memory, more than half of this machine's \(physical >> 20) MiB"
         }
         if let expected = entry.expectedGFLOPS {
             let estimate = problem.flops / (expected * 1e9)
             let cap = entry.maxRunSeconds.map { min($0, maxRunSeconds) } ?? maxRunSeconds
-            if estimate > cap {
-                row.skipped = "estimated \(format(estimate)) s per run exceeds the \(format(cap)) s budget"
-                return row
-            }
+            if estimate > cap { return "estimated \(format(estimate)) s per run exceeds the \(format(cap)) s budget" }
         }
-        if let opencl = entry.backend as? OpenCLBackend { row.kernel = opencl.kernelChoice(for: problem).choice.description }
-        do {
-            let q = try Tensor.random(shape: problem.queryShape, seed: 1)
-            let k = try Tensor.random(shape: problem.keyShape, seed: 2)
-            let v = try Tensor.random(shape: problem.valueShape, seed: 3)
-            var result: AttentionResult?
-            var times: [Double] = []
-            row.peakExtraBytes = try PeakMemory.measure {
-                result = try entry.backend.attention(problem, query: q, key: k, value: v)
-            }
-            times = try timeCalls(repetitions: repetitions, budget: cellBudget) {
-                _ = try entry.backend.attention(problem, query: q, key: k, value: v)
-            }
-            let median = times[times.count / 2]
-            row.repetitions = times.count
-            row.medianSeconds = median
-            row.minSeconds = times.first
-            row.maxSeconds = times.last
-            row.gflops = problem.flops / median / 1e9
-            row.rooflineFraction = row.gflops.map { $0 / roofline.sgemmGFLOPS }
-            if shape.isDecode {
-                row.keyValueGBps = problem.keyValueBytes / median / 1e9
-                row.bandwidthFraction = row.keyValueGBps.map { $0 / roofline.memoryReadGBps }
-            }
-            if let result {
-                let error = SampledError(problem, q: q, k: k, v: v, result: result)
-                row.maxAbsError = error.maxAbs
-                row.maxRelError = error.maxRel
-                row.nmse = error.nmse
-                row.errorRowsChecked = error.rows
-                row.withinTolerance = error.violations == 0
-            }
-        } catch {
-            row.skipped = "failed: \(error)"
-        }
-        return row
+        return nil
     }
 }

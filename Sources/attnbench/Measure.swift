@@ -72,8 +72,9 @@ struct SampledError {
     }
 }
 
-/// Times `body`: one warm-up call, then repetitions until `repetitions` are done or `budget`
-/// seconds are spent (at least one). Returns sorted durations in seconds.
+/// Times `body`: one warm-up call (more for short calls), then repetitions until `repetitions`
+/// are done or `budget` seconds are spent (at least one when `repetitions` > 0). Returns sorted
+/// durations in seconds.
 func timeCalls(repetitions: Int, budget: Double, _ body: () throws -> Void) throws -> [Double] {
     func once() throws -> Double {
         let start = DispatchTime.now().uptimeNanoseconds

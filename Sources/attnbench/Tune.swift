@@ -130,7 +130,7 @@ struct Tune: ParsableCommand {
             let blocks = (b.blasTilings?.map { "D\($0.headDim) \($0.queryRows)x\($0.keyBlock)" } ?? [])
                 + (b.openclConfigs?.map { "D\($0.headDim) vec\($0.vectorWidth) rows\($0.rows) wg\($0.workGroup)\($0.useLocalMemory ? " local" : "")" } ?? [])
             return Line(backend: b.backend, blocks: blocks.joined(separator: ", "), d64: curve(64), d128: curve(128),
-                        decode: b.decodeGBps.points.map { "\($0.keyLength / 1024)k:\(format($0.value))" }.joined(separator: " "),
+                        decode: b.decodeGBps.points.map { "\($0.keyLength >= 1024 ? "\($0.keyLength / 1024)k" : "\($0.keyLength)"):\(format($0.value))" }.joined(separator: " "),
                         overhead: format(b.overheadSeconds * 1e6))
         }
         let table = TextTable<Line> {
@@ -146,6 +146,26 @@ struct Tune: ParsableCommand {
             if let problem = try? shape.problem() { picks.append("\(shape.name) -> \(dispatcher.decide(problem).winner.backend)") }
         }
         text += "\n\ndispatcher picks: " + picks.joined(separator: ", ")
+        // Crossovers: where the estimated winner changes as the sequence grows.
+        func crossovers(_ label: String, _ make: (Int) -> ShapeSpec) -> String {
+            var segments: [String] = []
+            var current: (winner: String, from: Int)?
+            for exponent in 4...17 {
+                let n = 1 << exponent
+                guard let problem = try? make(n).problem() else { continue }
+                let winner = dispatcher.decide(problem).winner.backend
+                if winner != current?.winner {
+                    if let current { segments.append("\(current.winner) for N < \(n)") }
+                    current = (winner, n)
+                }
+            }
+            if let current { segments.append("\(current.winner) from N = \(current.from)") }
+            return "\(label): " + segments.joined(separator: ", ")
+        }
+        text += "\ncrossovers (" + "estimated):\n  "
+            + crossovers("prefill B1 H8 D64", { .make("p", hq: 8, nq: $0, d: 64) }) + "\n  "
+            + crossovers("causal B1 H8 D64", { .make("c", hq: 8, nq: $0, d: 64, causal: true) }) + "\n  "
+            + crossovers("decode B1 Hq32 Hkv8 Nq1 D128, by Nk", { .make("d", hq: 32, hkv: 8, nq: 1, nk: $0, d: 128) })
         return text
     }
 }
