@@ -60,12 +60,19 @@ struct Tune: ParsableCommand {
         var configs: [BackendProfile.TunedConfig] = []
         for d in [64, 128] {
             let probe = ShapeSpec.make("probe", hq: 8, nq: 1024, d: d)
+            let causalProbe = ShapeSpec.make("probe-causal", hq: 8, nq: 1024, d: d, causal: true)
+            // Block sizes are judged on full and causal attention together (larger query blocks
+            // skip fewer causal blocks): the total time of both probes, as GFLOP/s.
+            func score(_ backend: any AttentionBackend) throws -> Double {
+                let seconds = try measureSeconds(backend, shape: probe, repetitions: 3) + measureSeconds(backend, shape: causalProbe, repetitions: 3)
+                return (try probe.problem().flops + causalProbe.problem().flops) / seconds / 1e9
+            }
             // 1. Block sizes.
             var best: (gflops: Double, tiling: BLASTiling?, config: OpenCLKernelConfig?) = (0, nil, nil)
             if isBLAS {
                 for (rows, keys) in [(128, 512), (256, 256), (128, 256), (64, 256), (256, 512)] {
                     let tiling = BLASTiling(queryRows: rows, keyBlock: keys)
-                    let g = try measureGFLOPS(BLASBackend(tiling: tiling), shape: probe, repetitions: 3)
+                    let g = try score(BLASBackend(tiling: tiling))
                     if g > best.gflops { best = (g, tiling, nil) }
                 }
                 if let t = best.tiling { tilings.append(.init(headDim: d, queryRows: t.queryRows, keyBlock: t.keyBlock)) }
@@ -82,7 +89,7 @@ struct Tune: ParsableCommand {
                     variants.append(c)
                 }
                 for config in variants {
-                    let g = try measureGFLOPS(OpenCLBackend(device: deviceIndex, config: config), shape: probe, repetitions: 2)
+                    let g = try score(OpenCLBackend(device: deviceIndex, config: config))
                     if g > best.gflops { best = (g, nil, config) }
                 }
                 if let c = best.config {
@@ -92,8 +99,8 @@ struct Tune: ParsableCommand {
             progress.step("\(base.backend) D\(d) block sizes")
             // 2. Throughput against sequence length with those block sizes.
             let tuned = backend(headDim: d, tiling: best.tiling, config: best.config)
-            var points: [(Int, Double)] = [(1024, best.gflops)]
-            let lengths = quick ? [128, 4096] : [128, 512, 4096]
+            var points: [(Int, Double)] = []
+            let lengths = quick ? [128, 1024, 4096] : [128, 512, 1024, 4096]
             for n in lengths {
                 let heads = n >= 4096 ? 4 : (n <= 128 ? 32 : 8)
                 points.append((n, try measureGFLOPS(tuned, shape: .make("n\(n)", hq: heads, nq: n, d: d), repetitions: 3)))
