@@ -13,7 +13,7 @@ struct BenchOptions: ParsableArguments {
     @Option(name: .customLong("repeat"), help: "Timed repetitions per cell (fewer when a cell would exceed its time budget).")
     var repetitions: Int = 5
     @Option(help: "Seconds of timed runs per cell at most (at least one run is made).") var cellBudget: Double = 2
-    @Option(help: "Skip a cell whose single run is estimated to exceed this many seconds.") var maxRunSeconds: Double = 12
+    @Option(help: "Skip a cell whose single run is estimated to exceed this many seconds.") var maxRunSeconds: Double = 20
 
     func validate() throws {
         if repetitions < 1 { throw ValidationError("--repeat must be >= 1") }

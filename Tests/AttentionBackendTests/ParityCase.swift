@@ -113,3 +113,31 @@ enum Sweep {
         }
     }
 }
+
+/// Runs `backend` on buffers sized exactly for `c`, each followed in memory by NaN, and expects
+/// bitwise the output of a plain run: any read past the end would poison it. Also expects nothing
+/// written past the end of the outputs.
+func expectPaddedRunMatches(_ backend: some AttentionBackend, _ c: ParityCase, sourceLocation: SourceLocation = #_sourceLocation) throws {
+    let (q, k, v) = try c.inputs()
+    let problem = try AttentionProblem(query: q.shape, key: k.shape, value: v.shape, options: c.options)
+    let expected = try backend.attention(problem, query: q, key: k, value: v)
+    let pad = [Float](repeating: .nan, count: 4096)
+    let (qp, kp, vp) = (q.storage + pad, k.storage + pad, v.storage + pad)
+    var out = [Float](repeating: .nan, count: expected.output.count + pad.count)
+    var lse = [Float](repeating: .nan, count: expected.logSumExp.count + pad.count)
+    try qp.withUnsafeBufferPointer { qb in try kp.withUnsafeBufferPointer { kb in try vp.withUnsafeBufferPointer { vb in
+        try out.withUnsafeMutableBufferPointer { ob in try lse.withUnsafeMutableBufferPointer { lb in
+            try backend.forward(problem, AttentionBuffers(
+                query: UnsafeBufferPointer(rebasing: qb[0..<q.count]), key: UnsafeBufferPointer(rebasing: kb[0..<k.count]),
+                value: UnsafeBufferPointer(rebasing: vb[0..<v.count]),
+                output: UnsafeMutableBufferPointer(rebasing: ob[0..<expected.output.count]),
+                logSumExp: UnsafeMutableBufferPointer(rebasing: lb[0..<expected.logSumExp.count])))
+        } }
+    } } }
+    #expect(Array(out[0..<expected.output.count]).map(\.bitPattern) == expected.output.storage.map(\.bitPattern),
+            "\(backend.name) on \(c.testDescription)", sourceLocation: sourceLocation)
+    #expect(Array(lse[0..<expected.logSumExp.count]).map(\.bitPattern) == expected.logSumExp.storage.map(\.bitPattern),
+            sourceLocation: sourceLocation)
+    #expect(out[expected.output.count...].allSatisfy { $0.isNaN }, sourceLocation: sourceLocation)
+    #expect(lse[expected.logSumExp.count...].allSatisfy { $0.isNaN }, sourceLocation: sourceLocation)
+}
