@@ -66,13 +66,20 @@ struct TileKernel {
         rowMax.update(repeating: -.infinity, count: rows)
         rowSum.update(repeating: 0, count: rows)
 
+        // Few rows (decode): streaming loops instead of SGEMM, which would pack whole K/V blocks
+        // for a handful of rows; here K and V are read once, each row of them used by every query row.
+        let streaming = rows <= Self.streamingRows
         var j0 = first.lo
         while j0 <= last.hi {
             let j1 = min(last.hi + 1, j0 + tiling.keyBlock)
             let width = j1 - j0
-            cblas_sgemm(
-                CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(width), Int32(d),
-                p.scale, qBlock, Int32(d), k + (kvFirstRow + j0) * d, Int32(d), 0, scores, Int32(ld))
+            if streaming {
+                streamScores(rows: rows, width: width, q: qBlock, k: k + (kvFirstRow + j0) * d)
+            } else {
+                cblas_sgemm(
+                    CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(width), Int32(d),
+                    p.scale, qBlock, Int32(d), k + (kvFirstRow + j0) * d, Int32(d), 0, scores, Int32(ld))
+            }
             let paddedWidth = (width + 15) & ~15
             if let cap = p.options.softcap { applySoftcap(cap, rows: rows, width: paddedWidth) }
             for r in 0..<rows {
@@ -83,12 +90,98 @@ struct TileKernel {
                 applyVisibility(item, span: span, rows: rows, keyStart: j0, width: width)
             }
             updateSoftmax(rows: rows, width: paddedWidth, outBlock: oBlock)
-            cblas_sgemm(
-                CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dv), Int32(width),
-                1, scores, Int32(ld), v + (kvFirstRow + j0) * dv, Int32(dv), 1, oBlock, Int32(dv))
+            if streaming {
+                streamAccumulate(rows: rows, width: width, v: v + (kvFirstRow + j0) * dv, out: oBlock)
+            } else {
+                cblas_sgemm(
+                    CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dv), Int32(width),
+                    1, scores, Int32(ld), v + (kvFirstRow + j0) * dv, Int32(dv), 1, oBlock, Int32(dv))
+            }
             j0 = j1
         }
         finish(rows: rows, outBlock: oBlock, lseBlock: lse.map { $0 + firstRow })
+    }
+
+    // MARK: Few-row (decode) products
+
+    /// Items with at most this many query rows use the streaming products.
+    static let streamingRows = 8
+
+    /// S[r][j] = scale * (q_r . k_j) for j < width: one pass over the K rows.
+    private func streamScores(rows: Int, width: Int, q: UnsafePointer<Float>, k: UnsafePointer<Float>) {
+        let d = p.headDim
+        let vectorEnd = d & ~15
+        for j in 0..<width {
+            let kRow = k + j * d
+            let kRaw = UnsafeRawPointer(kRow)
+            for r in 0..<rows {
+                let qRow = q + r * d
+                let qRaw = UnsafeRawPointer(qRow)
+                var acc = SIMD16<Float>()
+                var c = 0
+                while c < vectorEnd {
+                    acc = acc.addingProduct(qRaw.loadUnaligned(fromByteOffset: c * 4, as: SIMD16<Float>.self),
+                                            kRaw.loadUnaligned(fromByteOffset: c * 4, as: SIMD16<Float>.self))
+                    c += 16
+                }
+                var dot = horizontalSum(acc)
+                while c < d { dot += qRow[c] * kRow[c]; c += 1 }
+                scores[r * ld + j] = dot * p.scale
+            }
+        }
+    }
+
+    /// O[r] += sum over j < width of P[r][j] * v_j, four keys at a time so that each output
+    /// vector is loaded and stored once per four keys.
+    private func streamAccumulate(rows: Int, width: Int, v: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>) {
+        let dv = p.valueDim
+        let vectorEnd = dv & ~15
+        var j = 0
+        while j + 4 <= width {
+            let (v0, v1, v2, v3) = (v + j * dv, v + (j + 1) * dv, v + (j + 2) * dv, v + (j + 3) * dv)
+            let (r0, r1, r2, r3) = (UnsafeRawPointer(v0), UnsafeRawPointer(v1), UnsafeRawPointer(v2), UnsafeRawPointer(v3))
+            for r in 0..<rows {
+                let pRow = scores + r * ld + j
+                let (p0, p1, p2, p3) = (pRow[0], pRow[1], pRow[2], pRow[3])
+                let oRow = out + r * dv
+                let oRaw = UnsafeMutableRawPointer(oRow)
+                var c = 0
+                while c < vectorEnd {
+                    let offset = c * 4
+                    var o = oRaw.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self)
+                    o = o.addingProduct(SIMD16(repeating: p0), r0.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self))
+                    o = o.addingProduct(SIMD16(repeating: p1), r1.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self))
+                    o = o.addingProduct(SIMD16(repeating: p2), r2.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self))
+                    o = o.addingProduct(SIMD16(repeating: p3), r3.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self))
+                    oRaw.storeBytes(of: o, toByteOffset: offset, as: SIMD16<Float>.self)
+                    c += 16
+                }
+                while c < dv {
+                    oRow[c] += p0 * v0[c] + p1 * v1[c] + p2 * v2[c] + p3 * v3[c]
+                    c += 1
+                }
+            }
+            j += 4
+        }
+        while j < width {
+            let vRow = v + j * dv
+            let vRaw = UnsafeRawPointer(vRow)
+            for r in 0..<rows {
+                let weight = scores[r * ld + j]
+                let oRow = out + r * dv
+                let oRaw = UnsafeMutableRawPointer(oRow)
+                var c = 0
+                while c < vectorEnd {
+                    let offset = c * 4
+                    let o = oRaw.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self)
+                        .addingProduct(SIMD16(repeating: weight), vRaw.loadUnaligned(fromByteOffset: offset, as: SIMD16<Float>.self))
+                    oRaw.storeBytes(of: o, toByteOffset: offset, as: SIMD16<Float>.self)
+                    c += 16
+                }
+                while c < dv { oRow[c] += weight * vRow[c]; c += 1 }
+            }
+            j += 1
+        }
     }
 
     // MARK: Score transforms

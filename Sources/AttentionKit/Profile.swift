@@ -182,7 +182,7 @@ public struct MachineProfile: Codable, Sendable, Equatable {
             BackendProfile(backend: "blas", device: "CPU",
                            gflops: [.init(headDim: 64, curve: curve([(128, 0.55), (512, 0.65), (4096, 0.62)], of: peak)),
                                     .init(headDim: 128, curve: curve([(128, 0.5), (512, 0.62), (4096, 0.62)], of: peak))],
-                           decodeGBps: ThroughputCurve([(1, 6 * cores)]), overheadSeconds: 20e-6, memoryBytes: ram),
+                           decodeGBps: ThroughputCurve([(1, 10 * cores)]), overheadSeconds: 20e-6, memoryBytes: ram),
         ]
         for device in OpenCLRuntime.availableDevices {
             let info = device.info
