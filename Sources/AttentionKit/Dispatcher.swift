@@ -92,7 +92,10 @@ public struct Dispatcher: Sendable {
             case "naive":
                 candidates.append(DispatchCandidate(profile: entry) { _ in NaiveBackend() })
             case "blas":
-                candidates.append(DispatchCandidate(profile: entry) { p in BLASBackend(threads: threads, tiling: entry.tiling(headDim: max(p.headDim, p.valueDim))) })
+                // Tuned tilings come from prefill probes; decode-like problems keep the table's long key blocks.
+                candidates.append(DispatchCandidate(profile: entry) { p in
+                    BLASBackend(threads: threads, tiling: p.queryLength <= 16 ? nil : entry.tiling(headDim: max(p.headDim, p.valueDim)))
+                })
             case let name where name.hasPrefix("opencl:"):
                 let index = Int(name.dropFirst("opencl:".count)) ?? 0
                 candidates.append(DispatchCandidate(profile: entry) { p in

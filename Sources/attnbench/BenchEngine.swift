@@ -75,9 +75,10 @@ struct BenchBackend {
 /// The backend `BackendSelection.select(.auto, ...)` picks, per problem, as a backend of its own.
 struct AutoBackend: AttentionBackend {
     var name: String { "auto" }
-    func support(for problem: AttentionProblem) -> BackendSupport {
-        (try? BackendSelection.select(.auto, for: problem)) != nil ? .supported : .unsupported(reason: "no backend supports it")
-    }
+    /// The naive reference supports every valid problem, so auto always has a backend; a forced
+    /// (ATTENTIONKIT_BACKEND) backend that cannot run it throws from `run` with the reason. One
+    /// selection per call, as a user of `.auto` would pay.
+    func support(for problem: AttentionProblem) -> BackendSupport { .supported }
     func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {
         try BackendSelection.select(.auto, for: problem).backend.forward(problem, buffers)
     }
