@@ -57,7 +57,7 @@ struct Run: ParsableCommand {
     var resident = false
     @Option(name: .customLong("out"), help: "Output .npy file for O, [B, Hq, Nq, Dv].") var outPath: String
     @Option(name: .customLong("lse"), help: "Output .npy file for the log-sum-exp, [B, Hq, Nq].") var lsePath: String?
-    @Option(name: .customLong("repeat"), help: "Timed repetitions after a warm-up (>= 0.3 s); prints median time and GFLOP/s to stderr.")
+    @Option(name: .customLong("repeat"), help: "Timed repetitions after a warm-up (0.2 s for short calls); prints median time and GFLOP/s to stderr.")
     var repetitions: Int?
     @Option(help: "Worker threads for the CPU backends (default: all cores).") var threads: Int?
     @Option(help: ArgumentHelp("BLAS tiling: query rows x key block (default: from the tiling table).", valueName: "RxK"))
@@ -99,9 +99,9 @@ struct Run: ParsableCommand {
             if resident {
                 guard let opencl = selection.backend as? OpenCLBackend else { throw CLIError("--resident needs --backend opencl") }
                 let (dq, dk, dv) = (try opencl.upload(q), try opencl.upload(k), try opencl.upload(v))
-                times = try measure(repetitions: repetitions) { _ = try opencl.attention(problem, query: dq, key: dk, value: dv) }
+                times = try timeCalls(repetitions: repetitions, budget: .infinity) { _ = try opencl.attention(problem, query: dq, key: dk, value: dv) }
             } else {
-                times = try measure(repetitions: repetitions) {
+                times = try timeCalls(repetitions: repetitions, budget: .infinity) {
                     _ = try selection.backend.attention(problem, query: q, key: k, value: v)
                 }
             }
@@ -172,25 +172,6 @@ struct Run: ParsableCommand {
     private func write(_ tensor: Tensor, to path: String) throws {
         try NPYArray(shape: tensor.shape, floats: tensor.storage).write(to: path)
     }
-}
-
-/// Runs `body` until at least `warmUp` seconds (and 2 calls) have passed, then times `repetitions`
-/// calls and returns their durations in seconds, sorted. The first calls of a process are slower
-/// (allocator growth, page faults, idle cores waking), so a single warm-up call is not enough.
-func measure(repetitions: Int, warmUp: Double = 0.3, _ body: () throws -> Void) rethrows -> [Double] {
-    let warmStart = DispatchTime.now().uptimeNanoseconds
-    var calls = 0
-    while calls < 2 || Double(DispatchTime.now().uptimeNanoseconds - warmStart) / 1e9 < warmUp {
-        try body()
-        calls += 1
-    }
-    var times: [Double] = []
-    for _ in 0..<repetitions {
-        let start = DispatchTime.now().uptimeNanoseconds
-        try body()
-        times.append(Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
-    }
-    return times.sorted()
 }
 
 func printError(_ line: String) {
