@@ -74,9 +74,6 @@ package final class ExecutionState {
     private unowned let device: OpenCLDevice
     private var programs: [String: CLProgram] = [:]
     private var kernels: [String: CLKernel] = [:]
-    /// Builds that came from the on-disk cache / from source, for diagnostics and tests.
-    package private(set) var diskCacheHits = 0
-    package private(set) var sourceBuilds = 0
 
     init(device: OpenCLDevice) throws(OpenCLError) {
         self.device = device
@@ -118,7 +115,6 @@ package final class ExecutionState {
         let cacheFile = ProgramDiskCache.file(for: device.info, key: key)
         if let cacheFile, let binary = ProgramDiskCache.read(cacheFile), let program = try? buildFromBinary(binary, options: options) {
             programs[key] = program
-            diskCacheHits += 1
             return program
         }
         var status: cl_int = 0
@@ -131,7 +127,6 @@ package final class ExecutionState {
         let program = CLProgram(handle, library: device.library)
         try build(program, options: options)
         programs[key] = program
-        sourceBuilds += 1
         if let cacheFile, let binary = binary(of: program) { ProgramDiskCache.write(binary, to: cacheFile) }
         return program
     }

@@ -56,7 +56,7 @@ func runBench(shapes: [ShapeSpec], backends: [BenchBackend], options: BenchOptio
     for shape in shapes {
         let shapeRows = engine.run(shape, on: backends)
         let summary = shapeRows.map { row in
-            "\(row.backendLabel) " + (row.skipped != nil ? "skipped" : "\(format((row.medianSeconds ?? 0) * 1e3)) ms")
+            "\(row.backendName) " + (row.skipped != nil ? "skipped" : "\(format((row.medianSeconds ?? 0) * 1e3)) ms")
         }.joined(separator: ", ")
         progress.step("\(shape.name): \(summary)")
         rows += shapeRows
@@ -96,12 +96,12 @@ func renderTable(_ rows: [BenchRow], roofline: Roofline) -> String {
     }
     let lines = rows.map { r -> Line in
         let ms = r.medianSeconds.map { format($0 * 1e3) + (r.repetitions > 1 ? " ±\(format(((r.maxSeconds ?? 0) - (r.minSeconds ?? 0)) * 500))" : "") } ?? "-"
-        return Line(shape: r.shape, backend: r.backendLabel, ms: ms, gflops: r.gflops.map(format) ?? "-",
+        return Line(shape: r.shape, backend: r.backendName, ms: ms, gflops: r.gflops.map(format) ?? "-",
                     roof: r.rooflineFraction.map { format($0) } ?? "-",
                     gbps: r.keyValueGBps.map { "\(format($0)) (\(format(r.bandwidthFraction ?? 0)))" } ?? "",
                     error: r.maxAbsError.map { format($0) + (r.withinTolerance == false ? " FAIL" : "") } ?? "-",
                     memory: r.peakExtraBytes.map { format(Double($0) / Double(1 << 20)) } ?? "-",
-                    pick: r.skipped == nil && r.dispatcherPick == r.backendLabel ? "*" : "",
+                    pick: r.skipped == nil && r.dispatcherPick == r.backendName ? "*" : "",
                     note: r.skipped.map { "skipped: " + ($0.count > 70 ? $0.prefix(67) + "..." : $0) } ?? (r.kernel ?? ""))
     }
     let table = TextTable<Line> {
@@ -116,7 +116,7 @@ func renderTable(_ rows: [BenchRow], roofline: Roofline) -> String {
         + (roofline.openBLASCoreTypeOverride.map { ", forced by OPENBLAS_CORETYPE=\($0)" } ?? "")
         + "), memory read \(format(roofline.memoryReadGBps)) GB/s. auto: * marks the dispatcher's pick; extra MiB: peak resident memory added by a call."
     var devices: [String] = []
-    for r in rows where r.backend == "opencl" && !devices.contains("\(r.backendLabel) = \(r.device)") { devices.append("\(r.backendLabel) = \(r.device)") }
+    for r in rows where r.backend == "opencl" && !devices.contains("\(r.backendName) = \(r.device)") { devices.append("\(r.backendName) = \(r.device)") }
     let legend = devices.isEmpty ? "" : "\n" + devices.joined(separator: "; ")
     return header + legend + "\n" + (table.string(for: lines) ?? "")
 }

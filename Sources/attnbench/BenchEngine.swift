@@ -25,9 +25,7 @@ struct BenchRow: Codable {
     var peakExtraBytes: Int?
     var dispatcherPick: String
     var skipped: String?
-
     /// "naive", "blas", "auto", or "opencl:N".
-    var backendLabel: String { backendName }
     var backendName: String
 }
 

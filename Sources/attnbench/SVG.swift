@@ -32,7 +32,7 @@ func svgPlot(_ rows: [BenchRow], roofline: Roofline) -> String {
     var devices: [String: String] = [:]
     for row in rows where row.skipped == nil {
         guard let gflops = row.gflops, let spec = try? ShapeSpec.parse(row.shape), !spec.isDecode else { continue }
-        let backend = row.backendLabel
+        let backend = row.backendName
         if row.backend == "opencl" { devices[backend] = row.device }
         let point = Point(n: spec.keyLength, gflops: gflops, label: "\(row.shape) (\(spec.summary)) on \(backend): \(format(gflops)) GFLOP/s")
         let fam = family(row.shape)
