@@ -7,7 +7,7 @@ import AttentionCore
 /// needs `queryRows × roundUp(keyBlock, 16)` floats for the score tile plus 2 floats per row;
 /// K and V tiles are read in place. The defaults keep the score tile at or under 256 KiB and one
 /// K+V tile well inside a 1 MiB L2, measured best on prefill-2k / causal-2k (D = 64) on Zen.
-public struct BLASTiling: Sendable, Equatable, CustomStringConvertible {
+public struct BLASTiling: Sendable, Equatable, Codable, CustomStringConvertible {
     public var queryRows: Int
     public var keyBlock: Int
 

@@ -99,8 +99,7 @@ public struct Dispatcher: Sendable {
             case let name where name.hasPrefix("opencl:"):
                 let index = Int(name.dropFirst("opencl:".count)) ?? 0
                 candidates.append(DispatchCandidate(profile: entry) { p in
-                    let base = OpenCLBackend(device: index)
-                    return OpenCLBackend(device: index, config: entry.config(headDim: max(p.headDim, p.valueDim), base: base.kernelConfig(for: p)))
+                    OpenCLBackend(device: index, config: entry.config(headDim: max(p.headDim, p.valueDim)))
                 })
             default:
                 continue

@@ -51,9 +51,9 @@ public struct BackendProfile: Codable, Sendable, Equatable {
     /// Memory the backend's workspace must fit in.
     public var memoryBytes: UInt64
     /// Tuned BLAS tilings by head dimension (BLAS only).
-    public var blasTilings: [TunedTiling]?
+    public var blasTilings: [Tuned<BLASTiling>]?
     /// Tuned OpenCL kernel configurations by head dimension (OpenCL only).
-    public var openclConfigs: [TunedConfig]?
+    public var openclConfigs: [Tuned<OpenCLKernelConfig>]?
 
     public struct HeadDimCurve: Codable, Sendable, Equatable {
         public var headDim: Int
@@ -64,29 +64,13 @@ public struct BackendProfile: Codable, Sendable, Equatable {
         }
     }
 
-    public struct TunedTiling: Codable, Sendable, Equatable {
+    /// A tuned value (block sizes) for one head dimension; the nearest head dimension is used.
+    public struct Tuned<Value: Codable & Sendable & Equatable>: Codable, Sendable, Equatable {
         public var headDim: Int
-        public var queryRows: Int
-        public var keyBlock: Int
-        public init(headDim: Int, queryRows: Int, keyBlock: Int) {
+        public var value: Value
+        public init(headDim: Int, value: Value) {
             self.headDim = headDim
-            self.queryRows = queryRows
-            self.keyBlock = keyBlock
-        }
-    }
-
-    public struct TunedConfig: Codable, Sendable, Equatable {
-        public var headDim: Int
-        public var vectorWidth: Int
-        public var rows: Int
-        public var workGroup: Int
-        public var useLocalMemory: Bool
-        public init(headDim: Int, vectorWidth: Int, rows: Int, workGroup: Int, useLocalMemory: Bool) {
-            self.headDim = headDim
-            self.vectorWidth = vectorWidth
-            self.rows = rows
-            self.workGroup = workGroup
-            self.useLocalMemory = useLocalMemory
+            self.value = value
         }
     }
 
@@ -107,17 +91,12 @@ public struct BackendProfile: Codable, Sendable, Equatable {
         return nearest.curve.value(at: nk)
     }
 
-    func tiling(headDim d: Int) -> BLASTiling? {
-        blasTilings?.min(by: { abs($0.headDim - d) < abs($1.headDim - d) }).map { BLASTiling(queryRows: $0.queryRows, keyBlock: $0.keyBlock) }
-    }
+    func tiling(headDim d: Int) -> BLASTiling? { Self.nearest(blasTilings, to: d) }
 
-    func config(headDim d: Int, base: OpenCLKernelConfig?) -> OpenCLKernelConfig? {
-        guard var config = base, let tuned = openclConfigs?.min(by: { abs($0.headDim - d) < abs($1.headDim - d) }) else { return base }
-        config.vectorWidth = tuned.vectorWidth
-        config.rows = tuned.rows
-        config.workGroup = tuned.workGroup
-        config.useLocalMemory = tuned.useLocalMemory
-        return config
+    func config(headDim d: Int) -> OpenCLKernelConfig? { Self.nearest(openclConfigs, to: d) }
+
+    private static func nearest<Value>(_ tuned: [Tuned<Value>]?, to d: Int) -> Value? {
+        tuned?.min { abs($0.headDim - d) < abs($1.headDim - d) }?.value
     }
 }
 

@@ -2,7 +2,7 @@ import AttentionCore
 
 /// Compile-time shape of the kernels on one device, chosen from a table by device kind and head
 /// dimensions (later to be filled by autotuning).
-public struct OpenCLKernelConfig: Sendable, Hashable, CustomStringConvertible {
+public struct OpenCLKernelConfig: Sendable, Hashable, Codable, CustomStringConvertible {
     /// Keys per step, the float vector width (VEC): 4, 8 or 16.
     public var vectorWidth: Int
     /// Query rows per work-item in the flash kernel (ROWS).

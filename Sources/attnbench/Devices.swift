@@ -61,8 +61,8 @@ struct Devices: ParsableCommand {
         for b in profile.backends {
             let g64 = b.gflops(headDim: 64, keyLength: 2048), g128 = b.gflops(headDim: 128, keyLength: 2048)
             var line = "  \(b.backend): \(format(g64)) GFLOP/s at N=2k D64, \(format(g128)) at D128; decode \(format(b.decodeGBps.value(at: 32768))) GB/s; overhead \(format(b.overheadSeconds * 1e6)) us"
-            if let t = b.blasTilings { line += "; tilings " + t.map { "D\($0.headDim) \($0.queryRows)x\($0.keyBlock)" }.joined(separator: ", ") }
-            if let c = b.openclConfigs { line += "; kernels " + c.map { "D\($0.headDim) vec\($0.vectorWidth) rows\($0.rows) wg\($0.workGroup)" }.joined(separator: ", ") }
+            if let t = b.blasTilings { line += "; tilings " + t.map { "D\($0.headDim) \($0.value)" }.joined(separator: ", ") }
+            if let c = b.openclConfigs { line += "; kernels " + c.map { "D\($0.headDim) vec\($0.value.vectorWidth) rows\($0.value.rows) wg\($0.value.workGroup)" }.joined(separator: ", ") }
             print(line)
         }
     }

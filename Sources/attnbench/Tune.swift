@@ -56,8 +56,8 @@ struct Tune: ParsableCommand {
             isBLAS ? BLASBackend(tiling: tiling) : OpenCLBackend(device: deviceIndex, config: config)
         }
         var curves: [BackendProfile.HeadDimCurve] = []
-        var tilings: [BackendProfile.TunedTiling] = []
-        var configs: [BackendProfile.TunedConfig] = []
+        var tilings: [BackendProfile.Tuned<BLASTiling>] = []
+        var configs: [BackendProfile.Tuned<OpenCLKernelConfig>] = []
         for d in [64, 128] {
             let probe = ShapeSpec.make("probe", hq: 8, nq: 1024, d: d)
             let causalProbe = ShapeSpec.make("probe-causal", hq: 8, nq: 1024, d: d, causal: true)
@@ -75,7 +75,7 @@ struct Tune: ParsableCommand {
                     let g = try score(BLASBackend(tiling: tiling))
                     if g > best.gflops { best = (g, tiling, nil) }
                 }
-                if let t = best.tiling { tilings.append(.init(headDim: d, queryRows: t.queryRows, keyBlock: t.keyBlock)) }
+                if let t = best.tiling { tilings.append(.init(headDim: d, value: t)) }
             } else {
                 let problem = try probe.problem()
                 guard let table = OpenCLBackend(device: deviceIndex).kernelConfig(for: problem) else { continue }
@@ -93,7 +93,7 @@ struct Tune: ParsableCommand {
                     if g > best.gflops { best = (g, nil, config) }
                 }
                 if let c = best.config {
-                    configs.append(.init(headDim: d, vectorWidth: c.vectorWidth, rows: c.rows, workGroup: c.workGroup, useLocalMemory: c.useLocalMemory))
+                    configs.append(.init(headDim: d, value: c))
                 }
             }
             progress.step("\(base.backend) D\(d) block sizes")
@@ -134,8 +134,8 @@ struct Tune: ParsableCommand {
                 guard let c = b.gflops.first(where: { $0.headDim == d })?.curve else { return "-" }
                 return c.points.map { "\($0.keyLength >= 1024 ? "\($0.keyLength / 1024)k" : "\($0.keyLength)"):\(format($0.value))" }.joined(separator: " ")
             }
-            let blocks = (b.blasTilings?.map { "D\($0.headDim) \($0.queryRows)x\($0.keyBlock)" } ?? [])
-                + (b.openclConfigs?.map { "D\($0.headDim) vec\($0.vectorWidth) rows\($0.rows) wg\($0.workGroup)\($0.useLocalMemory ? " local" : "")" } ?? [])
+            let blocks = (b.blasTilings?.map { "D\($0.headDim) \($0.value)" } ?? [])
+                + (b.openclConfigs?.map { "D\($0.headDim) vec\($0.value.vectorWidth) rows\($0.value.rows) wg\($0.value.workGroup)\($0.value.useLocalMemory ? " local" : "")" } ?? [])
             return Line(backend: b.backend, blocks: blocks.joined(separator: ", "), d64: curve(64), d128: curve(128),
                         decode: b.decodeGBps.points.map { "\($0.keyLength >= 1024 ? "\($0.keyLength / 1024)k" : "\($0.keyLength)"):\(format($0.value))" }.joined(separator: " "),
                         overhead: format(b.overheadSeconds * 1e6))

@@ -153,14 +153,14 @@ func problem(b: Int = 1, hq: Int = 8, hkv: Int? = nil, nq: Int, nk: Int? = nil, 
 
     @Test func profilesRoundTripThroughJSON() throws {
         var p = MachineProfile.defaults()
-        p.backends[0].blasTilings = [.init(headDim: 64, queryRows: 96, keyBlock: 384)]
+        p.backends[0].blasTilings = [.init(headDim: 64, value: BLASTiling(queryRows: 96, keyBlock: 384))]
         let data = try JSONEncoder().encode(p)
         #expect(try JSONDecoder().decode(MachineProfile.self, from: data) == p)
     }
 
     @Test func tunedBlockSizesAreApplied() throws {
         var blas = profile("blas", gflops: 100)
-        blas.blasTilings = [.init(headDim: 64, queryRows: 96, keyBlock: 384), .init(headDim: 128, queryRows: 48, keyBlock: 256)]
+        blas.blasTilings = [.init(headDim: 64, value: BLASTiling(queryRows: 96, keyBlock: 384)), .init(headDim: 128, value: BLASTiling(queryRows: 48, keyBlock: 256))]
         let machine = MachineProfile(identity: MachineProfile.currentIdentity, source: "test", backends: [blas])
         let d = Dispatcher.current(profile: machine)
         let backend = try #require(d.decide(try problem(nq: 512, d: 128)).chosen as? BLASBackend)
