@@ -1,32 +1,6 @@
 // swift-tools-version: 6.1
-import Foundation
+import Foundation  // ProcessInfo: the opt-in benchmark target below
 import PackageDescription
-
-// MARK: - Code generation for the host CPU
-//
-// Swift on Linux compiles for the x86-64 baseline (SSE2) unless told otherwise, which makes the
-// SIMD softmax about 16x slower. When the building machine has AVX2 and FMA (every x86 server since
-// 2013) the hot modules are compiled for `haswell`. `ATTENTIONKIT_TARGET_CPU=<llvm cpu>` picks another
-// CPU, `ATTENTIONKIT_TARGET_CPU=none` keeps the portable baseline (needed to use AttentionKit as a
-// dependency of another package, since SwiftPM refuses unsafe flags in dependencies).
-func hostCPUFlags() -> [String] {
-    let env = ProcessInfo.processInfo.environment
-    if let cpu = env["ATTENTIONKIT_TARGET_CPU"] {
-        return cpu == "none" || cpu.isEmpty ? [] : ["-target-cpu", cpu]
-    }
-    #if arch(x86_64)
-    guard let info = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
-          let flagsLine = info.split(separator: "\n").first(where: { $0.hasPrefix("flags") })
-    else { return [] }
-    let flags = Set(flagsLine.split(separator: " ").map(String.init))
-    return flags.isSuperset(of: ["avx2", "fma", "bmi2"]) ? ["-target-cpu", "haswell"] : []
-    #else
-    return []
-    #endif
-}
-
-let cpuFlags = hostCPUFlags()
-let hotSettings: [SwiftSetting] = cpuFlags.isEmpty ? [] : [.unsafeFlags(cpuFlags)]
 
 let package = Package(
     name: "AttentionKit",
@@ -45,10 +19,10 @@ let package = Package(
 
         /// The contract: problems, tensors, masks, errors, the `AttentionBackend` protocol, the
         /// float64 reference backend and the accuracy metrics. No system dependencies.
-        .target(name: "AttentionCore", swiftSettings: hotSettings),
+        .target(name: "AttentionCore"),
 
-        /// The OpenBLAS backend: flash-style tiling on the CPU.
-        .target(name: "AttentionBLAS", dependencies: ["AttentionCore", "CBLAS"], swiftSettings: hotSettings),
+        /// The OpenBLAS backend: flash-style tiling on the CPU, its hot loops in CAttentionCPU.
+        .target(name: "AttentionBLAS", dependencies: ["AttentionCore", "CBLAS", "CAttentionCPU"]),
 
         /// The OpenCL backend: flash and split-KV decode kernels, device discovery, program caches.
         /// libOpenCL is loaded at run time, so binaries start on machines without OpenCL.
@@ -71,6 +45,10 @@ let package = Package(
         ),
         .plugin(name: "EmbedKernels", capability: .buildTool(), dependencies: ["embed-kernels"], path: "Plugins/EmbedKernels"),
         .executableTarget(name: "embed-kernels", path: "Plugins/EmbedKernelsTool"),
+
+        /// The CPU hot loops (softmax, masking, decode products), compiled once per instruction set
+        /// (baseline x86-64, AVX2+FMA, AVX-512; NEON on aarch64) and chosen at run time: no build flags.
+        .target(name: "CAttentionCPU", linkerSettings: [.linkedLibrary("m")]),
 
         /// OpenCL 1.2 headers plus a dlopen-based loader (no link-time dependency on libOpenCL).
         .target(name: "COpenCL", linkerSettings: [.linkedLibrary("dl")]),

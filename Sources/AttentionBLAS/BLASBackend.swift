@@ -7,7 +7,7 @@ import Synchronization
 ///
 /// Per work item (a block of query rows of one batch and one key/value head) it loops over key
 /// blocks: S = scale·Q_blk·K_blkᵀ (`cblas_sgemm`), softcap and masking where the block needs them,
-/// an online softmax (running max and sum, SIMD16 polynomial exp), O += P·V_blk (`cblas_sgemm`),
+/// an online softmax (running max and sum, polynomial exp), O += P·V_blk (`cblas_sgemm`),
 /// and finally O /= l, lse = m + log l. The Nq × Nk score matrix is never materialised: extra
 /// memory is `tiling.scratchBytesPerThread` per thread (about 256 KiB for D = 64), independent of N.
 ///
@@ -15,6 +15,9 @@ import Synchronization
 ///   straddle a boundary (or any block, with an explicit mask) pay for per-element masking.
 /// - GQA/MQA: query heads of one group read the shared K/V head in place; when Nq is short,
 ///   several heads of a group are stacked into one item so decode still makes real GEMMs.
+/// - Everything between the two products (softcap, masking, the softmax, the final scaling) and the
+///   few-row decode products run in the CPU kernel variant for this machine's instruction set
+///   (`CPUKernels`, chosen at run time; `isa` forces one).
 /// - Work items are spread over `threads` threads by dynamic scheduling (largest items first).
 ///   OpenBLAS runs single-threaded inside tiles for the duration of the call (its global thread
 ///   count is set to 1 and restored afterwards); calls to this backend are serialised process-wide
@@ -24,15 +27,28 @@ public struct BLASBackend: AttentionBackend {
     public let threads: Int
     /// Fixed tiling, or `nil` for `BLASTiling.default`.
     public let tiling: BLASTiling?
+    /// The CPU kernel variant, or why none can be used (an unsupported forced instruction set).
+    public let kernels: Result<CPUKernels, AttentionError>
 
-    public init(threads: Int? = nil, tiling: BLASTiling? = nil) {
+    /// - Parameter isa: the instruction set of the CPU kernels; `nil` takes the process default
+    ///   (`ATTENTIONKIT_CPU_ISA`, else the widest this machine runs).
+    public init(threads: Int? = nil, tiling: BLASTiling? = nil, isa: CPUISA? = nil) {
         self.threads = max(1, threads ?? CPUInfo.logicalCores)
         self.tiling = tiling
+        if let isa {
+            kernels = Result { () throws(AttentionError) in try CPUKernels(isa: isa) }
+        } else {
+            kernels = CPUKernels.processDefault
+        }
     }
+
+    /// The instruction set the CPU kernels use, when usable.
+    public var isa: CPUISA? { try? kernels.get().isa }
 
     public var name: String { "blas" }
 
     public func support(for problem: AttentionProblem) -> BackendSupport {
+        if case let .failure(error) = kernels { return .unsupported(reason: error.description) }
         let limit = Int(Int32.max)
         if problem.headDim > limit || problem.valueDim > limit {
             return .unsupported(reason: "head dimension exceeds OpenBLAS's 32-bit index range")
@@ -50,6 +66,7 @@ public struct BLASBackend: AttentionBackend {
     }
 
     public func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {
+        let cpu = try kernels.get()
         let tile = tiling(for: problem)
         let items = WorkItem.plan(problem, tiling: tile, threads: threads)
         let workers = min(threads, items.count)
@@ -61,7 +78,8 @@ public struct BLASBackend: AttentionBackend {
                 openblas_set_num_threads(1)
                 defer { openblas_set_num_threads(saved) }
                 WorkerPool.shared.run(workers: workers) { _ in
-                    let kernel = TileKernel(problem: problem, tiling: tile, maxRows: maxRows, buffers: buffers, mask: mask)
+                    let kernel = TileKernel(
+                        problem: problem, tiling: tile, kernels: cpu, maxRows: maxRows, buffers: buffers, mask: mask)
                     defer { kernel.deallocate() }
                     while true {
                         let index = next.value.add(1, ordering: .relaxed).oldValue

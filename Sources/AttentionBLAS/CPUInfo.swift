@@ -52,6 +52,14 @@ public enum CPUInfo {
         return ["avx512f", "avx2", "fma", "avx", "sse4_2", "asimd", "sve"].filter(flags.contains)
     }
 
+    /// The CPU kernel variant this process uses ("avx512", "avx2+fma"...), or why none can be used.
+    public static var kernelDescription: String {
+        switch CPUKernels.processDefault {
+        case let .success(kernels): return kernels.isa.description
+        case let .failure(error): return "none (\(error))"
+        }
+    }
+
     /// The CPU model name, if the OS reports one.
     public static var modelName: String? {
         guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
@@ -73,22 +81,13 @@ public enum CPUInfo {
         let sink = UnsafeMutablePointer<Float>.allocate(capacity: workers)
         defer { sink.deallocate() }
         let sinkShared = SharedPointer(sink)
+        let kernels = (try? CPUKernels.processDefault.get()) ?? (try? CPUKernels(isa: .best))
         var best = Double.infinity
         for _ in 0..<repeats {
             let start = DispatchTime.now().uptimeNanoseconds
             WorkerPool.shared.run(workers: workers) { w in
                 let chunk = (count / workers) & ~63
-                let base = UnsafeRawPointer(shared.pointer + w * chunk)
-                var a = SIMD16<Float>(), b = SIMD16<Float>(), c = SIMD16<Float>(), d = SIMD16<Float>()
-                var offset = 0
-                while offset < chunk * 4 {
-                    a += base.load(fromByteOffset: offset, as: SIMD16<Float>.self)
-                    b += base.load(fromByteOffset: offset + 64, as: SIMD16<Float>.self)
-                    c += base.load(fromByteOffset: offset + 128, as: SIMD16<Float>.self)
-                    d += base.load(fromByteOffset: offset + 192, as: SIMD16<Float>.self)
-                    offset += 256
-                }
-                sinkShared.pointer[w] = horizontalSum(a + b + c + d)
+                sinkShared.pointer[w] = kernels?.readSum(shared.pointer + w * chunk, count: chunk) ?? 0
             }
             best = min(best, Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
         }

@@ -29,6 +29,9 @@ public enum AttentionError: Error, Equatable, Sendable, CustomStringConvertible 
     case unsupported(backend: String, reason: String)
     /// The backend failed at run time (device error, out of memory...).
     case backendFailure(backend: String, message: String)
+    /// A setting (an environment variable, a backend or instruction-set name) has a value this
+    /// machine cannot honour; `reason` says why.
+    case invalidConfiguration(setting: String, value: String, reason: String)
 
     public var description: String {
         switch self {
@@ -59,6 +62,8 @@ public enum AttentionError: Error, Equatable, Sendable, CustomStringConvertible 
             return "backend \(backend) cannot run this problem: \(reason)"
         case let .backendFailure(backend, message):
             return "backend \(backend) failed: \(message)"
+        case let .invalidConfiguration(setting, value, reason):
+            return "\(setting)=\(value) cannot be used: \(reason)"
         }
     }
 }

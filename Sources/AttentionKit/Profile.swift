@@ -118,7 +118,8 @@ public struct MachineProfile: Codable, Sendable, Equatable {
 
     /// The machine: CPU model and cores, OpenBLAS core, every OpenCL device and driver.
     public static var currentIdentity: String {
-        var parts = ["cpu=\(CPUInfo.modelName ?? "unknown")", "cores=\(CPUInfo.logicalCores)", "openblas=\(CPUInfo.openBLASCore)"]
+        var parts = ["cpu=\(CPUInfo.modelName ?? "unknown")", "cores=\(CPUInfo.logicalCores)", "openblas=\(CPUInfo.openBLASCore)",
+                     "kernels=\(CPUInfo.kernelDescription)"]
         parts += OpenCLRuntime.availableDevices.map { "opencl=\($0.info.name)|\($0.info.driverVersion)" }
         return parts.joined(separator: ";")
     }
@@ -146,13 +147,16 @@ public struct MachineProfile: Codable, Sendable, Equatable {
 
     // MARK: Built-in defaults
 
-    /// Estimates from device properties alone: CPU peak = cores x clock x FLOPs per cycle
-    /// (32 with AVX2+FMA, 64 with AVX-512); GPU peak = compute units x clock x 128.
+    /// Estimates from device properties alone: CPU peak = cores x clock x FLOPs per cycle of the
+    /// CPU kernel variant in use (8 baseline, 32 AVX2+FMA, 64 AVX-512, 16 NEON); GPU peak =
+    /// compute units x clock x 128.
     public static func defaults() -> MachineProfile {
         let cores = Double(CPUInfo.logicalCores)
-        let simd = Set(CPUInfo.simdExtensions)
-        let flopsPerCycle: Double = simd.contains("avx512f") ? 64 : simd.contains("fma") ? 32 : simd.contains("avx") ? 16 : 8
+        let isa = (try? CPUKernels.processDefault.get().isa) ?? .baseline
+        let flopsPerCycle = isa.peakFlopsPerCycle
         let peak = cores * (CPUInfo.clockMHz ?? 2500) / 1000 * flopsPerCycle
+        // PoCL compiles its kernels for the host CPU whatever variant AttentionKit's own kernels use.
+        let hostPeak = cores * (CPUInfo.clockMHz ?? 2500) / 1000 * CPUISA.best.peakFlopsPerCycle
         let ram = UInt64(ProcessInfo.processInfo.physicalMemory)
         func curve(_ fractions: [(Int, Double)], of top: Double) -> ThroughputCurve { ThroughputCurve(fractions.map { ($0.0, $0.1 * top) }) }
         var list = [
@@ -175,7 +179,7 @@ public struct MachineProfile: Codable, Sendable, Equatable {
             } else {
                 list.append(BackendProfile(
                     backend: "opencl:\(info.index)", device: info.name,
-                    gflops: [.init(headDim: 64, curve: curve([(128, 0.35), (512, 0.45), (4096, 0.42)], of: peak))],
+                    gflops: [.init(headDim: 64, curve: curve([(128, 0.35), (512, 0.45), (4096, 0.42)], of: hostPeak))],
                     decodeGBps: ThroughputCurve([(1, 9 * cores)]), overheadSeconds: 250e-6,
                     transferGBps: info.hostUnifiedMemory ? nil : 20, memoryBytes: info.globalMemoryBytes))
             }

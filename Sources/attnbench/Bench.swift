@@ -70,6 +70,8 @@ struct MachineReport: Codable {
     var cpu: String
     var logicalCores: Int
     var simd: [String]
+    /// The CPU kernel variant in use.
+    var cpuKernels: String
     var roofline: Roofline
     var opencl: [OpenCLDeviceInfo]
     var openclUnavailable: String?
@@ -79,7 +81,7 @@ struct MachineReport: Codable {
         var unavailable: String?
         if case let .failure(reason) = OpenCLRuntime.devices { unavailable = reason.reason }
         return MachineReport(cpu: CPUInfo.modelName ?? "unknown", logicalCores: CPUInfo.logicalCores, simd: CPUInfo.simdExtensions,
-                             roofline: roofline, opencl: OpenCLRuntime.availableDevices.map(\.info), openclUnavailable: unavailable,
+                             cpuKernels: CPUInfo.kernelDescription, roofline: roofline, opencl: OpenCLRuntime.availableDevices.map(\.info), openclUnavailable: unavailable,
                              date: ISO8601DateFormatter().string(from: Date()))
     }
 }

@@ -16,6 +16,12 @@ struct Devices: ParsableCommand {
         var model: String
         var logicalCores: Int
         var simd: [String]
+        /// The CPU kernel variant in use ("avx512", "avx2+fma", "baseline", "neon"), if usable.
+        var kernels: String?
+        /// Every variant this machine can run.
+        var kernelsSupported: [String]
+        /// Why the requested variant cannot be used (ATTENTIONKIT_CPU_ISA naming one this CPU lacks).
+        var kernelsError: String?
         var l2CacheBytes: Int
         var openBLASCore: String
         var openBLASThreads: Int
@@ -34,6 +40,9 @@ struct Devices: ParsableCommand {
     func run() throws {
         var cpu = CPUReport(
             model: CPUInfo.modelName ?? "unknown", logicalCores: CPUInfo.logicalCores, simd: CPUInfo.simdExtensions,
+            kernels: try? CPUKernels.processDefault.get().isa.description,
+            kernelsSupported: CPUISA.supported.map(\.description),
+            kernelsError: { if case let .failure(e) = CPUKernels.processDefault { return e.description }; return nil }(),
             l2CacheBytes: CPUInfo.l2CacheBytes, openBLASCore: CPUInfo.openBLASCore, openBLASThreads: CPUInfo.openBLASThreads,
             openBLASCoreTypeOverride: ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"])
         if measure {
@@ -70,6 +79,9 @@ struct Devices: ParsableCommand {
     private func describe(_ cpu: CPUReport) -> String {
         var lines = ["CPU: \(cpu.model)",
                      "  cores \(cpu.logicalCores), SIMD \(cpu.simd.joined(separator: " ")), L2 \(cpu.l2CacheBytes >> 10) KiB per core",
+                     "  CPU kernels: " + (cpu.kernels ?? "none (\(cpu.kernelsError ?? "unknown"))")
+                        + " (this machine runs: \(cpu.kernelsSupported.joined(separator: ", ")); "
+                        + "\(CPUKernels.overrideVariable) forces a narrower one)",
                      "  OpenBLAS core \(cpu.openBLASCore)\(cpu.openBLASCoreTypeOverride.map { " (forced by OPENBLAS_CORETYPE=\($0))" } ?? ""), \(cpu.openBLASThreads) threads"]
         if let sgemm = cpu.sgemmGFLOPS, let bandwidth = cpu.memoryReadGBps {
             lines.append("  roofline: SGEMM \(format(sgemm)) GFLOP/s, memory read \(format(bandwidth)) GB/s")

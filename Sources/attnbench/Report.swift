@@ -25,7 +25,7 @@ struct Report: ParsableCommand {
             throw CLIError("\(folder): cannot create the results folder: \((error as NSError).localizedDescription)")
         }
         let devices = OpenCLRuntime.availableDevices.map { "opencl:\($0.info.index) \($0.info.name) [\($0.info.type)]" }
-        printError("attnbench: CPU \(CPUInfo.modelName ?? "unknown") (\(CPUInfo.logicalCores) cores, \(CPUInfo.simdExtensions.joined(separator: "/")), OpenBLAS core \(CPUInfo.openBLASCore))")
+        printError("attnbench: CPU \(CPUInfo.modelName ?? "unknown") (\(CPUInfo.logicalCores) cores, \(CPUInfo.simdExtensions.joined(separator: "/")), kernels \(CPUInfo.kernelDescription), OpenBLAS core \(CPUInfo.openBLASCore))")
         if case let .failure(reason) = OpenCLRuntime.devices {
             printError("attnbench: OpenCL unavailable: \(reason)")
         } else {

@@ -3,13 +3,15 @@ import AttentionCore
 import Foundation
 import Testing
 
-/// The BLAS backend against the float64 reference.
+/// The BLAS backend against the float64 reference, with every CPU kernel variant this machine runs.
 @Suite struct BLASParity {
     let blas = BLASBackend()
 
-    @Test(arguments: Sweep.cases())
-    func sweep(_ c: ParityCase) throws {
-        try expectParity(blas, c)
+    @Test(arguments: CPUISA.supported, Sweep.cases())
+    func sweep(_ isa: CPUISA, _ c: ParityCase) throws {
+        let backend = BLASBackend(isa: isa)
+        #expect(backend.isa == isa)
+        try expectParity(backend, c)
     }
 
     static let featureCases: [ParityCase] = [
@@ -24,9 +26,9 @@ import Testing
         ParityCase(batch: 1, heads: (1, 1), nq: 33, nk: 1500, d: 512, dv: 512, options: .init(softcap: 30, causal: true, window: .init(left: 700, right: 0)), label: "D 512 sliding window"),
     ]
 
-    @Test(arguments: featureCases)
-    func features(_ c: ParityCase) throws {
-        try expectParity(blas, c)
+    @Test(arguments: CPUISA.supported, featureCases)
+    func features(_ isa: CPUISA, _ c: ParityCase) throws {
+        try expectParity(BLASBackend(isa: isa), c)
     }
 
     @Test func fullyMaskedRowsAreExactlyZero() throws {
@@ -117,47 +119,93 @@ import Testing
     }
 }
 
-/// The vectorised exp and tanh used by the softmax.
+/// The vectorised exp and tanh of every CPU kernel variant this machine runs.
 @Suite struct FastMathAccuracy {
-    @Test func expMatchesLibmAcrossTheRange() {
-        var x: Float = -87
-        while x < 88 {
-            let lanes = SIMD16<Float>((0..<16).map { x + Float($0) * 0.0137 })
-            let e = fastExp(lanes)
-            for l in 0..<16 {
-                let ref = exp(Double(lanes[l]))
-                #expect(abs(Double(e[l]) - ref) <= 3e-7 * ref, "exp(\(lanes[l]))")
-            }
-            x += 0.731
+    @Test(arguments: CPUISA.supported)
+    func expMatchesLibmAcrossTheRange(_ isa: CPUISA) throws {
+        let kernels = try CPUKernels(isa: isa)
+        let x = stride(from: Float(-87), to: 88, by: 0.0137).map { $0 }
+        for (xi, e) in zip(x, kernels.exp(x)) {
+            let ref = exp(Double(xi))
+            #expect(abs(Double(e) - ref) <= 3e-7 * ref, "\(isa) exp(\(xi)) = \(e)")
         }
     }
 
-    @Test func expEdgeCases() {
-        let e = fastExp(SIMD16<Float>(-.infinity, -1000, -87.4, .nan, 0, 89, .infinity, -0.0, 1, 2, 3, 4, 5, 6, 7, 8))
+    @Test(arguments: CPUISA.supported)
+    func expEdgeCases(_ isa: CPUISA) throws {
+        // 16 lanes plus a 3-element tail, which goes through the padded path.
+        let e = try CPUKernels(isa: isa).exp([-.infinity, -1000, -87.4, .nan, 0, 89, .infinity, -0.0, 1, 2, 3, 4, 5, 6, 7, 8, .nan, 0, -.infinity])
         #expect(e[0] == 0 && e[1] == 0 && e[2] == 0)
-        #expect(e[3].isNaN)
-        #expect(e[4] == 1 && e[7] == 1)
+        #expect(e[3].isNaN && e[16].isNaN)
+        #expect(e[4] == 1 && e[7] == 1 && e[17] == 1 && e[18] == 0)
         #expect(e[5].isFinite && e[5] > 1e38)
         #expect(e[6] > 1e38)
     }
 
-    @Test func tanhMatchesLibm() {
-        var x: Float = -12
-        while x < 12 {
-            let lanes = SIMD16<Float>((0..<16).map { x + Float($0) * 0.011 })
-            let t = fastTanh(lanes)
-            for l in 0..<16 { #expect(abs(Double(t[l]) - tanh(Double(lanes[l]))) <= 1e-6) }
-            x += 0.37
-        }
-        #expect(fastTanh(SIMD16(repeating: .nan))[0].isNaN)
-        #expect(fastTanh(SIMD16(repeating: .infinity))[0] == 1)
-        #expect(fastTanh(SIMD16(repeating: -.infinity))[0] == -1)
+    @Test(arguments: CPUISA.supported)
+    func tanhMatchesLibm(_ isa: CPUISA) throws {
+        let kernels = try CPUKernels(isa: isa)
+        let x = stride(from: Float(-12), to: 12, by: 0.011).map { $0 }
+        for (xi, t) in zip(x, kernels.tanh(x)) { #expect(abs(Double(t) - tanh(Double(xi))) <= 1e-6, "\(isa) tanh(\(xi))") }
+        let edges = kernels.tanh([.nan, .infinity, -.infinity, 0, -0.0])
+        #expect(edges[0].isNaN && edges[1] == 1 && edges[2] == -1 && edges[3] == 0 && edges[4] == 0)
+    }
+}
+
+/// Choosing the CPU kernel variant: by value, by the environment, and refusals with their reasons.
+@Suite struct CPUKernelSelection {
+    @Test func theBestVariantIsSupportedAndIsTheDefault() throws {
+        #expect(CPUISA.best.isSupported)
+        #expect(CPUISA.supported.contains(.best))
+        let chosen = try CPUKernels.resolve(environment: [:]).get()
+        #expect(chosen.isa == .best)
+        #expect(BLASBackend(isa: nil).isa == (try? CPUKernels.processDefault.get())?.isa)
+        #if arch(x86_64)
+        #expect(CPUISA.baseline.isSupported)
+        #expect(!CPUISA.neon.isSupported)
+        #elseif arch(arm64)
+        #expect(CPUISA.best == .neon)
+        #endif
     }
 
-    @Test func reductions() {
-        let v = SIMD16<Float>((0..<16).map { Float(($0 * 7) % 16) - 3 })
-        #expect(horizontalMax(v) == 12)
-        #expect(horizontalSum(v) == (0..<16).map { Float($0) - 3 }.reduce(0, +))
-        #expect(laneMax(v, SIMD16(repeating: 0)) == SIMD16((0..<16).map { max(Float(($0 * 7) % 16) - 3, 0) }))
+    @Test(arguments: CPUISA.supported)
+    func theEnvironmentForcesAVariant(_ isa: CPUISA) throws {
+        let chosen = try CPUKernels.resolve(environment: [CPUKernels.overrideVariable: isa.rawValue]).get()
+        #expect(chosen.isa == isa)
     }
+
+    @Test func unknownAndUnsupportedNamesAreErrorsWithTheReason() throws {
+        let unknown = CPUKernels.resolve(environment: [CPUKernels.overrideVariable: "sse9"])
+        guard case let .failure(.invalidConfiguration(setting, value, reason)) = unknown else {
+            Issue.record("expected a configuration error, got \(unknown)")
+            return
+        }
+        #expect(setting == CPUKernels.overrideVariable && value == "sse9" && reason.contains("avx512"))
+        for isa in CPUISA.allCases where !isa.isSupported {
+            let refused = CPUKernels.resolve(environment: [CPUKernels.overrideVariable: isa.rawValue])
+            guard case let .failure(error) = refused else {
+                Issue.record("\(isa) is not supported here but was accepted")
+                continue
+            }
+            #expect(error.description.contains(isa.unsupportedReason ?? "?"))
+            // A backend built for it says why and refuses to run.
+            let backend = BLASBackend(isa: isa)
+            let p = try AttentionProblem(query: [1, 1, 4, 8], key: [1, 1, 4, 8], value: [1, 1, 4, 8])
+            #expect(!backend.support(for: p).isSupported)
+            let q = try Tensor(shape: [1, 1, 4, 8], repeating: 0.5)
+            #expect(throws: AttentionError.self) { try backend.attention(query: q, key: q, value: q) }
+        }
+    }
+
+    #if arch(x86_64)
+    @Test func eachVariantRunsItsOwnCode() throws {
+        // Fused (AVX2, AVX-512) and unfused (baseline) multiply-adds round differently somewhere in
+        // a long range of exp arguments: a variant that silently ran another's code would not.
+        guard CPUISA.avx2.isSupported else { return }
+        let x = stride(from: Float(-80), to: 80, by: 0.0071).map { $0 }
+        let baseline = try CPUKernels(isa: .baseline).exp(x).map(\.bitPattern)
+        let avx2 = try CPUKernels(isa: .avx2).exp(x).map(\.bitPattern)
+        #expect(baseline != avx2)
+    }
+    #endif
 }

@@ -1,0 +1,96 @@
+// The CPU hot loops of AttentionKit, compiled once per instruction set and chosen at run time.
+//
+// Every variant implements the same table of functions with the same results up to rounding
+// (the baseline variant rounds a*b+c twice where the others fuse it). The Swift side picks a
+// table once (`ak_cpu_kernels_for`), after `ak_cpu_supports` has confirmed that both the CPU and
+// the operating system support the instruction set.
+//
+// Conventions: counts and strides are element counts (`ptrdiff_t`); a "tile" is `rows` rows
+// `ld` floats apart, and `ld` is at least `width` rounded up to a multiple of 16 (the kernels
+// work on whole 16-float vectors and may write the padding).
+#ifndef ATTENTION_CPU_H
+#define ATTENTION_CPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#pragma clang assume_nonnull begin
+
+/// Instruction sets with a kernel variant. The numeric values are stable.
+enum {
+    AK_ISA_BASELINE = 0,  ///< x86-64 baseline (SSE2), no FMA
+    AK_ISA_AVX2 = 1,      ///< AVX2 + FMA + F16C
+    AK_ISA_AVX512 = 2,    ///< AVX-512 F/BW/VL/DQ (+ AVX2, FMA, F16C)
+    AK_ISA_NEON = 3,      ///< aarch64 Advanced SIMD (the aarch64 baseline)
+};
+
+typedef struct ak_cpu_kernels {
+    /// One of AK_ISA_*.
+    int isa;
+    /// "baseline", "avx2+fma", "avx512", "neon".
+    const char *name;
+
+    /// scores[r][c] = cap * tanh(scores[r][c] / cap) for c < width (and the padding).
+    void (*softcap)(float *scores, ptrdiff_t ld, ptrdiff_t rows, ptrdiff_t width, float cap);
+
+    /// row[c] = -inf for c < width outside [lo, hi] (offsets into the row; may lie outside it).
+    void (*clip_row)(float *row, ptrdiff_t width, ptrdiff_t lo, ptrdiff_t hi);
+
+    /// row[c] += mask[c] for c < width.
+    void (*add_row)(float *row, const float *mask, ptrdiff_t width);
+
+    /// row[c] = -inf where allowed[c] == 0, for c < width.
+    void (*select_row)(float *row, const uint8_t *allowed, ptrdiff_t width);
+
+    /// One online-softmax step over a score tile: per row, the new running maximum, O and the
+    /// running sum rescaled, and P = exp(S - max) written over S (zero past `width`). Rows whose
+    /// scores are all -inf stay empty; a NaN among them poisons the running sum.
+    void (*softmax_update)(float *scores, ptrdiff_t ld, ptrdiff_t rows, ptrdiff_t width, float *row_max,
+                           float *row_sum, float *out, ptrdiff_t ldo, ptrdiff_t dv);
+
+    /// scores[r][j] = scale * dot(q[r], k[j]) for r < rows, j < width (d elements each):
+    /// K is read once, each of its rows used by every query row (few-row decode products).
+    void (*dot_scores)(ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq, const float *k,
+                       ptrdiff_t ldk, ptrdiff_t d, float scale, float *scores, ptrdiff_t ld);
+
+    /// out[r] += sum over j < width of p[r][j] * v[j] (dv elements each): V read once.
+    void (*accumulate)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, const float *v,
+                       ptrdiff_t ldv, ptrdiff_t dv, float *out, ptrdiff_t ldo);
+
+    /// The end of the online softmax: O /= sum and lse = max + log(sum) per row; rows that saw no
+    /// key get zero O and -inf LSE, poisoned rows NaN. `lse` may be NULL.
+    void (*finish)(ptrdiff_t rows, float *out, ptrdiff_t ldo, ptrdiff_t dv, const float *row_max,
+                   const float *row_sum, float *_Nullable lse);
+
+    /// The sum of `count` floats (a multiple of 64), read with the widest loads: a memory probe.
+    float (*read_sum)(const float *data, ptrdiff_t count);
+
+    /// y = e^x and y = tanh(x) with the kernels' own approximations (for tests).
+    void (*exp)(const float *x, float *y, ptrdiff_t count);
+    void (*tanh)(const float *x, float *y, ptrdiff_t count);
+} ak_cpu_kernels;
+
+/// 1 when this CPU and the operating system support `isa` (registers saved on context switch)
+/// and this build contains its variant; 0 otherwise.
+int ak_cpu_supports(int isa);
+
+/// The widest supported instruction set.
+int ak_cpu_best_isa(void);
+
+/// The kernels for `isa`, or NULL when `ak_cpu_supports(isa)` is 0.
+const ak_cpu_kernels *_Nullable ak_cpu_kernels_for(int isa);
+
+/// Why `isa` is not supported here, as a static string ("" when it is).
+const char *ak_cpu_unsupported_reason(int isa);
+
+#pragma clang assume_nonnull end
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,300 @@
+// The kernels, written once over 16-lane vectors (Clang/GCC vector extensions) and compiled by each
+// kernels_<isa>.c under that instruction set's target attribute. Before including this file a
+// variant defines AK_SUFFIX (the name suffix), AK_ISA, AK_NAME and AK_HAS_FMA.
+//
+// Not a public header: included only by the variant files.
+
+#include <math.h>
+#include <string.h>
+
+#include "attention_cpu.h"
+
+// 64-byte vectors passed between the static inline helpers below would have a different calling
+// convention without AVX-512; the helpers never cross a translation unit (every variant compiles
+// all of them under its own target attribute), so the warning does not apply.
+#pragma clang diagnostic ignored "-Wpsabi"
+
+#define AK_CAT2(a, b) a##_##b
+#define AK_CAT(a, b) AK_CAT2(a, b)
+#define AK_FN(name) AK_CAT(ak_##name, AK_SUFFIX)
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef float v2f __attribute__((vector_size(8)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
+// Unaligned, aliasing views for loads and stores.
+typedef float v16f_u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef uint8_t v16b_u __attribute__((vector_size(16), aligned(1), may_alias));
+
+#if AK_HAS_FMA
+#define AK_FMA(a, b, c) __builtin_elementwise_fma((a), (b), (c))
+#else
+#define AK_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
+static inline v16f load16(const float *p) { return *(const v16f_u *)p; }
+static inline void store16(float *p, v16f v) { *(v16f_u *)p = v; }
+static inline v16f splat(float x) { return (v16f){0} + x; }
+/// mask ? a : b, lane-wise (mask lanes are all ones or all zeros).
+static inline v16f select16(v16i mask, v16f a, v16f b) {
+    return (v16f)((mask & (v16i)a) | (~mask & (v16i)b));
+}
+
+/// The largest lane; NaN lanes are not taken unless all are NaN (IEEE maxNum).
+static inline float hmax16(v16f v) {
+    v8f a = __builtin_elementwise_max(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                                      __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+    v4f b = __builtin_elementwise_max(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+    v2f c = __builtin_elementwise_max(__builtin_shufflevector(b, b, 0, 1), __builtin_shufflevector(b, b, 2, 3));
+    return fmaxf(c[0], c[1]);
+}
+
+/// The sum of the lanes by halving: a fixed order, so results are deterministic.
+static inline float hsum16(v16f v) {
+    v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    v2f c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
+    return c[0] + c[1];
+}
+
+/// e^x, relative error below 2e-7 over the normal range. Cody-Waite reduction x = k ln2 + r,
+/// a degree-6 polynomial in r, 2^k built in the exponent bits (split in two halves so that k = 128
+/// does not overflow). x < -87.3 (and -inf) gives exactly 0, NaN stays NaN, x > 88.7 gives +inf.
+static inline v16f exp16(v16f x) {
+    const v16f low = splat(-87.3f);
+    v16i tiny = x < low;  // false for NaN
+    v16f xc = select16(tiny, low, x);
+    xc = select16(xc > splat(88.7f), splat(88.7f), xc);
+    const v16f magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+    v16f t = AK_FMA(xc, splat(1.44269504f), magic);
+    v16f k = t - magic;
+    v16f r = AK_FMA(k, splat(-0.693359375f), xc);
+    r = AK_FMA(k, splat(2.1219444e-4f), r);
+    v16f p = splat(1.98756915e-4f);
+    p = AK_FMA(p, r, splat(1.39819995e-3f));
+    p = AK_FMA(p, r, splat(8.3334519e-3f));
+    p = AK_FMA(p, r, splat(4.16657959e-2f));
+    p = AK_FMA(p, r, splat(1.66666655e-1f));
+    p = AK_FMA(p, r, splat(5.00000012e-1f));
+    p = AK_FMA(p, r * r, r + 1.0f);
+    v16i ki = (v16i)t - 0x4B400000;
+    v16i k1 = ki >> 1;
+    v16i k2 = ki - k1;
+    v16f s1 = (v16f)((k1 + 127) << 23);
+    v16f s2 = (v16f)((k2 + 127) << 23);
+    return select16(tiny, splat(0.0f), p * s1 * s2);
+}
+
+/// tanh(x) = 1 - 2 / (e^(2|x|) + 1) with the sign restored; absolute error below 1e-6.
+static inline v16f tanh16(v16f x) {
+    v16i negative = x < splat(0.0f);
+    v16f ax = select16(negative, -x, x);
+    v16i saturated = ax > splat(9.0f);  // tanh rounds to 1 in fp32 beyond 9
+    v16f e = exp16(2.0f * select16(saturated, splat(9.0f), ax));
+    v16f t = select16(saturated, splat(1.0f), 1.0f - 2.0f / (e + 1.0f));
+    return select16(negative, -t, t);
+}
+
+static inline ptrdiff_t round16(ptrdiff_t n) { return (n + 15) & ~(ptrdiff_t)15; }
+
+static void scale_row(float *row, ptrdiff_t count, float factor) {
+    ptrdiff_t c = 0;
+    for (; c + 16 <= count; c += 16) store16(row + c, load16(row + c) * factor);
+    for (; c < count; c++) row[c] *= factor;
+}
+
+static void AK_FN(softcap)(float *scores, ptrdiff_t ld, ptrdiff_t rows, ptrdiff_t width, float cap) {
+    const float inverse = 1.0f / cap;
+    const ptrdiff_t padded = round16(width);
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        float *row = scores + r * ld;
+        for (ptrdiff_t c = 0; c < padded; c += 16) store16(row + c, cap * tanh16(load16(row + c) * inverse));
+    }
+}
+
+static void AK_FN(clip_row)(float *row, ptrdiff_t width, ptrdiff_t lo, ptrdiff_t hi) {
+    if (lo <= 0 && hi >= width - 1) return;
+    // Offsets clamped into int32 range: beyond [-1, width] they all act alike.
+    const int32_t lo32 = (int32_t)(lo < -1 ? -1 : lo > width ? width : lo);
+    const int32_t hi32 = (int32_t)(hi < -1 ? -1 : hi > width ? width : hi);
+    const v16i lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const v16f minus_inf = splat(-INFINITY);
+    ptrdiff_t c = 0;
+    for (; c + 16 <= width; c += 16) {
+        v16i idx = lanes + (int32_t)c;
+        v16i hidden = (idx < lo32) | (idx > hi32);
+        store16(row + c, select16(hidden, minus_inf, load16(row + c)));
+    }
+    for (; c < width; c++)
+        if (c < lo32 || c > hi32) row[c] = -INFINITY;
+}
+
+static void AK_FN(add_row)(float *row, const float *mask, ptrdiff_t width) {
+    ptrdiff_t c = 0;
+    for (; c + 16 <= width; c += 16) store16(row + c, load16(row + c) + load16(mask + c));
+    for (; c < width; c++) row[c] += mask[c];
+}
+
+static void AK_FN(select_row)(float *row, const uint8_t *allowed, ptrdiff_t width) {
+    const v16f minus_inf = splat(-INFINITY);
+    ptrdiff_t c = 0;
+    for (; c + 16 <= width; c += 16) {
+        v16i m = __builtin_convertvector(*(const v16b_u *)(allowed + c), v16i);
+        store16(row + c, select16(m == 0, minus_inf, load16(row + c)));
+    }
+    for (; c < width; c++)
+        if (allowed[c] == 0) row[c] = -INFINITY;
+}
+
+static void AK_FN(softmax_update)(float *scores, ptrdiff_t ld, ptrdiff_t rows, ptrdiff_t width, float *row_max,
+                                  float *row_sum, float *out, ptrdiff_t ldo, ptrdiff_t dv) {
+    const ptrdiff_t padded = round16(width);
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        float *row = scores + r * ld;
+        for (ptrdiff_t c = width; c < padded; c++) row[c] = -INFINITY;
+        v16f vmax = splat(-INFINITY);
+        for (ptrdiff_t c = 0; c < padded; c += 16) {
+            v16f s = load16(row + c);
+            vmax = select16(s > vmax, s, vmax);
+        }
+        const float old = row_max[r];
+        const float block = hmax16(vmax);
+        const float now = block > old ? block : old;
+        if (now == -INFINITY) {
+            // Nothing visible yet. A NaN score hidden behind -inf maxima must still poison the row.
+            for (ptrdiff_t c = 0; c < width; c++)
+                if (isnan(row[c])) row_sum[r] = NAN;
+            memset(row, 0, (size_t)padded * sizeof(float));
+            continue;
+        }
+        if (old != now && old != -INFINITY) {
+            const float alpha = expf(old - now);
+            row_sum[r] *= alpha;
+            scale_row(out + r * ldo, dv, alpha);
+        }
+        row_max[r] = now;
+        const v16f m = splat(now);
+        v16f sum = splat(0.0f);
+        for (ptrdiff_t c = 0; c < padded; c += 16) {
+            v16f e = exp16(load16(row + c) - m);
+            sum += e;
+            store16(row + c, e);
+        }
+        row_sum[r] += hsum16(sum);
+    }
+}
+
+static void AK_FN(dot_scores)(ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq, const float *k,
+                              ptrdiff_t ldk, ptrdiff_t d, float scale, float *scores, ptrdiff_t ld) {
+    const ptrdiff_t vector_end = d & ~(ptrdiff_t)15;
+    for (ptrdiff_t j = 0; j < width; j++) {
+        const float *k_row = k + j * ldk;
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            const float *q_row = q + r * ldq;
+            v16f acc = splat(0.0f);
+            ptrdiff_t c = 0;
+            for (; c < vector_end; c += 16) acc = AK_FMA(load16(q_row + c), load16(k_row + c), acc);
+            float dot = hsum16(acc);
+            for (; c < d; c++) dot += q_row[c] * k_row[c];
+            scores[r * ld + j] = dot * scale;
+        }
+    }
+}
+
+static void AK_FN(accumulate)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, const float *v,
+                              ptrdiff_t ldv, ptrdiff_t dv, float *out, ptrdiff_t ldo) {
+    const ptrdiff_t vector_end = dv & ~(ptrdiff_t)15;
+    ptrdiff_t j = 0;
+    // Four keys at a time: each output vector is loaded and stored once per four V rows.
+    for (; j + 4 <= width; j += 4) {
+        const float *v0 = v + j * ldv, *v1 = v0 + ldv, *v2 = v1 + ldv, *v3 = v2 + ldv;
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            const float *w = p + r * ld + j;
+            const float p0 = w[0], p1 = w[1], p2 = w[2], p3 = w[3];
+            float *o = out + r * ldo;
+            ptrdiff_t c = 0;
+            for (; c < vector_end; c += 16) {
+                v16f acc = load16(o + c);
+                acc = AK_FMA(splat(p0), load16(v0 + c), acc);
+                acc = AK_FMA(splat(p1), load16(v1 + c), acc);
+                acc = AK_FMA(splat(p2), load16(v2 + c), acc);
+                acc = AK_FMA(splat(p3), load16(v3 + c), acc);
+                store16(o + c, acc);
+            }
+            for (; c < dv; c++) o[c] += p0 * v0[c] + p1 * v1[c] + p2 * v2[c] + p3 * v3[c];
+        }
+    }
+    for (; j < width; j++) {
+        const float *v_row = v + j * ldv;
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            const float weight = p[r * ld + j];
+            float *o = out + r * ldo;
+            ptrdiff_t c = 0;
+            for (; c < vector_end; c += 16) store16(o + c, AK_FMA(splat(weight), load16(v_row + c), load16(o + c)));
+            for (; c < dv; c++) o[c] += weight * v_row[c];
+        }
+    }
+}
+
+static void AK_FN(finish)(ptrdiff_t rows, float *out, ptrdiff_t ldo, ptrdiff_t dv, const float *row_max,
+                          const float *row_sum, float *lse) {
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const float m = row_max[r], l = row_sum[r];
+        float *o = out + r * ldo;
+        if (m == -INFINITY && !isnan(l)) {
+            // No visible key: exactly zero output and -inf log-sum-exp.
+            memset(o, 0, (size_t)dv * sizeof(float));
+            if (lse) lse[r] = -INFINITY;
+        } else if (m == -INFINITY) {
+            for (ptrdiff_t c = 0; c < dv; c++) o[c] = NAN;
+            if (lse) lse[r] = NAN;
+        } else {
+            scale_row(o, dv, 1.0f / l);
+            if (lse) lse[r] = m + logf(l);
+        }
+    }
+}
+
+static float AK_FN(read_sum)(const float *data, ptrdiff_t count) {
+    v16f a = splat(0.0f), b = a, c = a, d = a;
+    for (ptrdiff_t i = 0; i + 64 <= count; i += 64) {
+        a += load16(data + i);
+        b += load16(data + i + 16);
+        c += load16(data + i + 32);
+        d += load16(data + i + 48);
+    }
+    return hsum16(a + b + c + d);
+}
+
+static inline __attribute__((always_inline)) void map16(v16f (*f)(v16f), const float *x, float *y, ptrdiff_t count) {
+    ptrdiff_t i = 0;
+    for (; i + 16 <= count; i += 16) store16(y + i, f(load16(x + i)));
+    if (i < count) {
+        float tail[16] = {0};
+        memcpy(tail, x + i, (size_t)(count - i) * sizeof(float));
+        store16(tail, f(load16(tail)));
+        memcpy(y + i, tail, (size_t)(count - i) * sizeof(float));
+    }
+}
+
+static void AK_FN(exp)(const float *x, float *y, ptrdiff_t count) { map16(exp16, x, y, count); }
+static void AK_FN(tanh)(const float *x, float *y, ptrdiff_t count) { map16(tanh16, x, y, count); }
+
+const ak_cpu_kernels AK_CAT(ak_kernels, AK_SUFFIX) = {
+    .isa = AK_ISA,
+    .name = AK_NAME,
+    .softcap = AK_FN(softcap),
+    .clip_row = AK_FN(clip_row),
+    .add_row = AK_FN(add_row),
+    .select_row = AK_FN(select_row),
+    .softmax_update = AK_FN(softmax_update),
+    .dot_scores = AK_FN(dot_scores),
+    .accumulate = AK_FN(accumulate),
+    .finish = AK_FN(finish),
+    .read_sum = AK_FN(read_sum),
+    .exp = AK_FN(exp),
+    .tanh = AK_FN(tanh),
+};

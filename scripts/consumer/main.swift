@@ -1,0 +1,58 @@
+// The consumer check's program: what a new user of AttentionKit writes first.
+//
+//   consumer          one BLAS and one `.auto` call, each checked against the naive reference
+//   consumer bench    median milliseconds of BLAS on prefill-2k and decode-4k (for the README's
+//                     comparison with `attnbench run --repeat` in the project's own build)
+import AttentionKit
+import Foundation
+
+func check() throws -> Bool {
+    let options = AttentionOptions(causal: true)
+    let q = try Tensor.random(shape: [2, 8, 77, 64], seed: 1)
+    let k = try Tensor.random(shape: [2, 2, 300, 64], seed: 2)
+    let v = try Tensor.random(shape: [2, 2, 300, 64], seed: 3)
+    let problem = try AttentionProblem(query: q.shape, key: k.shape, value: v.shape, options: options)
+    let reference = NaiveBackend.reference(problem, query: q, key: k, value: v)
+    let selection = try BackendSelection.select(.auto, for: problem)
+    var passed = true
+    let runs: [(String, any AttentionBackend)] = [("blas", BLASBackend()), ("auto -> \(selection.backend.name)", selection.backend)]
+    for (label, backend) in runs {
+        let result = try backend.attention(problem, query: q, key: k, value: v)
+        let report = AccuracyReport(result: result, reference: reference, valueDim: problem.valueDim)
+        print("consumer: \(label): max abs error \(report.maxAbsError) vs naive: \(report.passed ? "pass" : "FAIL")")
+        passed = passed && report.passed
+    }
+    let kernels = CPUInfo.kernelDescription
+    print("consumer: CPU kernels \(kernels)")
+    return passed
+}
+
+func medianMilliseconds(_ backend: BLASBackend, _ shape: (q: [Int], k: [Int])) throws -> Double {
+    let q = try Tensor.random(shape: shape.q, seed: 1)
+    let k = try Tensor.random(shape: shape.k, seed: 2)
+    let v = try Tensor.random(shape: shape.k, seed: 3)
+    let problem = try AttentionProblem(query: q.shape, key: k.shape, value: v.shape)
+    let warmUpEnd = DispatchTime.now().uptimeNanoseconds + 300_000_000
+    while DispatchTime.now().uptimeNanoseconds < warmUpEnd { _ = try backend.attention(problem, query: q, key: k, value: v) }
+    var times: [Double] = []
+    for _ in 0..<20 {
+        let start = DispatchTime.now().uptimeNanoseconds
+        _ = try backend.attention(problem, query: q, key: k, value: v)
+        times.append(Double(DispatchTime.now().uptimeNanoseconds - start) / 1e6)
+    }
+    return times.sorted()[times.count / 2]
+}
+
+do {
+    if CommandLine.arguments.dropFirst().first == "bench" {
+        let blas = BLASBackend()
+        let prefill = try medianMilliseconds(blas, ([1, 8, 2048, 64], [1, 8, 2048, 64]))
+        let decode = try medianMilliseconds(blas, ([1, 32, 1, 128], [1, 8, 4096, 128]))
+        print("consumer bench: kernels \(CPUInfo.kernelDescription): prefill-2k \(prefill) ms, decode-4k \(decode) ms")
+    } else if try !check() {
+        exit(1)
+    }
+} catch {
+    print("consumer: \(error)")
+    exit(1)
+}
