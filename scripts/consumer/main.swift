@@ -1,7 +1,7 @@
 // The consumer check's program: what a new user of AttentionKit writes first.
 //
 //   consumer          one BLAS and one `.auto` call, each checked against the naive reference
-//   consumer bench    median milliseconds of BLAS on prefill-2k and decode-4k (for the README's
+//   consumer bench [N]  median milliseconds over N runs (default 20) of BLAS on prefill-2k and decode-4k (for the README's
 //                     comparison with `attnbench run --repeat` in the project's own build)
 import AttentionKit
 import Foundation
@@ -27,7 +27,7 @@ func check() throws -> Bool {
     return passed
 }
 
-func medianMilliseconds(_ backend: BLASBackend, _ shape: (q: [Int], k: [Int])) throws -> Double {
+func medianMilliseconds(_ backend: BLASBackend, _ shape: (q: [Int], k: [Int]), runs: Int) throws -> Double {
     let q = try Tensor.random(shape: shape.q, seed: 1)
     let k = try Tensor.random(shape: shape.k, seed: 2)
     let v = try Tensor.random(shape: shape.k, seed: 3)
@@ -35,7 +35,7 @@ func medianMilliseconds(_ backend: BLASBackend, _ shape: (q: [Int], k: [Int])) t
     let warmUpEnd = DispatchTime.now().uptimeNanoseconds + 300_000_000
     while DispatchTime.now().uptimeNanoseconds < warmUpEnd { _ = try backend.attention(problem, query: q, key: k, value: v) }
     var times: [Double] = []
-    for _ in 0..<20 {
+    for _ in 0..<runs {
         let start = DispatchTime.now().uptimeNanoseconds
         _ = try backend.attention(problem, query: q, key: k, value: v)
         times.append(Double(DispatchTime.now().uptimeNanoseconds - start) / 1e6)
@@ -45,9 +45,10 @@ func medianMilliseconds(_ backend: BLASBackend, _ shape: (q: [Int], k: [Int])) t
 
 do {
     if CommandLine.arguments.dropFirst().first == "bench" {
+        let runs = CommandLine.arguments.dropFirst(2).first.flatMap { Int($0) }.map { max(1, $0) } ?? 20
         let blas = BLASBackend()
-        let prefill = try medianMilliseconds(blas, ([1, 8, 2048, 64], [1, 8, 2048, 64]))
-        let decode = try medianMilliseconds(blas, ([1, 32, 1, 128], [1, 8, 4096, 128]))
+        let prefill = try medianMilliseconds(blas, ([1, 8, 2048, 64], [1, 8, 2048, 64]), runs: runs)
+        let decode = try medianMilliseconds(blas, ([1, 32, 1, 128], [1, 8, 4096, 128]), runs: runs)
         print("consumer bench: kernels \(CPUInfo.kernelDescription): prefill-2k \(prefill) ms, decode-4k \(decode) ms")
     } else if try !check() {
         exit(1)
