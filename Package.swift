@@ -21,15 +21,23 @@ let package = Package(
         /// float64 reference backend and the accuracy metrics. No system dependencies.
         .target(name: "AttentionCore"),
 
+        /// Facts about this machine, outside any backend: CPU model, cores, caches, the CPU kernel
+        /// variants it runs, and the roofline probes (SGEMM rate, memory read bandwidth).
+        .target(name: "AttentionMachine", dependencies: ["AttentionCore", "CBLAS", "CAttentionCPU"]),
+
         /// The OpenBLAS backend: flash-style tiling on the CPU, its hot loops in CAttentionCPU.
-        .target(name: "AttentionBLAS", dependencies: ["AttentionCore", "CBLAS", "CAttentionCPU"]),
+        .target(name: "AttentionBLAS", dependencies: ["AttentionCore", "AttentionMachine", "CBLAS", "CAttentionCPU"]),
 
         /// The OpenCL backend: flash and split-KV decode kernels, device discovery, program caches.
         /// libOpenCL is loaded at run time, so binaries start on machines without OpenCL.
         .target(name: "AttentionOpenCL", dependencies: ["AttentionCore", "COpenCL", "AttentionKernels"]),
 
         /// Umbrella: every backend plus backend selection.
-        .target(name: "AttentionKit", dependencies: ["AttentionCore", "AttentionBLAS", "AttentionOpenCL"]),
+        .target(name: "AttentionKit", dependencies: ["AttentionCore", "AttentionMachine", "AttentionBLAS", "AttentionOpenCL"]),
+
+        /// Package-internal (no product): the verification every checker shares — cases, input and
+        /// mask generators, the tolerance rule, the NaN-padded run, the standard benchmark shapes.
+        .target(name: "AttentionVerification", dependencies: ["AttentionCore"]),
 
         /// NumPy `.npy` reading and writing.
         .target(name: "NumPyIO"),
@@ -64,7 +72,7 @@ let package = Package(
         .executableTarget(
             name: "attnbench",
             dependencies: [
-                "AttentionKit", "NumPyIO",
+                "AttentionKit", "AttentionVerification", "NumPyIO",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "TextTable", package: "TextTable"),
             ]
@@ -72,8 +80,10 @@ let package = Package(
 
         // MARK: Tests
 
-        .testTarget(name: "AttentionCoreTests", dependencies: ["AttentionCore"]),
-        .testTarget(name: "AttentionBackendTests", dependencies: ["AttentionCore", "AttentionBLAS", "AttentionOpenCL", "AttentionKit"]),
+        .testTarget(name: "AttentionCoreTests", dependencies: ["AttentionCore", "AttentionVerification"]),
+        .testTarget(
+            name: "AttentionBackendTests",
+            dependencies: ["AttentionCore", "AttentionBLAS", "AttentionOpenCL", "AttentionKit", "AttentionVerification"]),
         .testTarget(name: "NumPyIOTests", dependencies: ["NumPyIO"]),
     ],
     swiftLanguageModes: [.v6]
@@ -89,7 +99,7 @@ if ProcessInfo.processInfo.environment["ATTENTIONKIT_BENCHMARKS"] != nil {
     package.targets.append(
         .executableTarget(
             name: "AttentionBenchmarks",
-            dependencies: ["AttentionKit", .product(name: "Benchmark", package: "benchmark")],
+            dependencies: ["AttentionKit", "AttentionVerification", .product(name: "Benchmark", package: "benchmark")],
             path: "Benchmarks/AttentionBenchmarks",
             plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
         ))

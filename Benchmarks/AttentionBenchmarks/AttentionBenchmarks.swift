@@ -2,23 +2,14 @@
 //   ATTENTIONKIT_BENCHMARKS=1 swift package benchmark
 // See the README's "Benchmarks" section for the baseline workflow.
 import AttentionKit
+import AttentionVerification
 import Benchmark
 import Foundation
 
-/// A standard shape, by the names used across AttentionKit.
-struct Shape {
-    let name: String
-    let q: [Int], k: [Int], v: [Int]
-    let causal: Bool
+/// Standard shapes (shared with attnbench through AttentionVerification) that the suites time.
+let shapes = ["small-128", "prefill-512", "prefill-2k", "causal-2k", "decode-4k"].compactMap { name in
+    ShapeSpec.standard.first { $0.name == name }
 }
-
-let shapes = [
-    Shape(name: "small-128", q: [4, 8, 128, 64], k: [4, 8, 128, 64], v: [4, 8, 128, 64], causal: false),
-    Shape(name: "prefill-512", q: [1, 8, 512, 64], k: [1, 8, 512, 64], v: [1, 8, 512, 64], causal: false),
-    Shape(name: "prefill-2k", q: [1, 8, 2048, 64], k: [1, 8, 2048, 64], v: [1, 8, 2048, 64], causal: false),
-    Shape(name: "causal-2k", q: [1, 8, 2048, 64], k: [1, 8, 2048, 64], v: [1, 8, 2048, 64], causal: true),
-    Shape(name: "decode-4k", q: [1, 32, 1, 128], k: [1, 8, 4096, 128], v: [1, 8, 4096, 128], causal: false),
-]
 
 let gflopsMetric = BenchmarkMetric.custom("GFLOPS", polarity: .prefersLarger, useScalingFactor: false)
 
@@ -33,14 +24,7 @@ let benchmarks: @Sendable () -> Void = {
     backends += OpenCLRuntime.availableDevices.indices.map { (OpenCLBackend(device: $0), .infinity) }
     for shape in shapes {
         for (backend, maxFlops) in backends {
-            let problem: AttentionProblem
-            let tensors: (Tensor, Tensor, Tensor)
-            do {
-                problem = try AttentionProblem(query: shape.q, key: shape.k, value: shape.v, options: .init(causal: shape.causal))
-                tensors = (try .random(shape: shape.q, seed: 1), try .random(shape: shape.k, seed: 2), try .random(shape: shape.v, seed: 3))
-            } catch {
-                fatalError("benchmark setup: \(error)")  // fixed shapes: cannot happen
-            }
+            guard let problem = try? shape.problem(), let tensors = try? shape.inputs() else { continue }
             // The naive reference only on shapes it finishes in about a second.
             guard problem.flops <= maxFlops else { continue }
             Benchmark("\(backend.name) \(shape.name)") { benchmark in
@@ -62,7 +46,7 @@ let benchmarks: @Sendable () -> Void = {
     }
 
     // The dispatcher's decision alone, on a causal prefill (its cost model walks the rows once).
-    let dispatcher = Dispatcher.current()
+    let dispatcher = Dispatcher.process
     let causal = try? AttentionProblem(query: [1, 8, 2048, 64], key: [1, 8, 2048, 64], value: [1, 8, 2048, 64], options: .init(causal: true))
     Benchmark("dispatch decision", configuration: .init(metrics: [.wallClock, .mallocCountTotal], maxIterations: 10_000)) { benchmark in
         guard let causal else { return }

@@ -1,4 +1,5 @@
 import AttentionCore
+import AttentionMachine
 import CBLAS
 import Foundation
 import Synchronization
@@ -25,27 +26,37 @@ import Synchronization
 public struct BLASBackend: AttentionBackend {
     /// Worker threads per call.
     public let threads: Int
-    /// Fixed tiling, or `nil` for `BLASTiling.default`.
+    /// A fixed tiling for every problem, or `nil` to choose per problem (see `tiling(for:)`).
     public let tiling: BLASTiling?
-    /// The CPU kernel variant, or why none can be used (an unsupported forced instruction set).
+    /// Tilings measured by `attnbench tune`, by head dimension (used for prefill-like problems).
+    public let tunedTilings: [Tuned<BLASTiling>]
+    /// The CPU kernel variant, or why none can be used (a forced instruction set this CPU lacks).
     public let kernels: Result<CPUKernels, AttentionError>
 
-    /// - Parameter isa: the instruction set of the CPU kernels; `nil` takes the process default
-    ///   (`ATTENTIONKIT_CPU_ISA`, else the widest this machine runs).
-    public init(threads: Int? = nil, tiling: BLASTiling? = nil, isa: CPUISA? = nil) {
+    /// - Parameters:
+    ///   - threads: worker threads per call (default: every core).
+    ///   - tiling: one tiling for every problem; `nil` chooses per problem.
+    ///   - tunedTilings: measured tilings by head dimension, preferred over the table for prefill.
+    ///   - isa: the CPU kernel variant; `nil` takes `configuration`'s (`ATTENTIONKIT_CPU_ISA`, else
+    ///     the widest this machine runs).
+    public init(
+        threads: Int? = nil, tiling: BLASTiling? = nil, tunedTilings: [Tuned<BLASTiling>] = [], isa: CPUISA? = nil,
+        configuration: AttentionConfiguration = .process
+    ) {
         self.threads = max(1, threads ?? CPUInfo.logicalCores)
         self.tiling = tiling
+        self.tunedTilings = tunedTilings
         if let isa {
             kernels = Result { () throws(AttentionError) in try CPUKernels(isa: isa) }
         } else {
-            kernels = CPUKernels.processDefault
+            kernels = CPUKernels.resolve(configuration)
         }
     }
 
     /// The instruction set the CPU kernels use, when usable.
     public var isa: CPUISA? { try? kernels.get().isa }
 
-    public var name: String { "blas" }
+    public var id: BackendID { .blas }
 
     public func support(for problem: AttentionProblem) -> BackendSupport {
         if case let .failure(error) = kernels { return .unsupported(reason: error.description) }
@@ -61,8 +72,24 @@ public struct BLASBackend: AttentionBackend {
         threads * tiling(for: problem).scratchBytesPerThread
     }
 
+    public func plan(for problem: AttentionProblem) -> ExecutionPlan {
+        let support = support(for: problem)
+        let tile = tiling(for: problem)
+        let kernels = isa.map { "\($0) kernels" } ?? "no CPU kernels"
+        return ExecutionPlan(
+            support: support, workspaceBytes: threads * tile.scratchBytesPerThread, path: "\(kernels), tiles \(tile)")
+    }
+
+    /// The tiling a problem runs with, decided here and nowhere else: the fixed `tiling` if one was
+    /// given; else, for prefill-like problems, the tuned tiling of the nearest head dimension; else
+    /// the table (`BLASTiling.default`), whose long key blocks suit decode. (Tuned tilings come from
+    /// prefill probes, so they are not applied to decode-like problems.)
     public func tiling(for problem: AttentionProblem) -> BLASTiling {
-        tiling ?? .default(headDim: problem.headDim, valueDim: problem.valueDim, queryLength: problem.queryLength)
+        if let tiling { return tiling }
+        if problem.regime == .prefillLike, let tuned = tunedTilings.nearest(to: max(problem.headDim, problem.valueDim)) {
+            return tuned
+        }
+        return .default(headDim: problem.headDim, valueDim: problem.valueDim, queryLength: problem.queryLength)
     }
 
     public func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {

@@ -1,4 +1,5 @@
 import AttentionCore
+import AttentionMachine
 
 /// Block sizes of the BLAS backend, in one table.
 ///

@@ -23,7 +23,7 @@ struct TileKernel {
     let out: UnsafeMutablePointer<Float>
     let lse: UnsafeMutablePointer<Float>?
     let mask: MaskPointer
-    /// Row stride of the score tile: the key block rounded up to whole SIMD16 vectors.
+    /// Row stride of the score tile: the key block, a multiple of 16 floats (whole kernel vectors).
     let ld: Int
     let scores: UnsafeMutablePointer<Float>
     let rowMax: UnsafeMutablePointer<Float>

@@ -70,16 +70,38 @@ public struct AttentionResult: Sendable, Equatable {
     public var logSumExp: Tensor
 }
 
-/// One way of computing attention. Every backend obeys the same contract (see the README's
-/// "Semantics" section); a backend that cannot do a case says so through `support(for:)` and is
-/// never asked to compute something else.
+/// What a backend would do with a problem: everything the dispatcher needs from it, in one call.
+public struct ExecutionPlan: Sendable, Equatable {
+    /// Whether the backend can run the problem, and if not, why.
+    public var support: BackendSupport
+    /// Extra memory a call needs beyond the caller's inputs and outputs (scratch, device copies).
+    public var workspaceBytes: Int
+    /// The memory the workspace must fit in: a device's memory, or nil for host memory (the
+    /// dispatcher then applies its own host limit).
+    public var deviceMemoryBytes: UInt64?
+    /// The kernel or path the backend would take, for explanations ("split-KV decode (2 splits x
+    /// 16384 keys)"); empty when there is nothing to say.
+    public var path: String
+
+    public init(support: BackendSupport, workspaceBytes: Int, deviceMemoryBytes: UInt64? = nil, path: String = "") {
+        self.support = support
+        self.workspaceBytes = workspaceBytes
+        self.deviceMemoryBytes = deviceMemoryBytes
+        self.path = path
+    }
+}
+
+/// One way of computing attention. Every backend obeys the same contract (README, "The contract");
+/// a backend that cannot do a case says so through `support(for:)` and is never asked to compute
+/// something else.
 ///
-/// Conformers implement `support(for:)` and `run(_:_:)`; callers use `forward(_:_:)` or
+/// Conformers implement `id`, `support(for:)` and `run(_:_:)`, and `plan(for:)` when they have more
+/// to say than support and workspace; callers use `forward(_:_:)` or
 /// `attention(query:key:value:options:)`, which validate before calling `run`.
 /// Backends are `Sendable`: one instance may serve concurrent calls.
 public protocol AttentionBackend: Sendable {
-    /// A short, stable name ("naive", "blas", "opencl:0"...).
-    var name: String { get }
+    /// Which backend this is.
+    var id: BackendID { get }
     /// Whether this backend can run `problem` on this machine, and if not, why.
     func support(for problem: AttentionProblem) -> BackendSupport
     /// Computes the problem. Called only with validated buffers and a supported problem.
@@ -87,17 +109,26 @@ public protocol AttentionBackend: Sendable {
     /// Extra memory a call needs beyond the caller's inputs and outputs (scratch, device copies),
     /// in bytes: what the dispatcher's memory guard compares with the device's memory.
     func workspaceBytes(for problem: AttentionProblem) -> Int
+    /// Support, workspace and path together: what the dispatcher asks, once per candidate.
+    func plan(for problem: AttentionProblem) -> ExecutionPlan
 }
 
 extension AttentionBackend {
     public func workspaceBytes(for problem: AttentionProblem) -> Int { 0 }
+
+    public func plan(for problem: AttentionProblem) -> ExecutionPlan {
+        ExecutionPlan(support: support(for: problem), workspaceBytes: workspaceBytes(for: problem))
+    }
+
+    /// The backend's name as text (`id.description`): "naive", "blas", "opencl:0".
+    public var name: String { id.description }
 }
 
 extension AttentionBackend {
     /// Checks support and buffer sizes, then runs the problem into the caller's buffers.
     public func forward(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {
         if case let .unsupported(reason) = support(for: problem) {
-            throw .unsupported(backend: name, reason: reason)
+            throw .unsupported(backend: id.description, reason: reason)
         }
         try buffers.check(against: problem)
         try run(problem, buffers)

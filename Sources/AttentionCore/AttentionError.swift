@@ -32,6 +32,10 @@ public enum AttentionError: Error, Equatable, Sendable, CustomStringConvertible 
     /// A setting (an environment variable, a backend or instruction-set name) has a value this
     /// machine cannot honour; `reason` says why.
     case invalidConfiguration(setting: String, value: String, reason: String)
+    /// A backend name that is not `naive`, `blas`, `opencl` or `opencl:N`.
+    case unknownBackend(name: String, reason: String)
+    /// A file AttentionKit keeps (the tuned profile) could not be read or written.
+    case fileError(path: String, reason: String)
 
     public var description: String {
         switch self {
@@ -64,6 +68,10 @@ public enum AttentionError: Error, Equatable, Sendable, CustomStringConvertible 
             return "backend \(backend) failed: \(message)"
         case let .invalidConfiguration(setting, value, reason):
             return "\(setting)=\(value) cannot be used: \(reason)"
+        case let .unknownBackend(name, reason):
+            return "unknown backend '\(name)': \(reason)"
+        case let .fileError(path, reason):
+            return "\(path): \(reason)"
         }
     }
 }

@@ -75,6 +75,28 @@ public struct AttentionProblem: Sendable, Equatable {
         return MaskLayout(batchStride: batchStride, headStride: headStride, rowStride: rowStride)
     }
 
+    // MARK: Regime
+
+    /// How a problem is bound: by arithmetic (prefill-like) or by reading K and V (decode-like).
+    public enum Regime: String, Sendable, Equatable {
+        /// Few query rows against the keys: time is K/V bytes over memory bandwidth.
+        case decodeLike = "decode-like"
+        /// Enough query rows that the products are matrix-matrix: time is FLOPs over throughput.
+        case prefillLike = "prefill-like"
+    }
+
+    /// Problems with at most this many queries (Nq) are decode-like: single-token decode,
+    /// speculative decoding, short chunks. The one place this threshold is stated.
+    public static let decodeQueryLimit = 16
+
+    /// The regime of problems with `queryLength` queries (see `decodeQueryLimit`).
+    public static func regime(queryLength: Int) -> Regime {
+        queryLength <= decodeQueryLimit ? .decodeLike : .prefillLike
+    }
+
+    /// This problem's regime.
+    public var regime: Regime { Self.regime(queryLength: queryLength) }
+
     // MARK: Derived sizes
 
     public var queryShape: [Int] { [batch, queryHeads, queryLength, headDim] }

@@ -4,12 +4,12 @@ import Foundation
 ///
 /// It is slow (O(Nq·Nk·(D+Dv)) scalar work, O(Nk) extra memory per call) and exists to be obviously
 /// right; every other backend is tested against it. With fp32 inputs its results are the float64
-/// reference of ATTENTION.md, rounded to fp32 once at the end. `reference(_:...)` returns the
-/// unrounded Double values for error measurement.
+/// reference of the contract (README, "The contract"), rounded to fp32 once at the end.
+/// `reference(_:...)` returns the unrounded Double values for error measurement.
 public struct NaiveBackend: AttentionBackend {
     public init() {}
 
-    public var name: String { "naive" }
+    public var id: BackendID { .naive }
 
     public func support(for problem: AttentionProblem) -> BackendSupport { .supported }
 
@@ -83,20 +83,17 @@ public struct NaiveBackend: AttentionBackend {
         }
     }
 
-    /// Output and log-sum-exp of one query row (flat index into [B, Hq, Nq]), in Double.
-    static func computeRow(
-        _ p: AttentionProblem, row: Int,
-        query: UnsafeBufferPointer<Float>, key: UnsafeBufferPointer<Float>, value: UnsafeBufferPointer<Float>,
-        scratch: inout RowScratch
-    ) -> ([Double], Double) {
-        let (d, dv, nq, nk) = (p.headDim, p.valueDim, p.queryLength, p.keyLength)
-        let i = row % nq
-        let h = (row / nq) % p.queryHeads
-        let b = row / (nq * p.queryHeads)
+    /// Scores and visibility of query `i` of head `h`, batch `b`, into `scratch`: the largest visible
+    /// score, and whether a visible score is NaN.
+    static func scoreRow(
+        _ p: AttentionProblem, batch b: Int, head h: Int, query i: Int,
+        query: UnsafeBufferPointer<Float>, key: UnsafeBufferPointer<Float>, scratch: inout RowScratch
+    ) -> (rowMax: Double, poisoned: Bool) {
+        let (d, nk) = (p.headDim, p.keyLength)
         let scale = Double(p.scale)
         let softcap = p.options.softcap.map(Double.init)
         let kvBase = (b * p.keyValueHeads + h / p.groupSize) * nk
-        let qBase = row * d
+        let qBase = ((b * p.queryHeads + h) * p.queryLength + i) * d
         let (lo, hi) = p.visibleKeys(forQuery: i)
         var rowMax = -Double.infinity
         var poisoned = false
@@ -121,12 +118,25 @@ public struct NaiveBackend: AttentionBackend {
             guard visible else { continue }
             if s.isNaN { poisoned = true } else { rowMax = max(rowMax, s) }
         }
+        return (rowMax, poisoned)
+    }
+
+    /// Output and log-sum-exp of one query row (flat index into [B, Hq, Nq]), in Double.
+    static func computeRow(
+        _ p: AttentionProblem, row: Int,
+        query: UnsafeBufferPointer<Float>, key: UnsafeBufferPointer<Float>, value: UnsafeBufferPointer<Float>,
+        scratch: inout RowScratch
+    ) -> ([Double], Double) {
+        let (dv, nq, nk) = (p.valueDim, p.queryLength, p.keyLength)
+        let (i, h, b) = (row % nq, (row / nq) % p.queryHeads, row / (nq * p.queryHeads))
+        let (rowMax, poisoned) = scoreRow(p, batch: b, head: h, query: i, query: query, key: key, scratch: &scratch)
         if poisoned || rowMax == .infinity {  // NaN, or exp(inf - inf): undefined
             return ([Double](repeating: .nan, count: dv), .nan)
         }
         if rowMax == -.infinity {  // no visible key
             return ([Double](repeating: 0, count: dv), -.infinity)
         }
+        let kvBase = (b * p.keyValueHeads + h / p.groupSize) * nk
         var sum = 0.0
         var out = [Double](repeating: 0, count: dv)
         for j in 0..<nk where scratch.visible[j] {
@@ -137,5 +147,28 @@ public struct NaiveBackend: AttentionBackend {
         }
         for c in 0..<dv { out[c] /= sum }
         return (out, rowMax + log(sum))
+    }
+
+    /// The attention probabilities p[i, j] of one head, [Nq][Nk] row-major, in Double, by the same
+    /// rules as the reference (scale, softcap, causal, window, mask): `nil` where key j is hidden
+    /// from query i, and for every key of a row that sees none or is poisoned by NaN.
+    public static func probabilities(
+        _ problem: AttentionProblem, query: Tensor, key: Tensor, batch: Int, head: Int
+    ) -> [Double?] {
+        let (nq, nk) = (problem.queryLength, problem.keyLength)
+        var result = [Double?](repeating: nil, count: nq * nk)
+        query.storage.withUnsafeBufferPointer { q in
+            key.storage.withUnsafeBufferPointer { k in
+                var scratch = RowScratch(problem)
+                for i in 0..<nq {
+                    let (rowMax, poisoned) = scoreRow(problem, batch: batch, head: head, query: i, query: q, key: k, scratch: &scratch)
+                    guard !poisoned, rowMax.isFinite else { continue }
+                    var sum = 0.0
+                    for j in 0..<nk where scratch.visible[j] { sum += exp(scratch.scores[j] - rowMax) }
+                    for j in 0..<nk where scratch.visible[j] { result[i * nk + j] = exp(scratch.scores[j] - rowMax) / sum }
+                }
+            }
+        }
+        return result
     }
 }

@@ -3,62 +3,14 @@ import AttentionCore
 import AttentionOpenCL
 import Foundation
 
-/// One backend the dispatcher may choose: how to build it for a problem, and its profile.
+/// One backend the dispatcher may choose, built once, and its profile.
 public struct DispatchCandidate: Sendable {
-    /// Builds the backend for a problem (tuned block sizes depend on the head dimension).
-    public let make: @Sendable (AttentionProblem) -> any AttentionBackend
+    public let backend: any AttentionBackend
     public let profile: BackendProfile
 
-    public init(profile: BackendProfile, make: @escaping @Sendable (AttentionProblem) -> any AttentionBackend) {
+    public init(backend: any AttentionBackend, profile: BackendProfile) {
+        self.backend = backend
         self.profile = profile
-        self.make = make
-    }
-}
-
-/// The dispatcher's decision for one problem, as data: every candidate, whether it can run the
-/// problem and why not, its estimated time, and the winner.
-public struct DispatchDecision: Sendable, CustomStringConvertible {
-    public struct Option: Sendable {
-        public let backend: String
-        public let device: String
-        /// Supported, or why not (including the memory guard).
-        public let support: BackendSupport
-        /// Estimated seconds from the profile (nil when unsupported).
-        public let estimatedSeconds: Double?
-        /// Kernel or regime notes ("split-KV decode", "memory-bound decode", workspace size).
-        public let detail: String
-    }
-
-    public let options: [Option]
-    /// Index into `options` of the winner.
-    public let chosenIndex: Int
-    public let chosen: any AttentionBackend
-    /// Where the profile came from ("built-in defaults", "measured by attnbench tune on ...").
-    public let profileSource: String
-
-    public var winner: Option { options[chosenIndex] }
-
-    public var reason: String {
-        let runnersUp = options.enumerated().filter { $0.offset != chosenIndex && $0.element.estimatedSeconds != nil }
-            .sorted { $0.element.estimatedSeconds! < $1.element.estimatedSeconds! }
-        var text = "\(winner.backend) estimated fastest (\(Self.ms(winner.estimatedSeconds)))"
-        if let next = runnersUp.first { text += ", next \(next.element.backend) (\(Self.ms(next.element.estimatedSeconds)))" }
-        let refused = options.filter { !$0.support.isSupported }
-        if !refused.isEmpty {
-            text += "; not possible: " + refused.map { option -> String in
-                if case let .unsupported(why) = option.support { return "\(option.backend) (\(why))" }
-                return option.backend
-            }.joined(separator: ", ")
-        }
-        return text + "; profile: \(profileSource)"
-    }
-
-    public var description: String { reason }
-
-    static func ms(_ seconds: Double?) -> String {
-        guard let seconds else { return "-" }
-        let value = seconds * 1e3
-        return value >= 100 ? "\(Int(value.rounded())) ms" : String(format: "%.3g ms", value)
     }
 }
 
@@ -67,82 +19,92 @@ public struct DispatchDecision: Sendable, CustomStringConvertible {
 ///
 /// Cost model: visible query-key pairs (exact for causal and window rules; mask density is not
 /// modelled) give the FLOPs; time = overhead + FLOPs / GFLOP/s(head dim, Nk), or for decode-like
-/// problems (Nq <= 16) the larger of that and K/V bytes / GB/s(Nk); plus host-device copies where the
+/// problems (`AttentionProblem.Regime`) the larger of that and K/V bytes / GB/s(Nk); plus host-device copies where the
 /// device does not work on host memory. A backend whose workspace exceeds its device's memory (or,
 /// on the host, half of RAM) is excluded: no quadratic-memory path is ever picked for a huge problem.
 public struct Dispatcher: Sendable {
+    /// The settings this dispatcher honours (the `ATTENTIONKIT_BACKEND` override among them).
+    public let configuration: AttentionConfiguration
     public let profile: MachineProfile
+    /// Every backend it may choose, each built once.
     public let candidates: [DispatchCandidate]
 
-    public init(profile: MachineProfile, candidates: [DispatchCandidate]) {
+    public init(profile: MachineProfile, candidates: [DispatchCandidate], configuration: AttentionConfiguration = .init()) {
         self.profile = profile
         self.candidates = candidates
+        self.configuration = configuration
     }
-
-    /// The profile of this process: the stored `attnbench tune` result when it belongs to this
-    /// machine, else built-in defaults. Read once.
-    public static let machineProfile = MachineProfile.load()
 
     /// This machine's backends (naive, BLAS, every OpenCL device, or an OpenCL entry that says why
-    /// there is none), with the process's profile and any tuned block sizes applied.
-    public static func current(threads: Int? = nil, profile: MachineProfile = machineProfile) -> Dispatcher {
+    /// there is none), built once with the profile's tuned block sizes.
+    public init(configuration: AttentionConfiguration = .process, profile: MachineProfile = .process, threads: Int? = nil) {
         var candidates: [DispatchCandidate] = []
         for entry in profile.backends {
+            let backend: any AttentionBackend
             switch entry.backend {
-            case "naive":
-                candidates.append(DispatchCandidate(profile: entry) { _ in NaiveBackend() })
-            case "blas":
-                // Tuned tilings come from prefill probes; decode-like problems keep the table's long key blocks.
-                candidates.append(DispatchCandidate(profile: entry) { p in
-                    BLASBackend(threads: threads, tiling: p.queryLength <= 16 ? nil : entry.tiling(headDim: max(p.headDim, p.valueDim)))
-                })
-            case let name where name.hasPrefix("opencl:"):
-                let index = Int(name.dropFirst("opencl:".count)) ?? 0
-                candidates.append(DispatchCandidate(profile: entry) { p in
-                    OpenCLBackend(device: index, config: entry.config(headDim: max(p.headDim, p.valueDim)))
-                })
-            default:
-                continue
+            case .naive:
+                backend = NaiveBackend()
+            case .blas:
+                backend = BLASBackend(
+                    threads: threads, tunedTilings: entry.blasTilings ?? [], configuration: configuration)
+            case let .opencl(device):
+                backend = OpenCLBackend(device: device, tunedConfigs: entry.openclConfigs ?? [])
             }
+            candidates.append(DispatchCandidate(backend: backend, profile: entry))
         }
         if OpenCLRuntime.availableDevices.isEmpty {
-            // No OpenCL: listed so that the decision says why.
-            let none = BackendProfile(backend: "opencl:0", device: "none", gflops: [], decodeGBps: ThroughputCurve([]), overheadSeconds: 0, memoryBytes: 0)
-            candidates.append(DispatchCandidate(profile: none) { _ in OpenCLBackend(device: 0) })
+            // No OpenCL: listed so that decisions say why.
+            let none = BackendProfile(
+                backend: .opencl(device: 0), device: "none", gflops: [], decodeGBps: ThroughputCurve([]),
+                overheadSeconds: 0, memoryBytes: 0)
+            candidates.append(DispatchCandidate(backend: OpenCLBackend(device: 0), profile: none))
         }
-        return Dispatcher(profile: profile, candidates: candidates)
+        self.init(profile: profile, candidates: candidates, configuration: configuration)
     }
 
-    /// Evaluates every candidate on `problem` and picks the fastest supported one.
+    /// This process's dispatcher: `AttentionConfiguration.process` and `MachineProfile.process`,
+    /// candidates built once.
+    public static let process = Dispatcher()
+
+    /// The candidate backend `id`; an OpenCL device this machine lacks gives a backend that says
+    /// why it cannot run anything; any other unknown backend is an error.
+    public func backend(_ id: BackendID) throws(AttentionError) -> any AttentionBackend {
+        if let candidate = candidates.first(where: { $0.backend.id == id }) { return candidate.backend }
+        if case let .opencl(device) = id { return OpenCLBackend(device: device) }
+        let known = candidates.map(\.backend.name).joined(separator: ", ")
+        throw .unsupported(backend: id.description, reason: "no such backend on this machine (have: \(known))")
+    }
+
+    /// Evaluates every candidate on `problem` (one `plan(for:)` each) and picks the fastest
+    /// supported one.
     public func decide(_ problem: AttentionProblem) -> DispatchDecision {
-        var options: [DispatchDecision.Option] = []
-        var backends: [any AttentionBackend] = []
-        for candidate in candidates {
-            let backend = candidate.make(problem)
-            backends.append(backend)
-            var support = backend.support(for: problem)
-            let workspace = backend.workspaceBytes(for: problem)
-            var detail = workspace > 0 ? "workspace \(Self.bytes(workspace))" : ""
-            if support.isSupported {
-                let hostBackend = candidate.profile.transferGBps == nil && !backend.name.hasPrefix("opencl")
-                let limit = hostBackend ? candidate.profile.memoryBytes / 2 : candidate.profile.memoryBytes
-                if UInt64(workspace) > limit {
-                    support = .unsupported(reason: "needs \(Self.bytes(workspace)) of working memory, more than \(Self.bytes(Int(clamping: limit)))")
-                }
-            }
-            if let opencl = backend as? OpenCLBackend, support.isSupported {
-                detail = "\(opencl.kernelChoice(for: problem).choice)" + (detail.isEmpty ? "" : ", " + detail)
-            }
-            if problem.queryLength <= 16 { detail = "decode-like" + (detail.isEmpty ? "" : ", " + detail) }
-            options.append(.init(backend: backend.name, device: candidate.profile.device, support: support,
-                                 estimatedSeconds: support.isSupported ? Self.estimate(problem, profile: candidate.profile) : nil,
-                                 detail: detail))
-        }
+        let options = candidates.map { option(for: $0, problem) }
         let best = options.indices.filter { options[$0].estimatedSeconds != nil }
             .min { options[$0].estimatedSeconds! < options[$1].estimatedSeconds! }
-        let index = best ?? options.indices.first { options[$0].backend == "naive" } ?? 0
-        let chosen: any AttentionBackend = backends.isEmpty ? NaiveBackend() : backends[index]
+        let index = best ?? options.indices.first { options[$0].backend == .naive } ?? 0
+        let chosen: any AttentionBackend = candidates.isEmpty ? NaiveBackend() : candidates[index].backend
         return DispatchDecision(options: options, chosenIndex: index, chosen: chosen, profileSource: profile.source)
+    }
+
+    /// One candidate's line of a decision: its plan, the memory guard, the estimate.
+    private func option(for candidate: DispatchCandidate, _ problem: AttentionProblem) -> DispatchDecision.Option {
+        let plan = candidate.backend.plan(for: problem)
+        var support = plan.support
+        if support.isSupported {
+            let limit = plan.deviceMemoryBytes ?? candidate.profile.memoryBytes / 2
+            if UInt64(plan.workspaceBytes) > limit {
+                support = .unsupported(
+                    reason: "needs \(Self.bytes(plan.workspaceBytes)) of working memory, "
+                        + "more than \(Self.bytes(Int(clamping: limit)))")
+            }
+        }
+        var notes = [problem.regime.rawValue]
+        if support.isSupported && !plan.path.isEmpty { notes.append(plan.path) }
+        if plan.workspaceBytes > 0 { notes.append("workspace \(Self.bytes(plan.workspaceBytes))") }
+        return DispatchDecision.Option(
+            backend: candidate.backend.id, device: candidate.profile.device, support: support,
+            estimatedSeconds: support.isSupported ? Self.estimate(problem, profile: candidate.profile) : nil,
+            detail: notes.joined(separator: ", "))
     }
 
     /// Query-key pairs that causal and window rules leave visible (masks not counted).
@@ -161,7 +123,7 @@ public struct Dispatcher: Sendable {
         let flops = 2 * Double(p.batch * p.queryHeads) * visiblePairs(p) * Double(p.headDim + p.valueDim)
         let rate = max(profile.gflops(headDim: max(p.headDim, p.valueDim), keyLength: p.keyLength), 1e-3) * 1e9
         var seconds = flops / rate
-        if p.queryLength <= 16 {
+        if p.regime == .decodeLike {
             let bandwidth = max(profile.decodeGBps.value(at: p.keyLength), 1e-3) * 1e9
             seconds = max(seconds, p.keyValueBytes / bandwidth)
         }

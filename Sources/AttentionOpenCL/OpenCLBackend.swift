@@ -14,17 +14,35 @@ public struct OpenCLBackend: AttentionBackend {
     public let device: OpenCLDevice?
     /// Why there is no device, when there is none.
     public let unavailableReason: String?
-    /// A fixed kernel configuration, or `nil` for the table's choice per problem.
+    /// A fixed kernel configuration, or `nil` to choose per problem (see `kernelConfig(for:)`).
     public let config: OpenCLKernelConfig?
+    /// Configurations measured by `attnbench tune`, by head dimension.
+    public let tunedConfigs: [Tuned<OpenCLKernelConfig>]
     /// Forces the flash kernel (`false`) or lets decode-shaped problems use split-KV (`true`).
     public let allowSplitKV: Bool
     private let index: Int
+    /// The complete source of a kernel program by file name ("attention", "decode").
+    private let programs: @Sendable (String) -> String?
 
     /// The backend on device `index` of `OpenCLRuntime.devices`.
-    public init(device index: Int = 0, config: OpenCLKernelConfig? = nil, allowSplitKV: Bool = true) {
+    public init(
+        device index: Int = 0, config: OpenCLKernelConfig? = nil, tunedConfigs: [Tuned<OpenCLKernelConfig>] = [],
+        allowSplitKV: Bool = true
+    ) {
+        self.init(device: index, config: config, tunedConfigs: tunedConfigs, allowSplitKV: allowSplitKV,
+                  programs: { KernelSources.program($0) })
+    }
+
+    /// The same with another source of kernel programs (tests: a build that lacks a kernel).
+    package init(
+        device index: Int, config: OpenCLKernelConfig?, tunedConfigs: [Tuned<OpenCLKernelConfig>], allowSplitKV: Bool,
+        programs: @escaping @Sendable (String) -> String?
+    ) {
         self.index = index
         self.config = config
+        self.tunedConfigs = tunedConfigs
         self.allowSplitKV = allowSplitKV
+        self.programs = programs
         switch OpenCLRuntime.devices {
         case let .success(devices) where index >= 0 && index < devices.count:
             device = devices[index]
@@ -38,11 +56,15 @@ public struct OpenCLBackend: AttentionBackend {
         }
     }
 
-    public var name: String { "opencl:\(index)" }
+    public var id: BackendID { .opencl(device: index) }
 
+    /// The kernel configuration a problem runs with, decided here and nowhere else: the fixed
+    /// `config` if one was given, else the tuned one of the nearest head dimension, else the table.
     public func kernelConfig(for problem: AttentionProblem) -> OpenCLKernelConfig? {
         guard let device else { return nil }
-        return config ?? .default(for: device.info, headDim: problem.headDim, valueDim: problem.valueDim)
+        if let config { return config }
+        if let tuned = tunedConfigs.nearest(to: max(problem.headDim, problem.valueDim)) { return tuned }
+        return .default(for: device.info, headDim: problem.headDim, valueDim: problem.valueDim)
     }
 
     /// The kernel this backend would run, and why.
@@ -90,6 +112,15 @@ public struct OpenCLBackend: AttentionBackend {
         bufferBytes(problem, choice: kernelChoice(for: problem).choice).reduce(0, +)
     }
 
+    public func plan(for problem: AttentionProblem) -> ExecutionPlan {
+        let support = support(for: problem)
+        guard let device, support.isSupported else { return ExecutionPlan(support: support, workspaceBytes: 0) }
+        let choice = kernelChoice(for: problem).choice
+        return ExecutionPlan(
+            support: support, workspaceBytes: bufferBytes(problem, choice: choice).reduce(0, +),
+            deviceMemoryBytes: device.info.globalMemoryBytes, path: choice.description)
+    }
+
     /// Bytes of every device buffer a call allocates (inputs, outputs, mask, temporaries).
     private func bufferBytes(_ p: AttentionProblem, choice: OpenCLKernelChoice) -> [Int] {
         var sizes = [p.queryShape, p.keyShape, p.valueShape, p.outputShape, p.lseShape].map { 4 * $0.reduce(1, *) }
@@ -115,6 +146,7 @@ public struct OpenCLBackend: AttentionBackend {
 
     public func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {
         guard let device else { throw .unsupported(backend: name, reason: unavailableReason ?? "no OpenCL device") }
+        let launch = try prepare(problem)
         let zeroCopy = device.info.isCPU || device.info.hostUnifiedMemory
         do {
             try device.withExecution { (state) throws(OpenCLError) in
@@ -122,13 +154,14 @@ public struct OpenCLBackend: AttentionBackend {
                 let q = try state.buffer(bytes: buffers.query.count * 4, flags: readOnly, host: buffers.query.baseAddress, useHostMemory: zeroCopy)
                 let k = try state.buffer(bytes: buffers.key.count * 4, flags: readOnly, host: buffers.key.baseAddress, useHostMemory: zeroCopy)
                 let v = try state.buffer(bytes: buffers.value.count * 4, flags: readOnly, host: buffers.value.baseAddress, useHostMemory: zeroCopy)
-                let writeOnly = Int32(CL_MEM_READ_WRITE)
-                let o = try state.buffer(bytes: buffers.output.count * 4, flags: writeOnly,
+                // The flash kernel accumulates in O, so outputs are read and written.
+                let readWrite = Int32(CL_MEM_READ_WRITE)
+                let o = try state.buffer(bytes: buffers.output.count * 4, flags: readWrite,
                                          host: zeroCopy ? UnsafeRawPointer(buffers.output.baseAddress) : nil, useHostMemory: zeroCopy)
                 let lseCount = problem.lseShape.reduce(1, *)
                 let lseHost = buffers.logSumExp.flatMap { zeroCopy ? UnsafeRawPointer($0.baseAddress) : nil }
-                let lse = try state.buffer(bytes: lseCount * 4, flags: writeOnly, host: lseHost, useHostMemory: lseHost != nil)
-                try execute(problem, state: state, q: q, k: k, v: v, o: o, lse: lse)
+                let lse = try state.buffer(bytes: lseCount * 4, flags: readWrite, host: lseHost, useHostMemory: lseHost != nil)
+                try execute(problem, launch, state: state, q: q, k: k, v: v, o: o, lse: lse)
                 if zeroCopy {
                     try state.synchronizeHostMemory(o)
                     if lseHost != nil { try state.synchronizeHostMemory(lse) }
@@ -186,11 +219,12 @@ public struct OpenCLBackend: AttentionBackend {
             guard tensor.shape == shape else { throw .shapeMismatch("device tensor \(label) has shape \(tensor.shape), problem needs \(shape)") }
             guard tensor.device === device else { throw .unsupported(backend: name, reason: "\(label) lives on another device (\(tensor.device.info.name))") }
         }
+        let launch = try prepare(problem)
         do {
             return try device.withExecution { (state) throws(OpenCLError) in
                 let o = try state.buffer(bytes: 4 * problem.outputShape.reduce(1, *), flags: Int32(CL_MEM_READ_WRITE))
                 let lse = try state.buffer(bytes: 4 * problem.lseShape.reduce(1, *), flags: Int32(CL_MEM_READ_WRITE))
-                try execute(problem, state: state, q: query.buffer, k: key.buffer, v: value.buffer, o: o, lse: lse)
+                try execute(problem, launch, state: state, q: query.buffer, k: key.buffer, v: value.buffer, o: o, lse: lse)
                 return (OpenCLTensor(shape: problem.outputShape, buffer: o, device: device),
                         OpenCLTensor(shape: problem.lseShape, buffer: lse, device: device))
             }
@@ -201,9 +235,35 @@ public struct OpenCLBackend: AttentionBackend {
 
     // MARK: Kernels
 
-    private func execute(_ p: AttentionProblem, state: ExecutionState,
+    /// What a call launches: the configuration, the kernel choice and the program source it needs.
+    private struct Launch {
+        var config: OpenCLKernelConfig
+        var choice: OpenCLKernelChoice
+        var source: String
+    }
+
+    /// Resolves configuration and program source before any device work; a build that lacks a kernel
+    /// is an error, never a silent no-op.
+    private func prepare(_ p: AttentionProblem) throws(AttentionError) -> Launch {
+        guard let config = kernelConfig(for: p) else {
+            throw .unsupported(backend: name, reason: unavailableReason ?? "no OpenCL device")
+        }
+        let choice = kernelChoice(for: p).choice
+        let file: String
+        switch choice {
+        case .flash: file = "attention"
+        case .splitKV: file = "decode"
+        }
+        guard let source = programs(file) else {
+            throw .backendFailure(backend: name, message: "kernel program '\(file).cl' is missing from this build")
+        }
+        return Launch(config: config, choice: choice, source: source)
+    }
+
+    private func execute(_ p: AttentionProblem, _ launch: Launch, state: ExecutionState,
                          q: CLBuffer, k: CLBuffer, v: CLBuffer, o: CLBuffer, lse: CLBuffer) throws(OpenCLError) {
-        guard let cfg = kernelConfig(for: p) else { return }
+        let cfg = launch.config
+        let source = launch.source
         let vec = cfg.vectorWidth
         let nkPad = (p.keyLength + vec - 1) / vec * vec
         var params = AKParams()
@@ -235,9 +295,8 @@ public struct OpenCLBackend: AttentionBackend {
             }
         }
 
-        switch kernelChoice(for: p).choice {
+        switch launch.choice {
         case .flash:
-            guard let source = KernelSources.program("attention") else { return }
             let kt = try state.buffer(bytes: 4 * p.batch * p.keyValueHeads * p.headDim * nkPad, flags: Int32(CL_MEM_READ_WRITE))
             let transpose = try state.kernel("transpose_keys", source: source, options: cfg.flashOptions)
             try transpose.set(0, k)
@@ -259,7 +318,6 @@ public struct OpenCLBackend: AttentionBackend {
             try state.enqueue(flash, global: [(rowBlocks + group - 1) / group * group, p.batch * p.queryHeads], local: [group, 1])
 
         case let .splitKV(splits, keysPerSplit):
-            guard let source = KernelSources.program("decode") else { return }
             let totalRows = p.batch * p.queryHeads * p.queryLength
             let oPart = try state.buffer(bytes: 4 * splits * totalRows * p.valueDim, flags: Int32(CL_MEM_READ_WRITE))
             let lsePart = try state.buffer(bytes: 4 * splits * totalRows, flags: Int32(CL_MEM_READ_WRITE))

@@ -239,8 +239,9 @@ func fnv1a(_ text: String) -> String {
 /// A corrupt or stale file is ignored (the program is rebuilt from source and the file replaced).
 package enum ProgramDiskCache {
     package static var directory: URL? {
-        if ProcessInfo.processInfo.environment["ATTENTIONKIT_OPENCL_DISK_CACHE"] == "0" { return nil }
-        return CacheDirectory.url?.appendingPathComponent("opencl")
+        let configuration = AttentionConfiguration.process
+        guard configuration.openCLDiskCache else { return nil }
+        return configuration.cacheDirectory?.appendingPathComponent("opencl")
     }
 
     static func file(for info: OpenCLDeviceInfo, key: String) -> URL? {

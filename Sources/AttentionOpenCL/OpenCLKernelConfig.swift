@@ -1,7 +1,7 @@
 import AttentionCore
 
-/// Compile-time shape of the kernels on one device, chosen from a table by device kind and head
-/// dimensions (later to be filled by autotuning).
+/// Compile-time shape of the kernels on one device: from a table by device kind and head dimensions
+/// (`default(for:headDim:valueDim:)`), or measured by `attnbench tune`.
 public struct OpenCLKernelConfig: Sendable, Hashable, Codable, CustomStringConvertible {
     /// Keys per step, the float vector width (VEC): 4, 8 or 16.
     public var vectorWidth: Int

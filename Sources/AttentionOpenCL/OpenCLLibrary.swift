@@ -1,5 +1,5 @@
+import AttentionCore
 import COpenCL
-import Foundation
 
 /// The OpenCL entry points, loaded at run time from the ICD loader (`libOpenCL.so.1`).
 ///
@@ -30,9 +30,10 @@ package final class OpenCLLibrary: @unchecked Sendable {
         return .success(OpenCLLibrary(api: api, path: path ?? "libOpenCL.so.1"))
     }
 
-    /// The process-wide library (default path, or `ATTENTIONKIT_OPENCL_LIBRARY`), loaded once.
+    /// The process-wide library (default path, or `ATTENTIONKIT_OPENCL_LIBRARY` through
+    /// `AttentionConfiguration.process`), loaded once.
     package static let shared: Result<OpenCLLibrary, OpenCLUnavailable> =
-        load(path: ProcessInfo.processInfo.environment["ATTENTIONKIT_OPENCL_LIBRARY"])
+        load(path: AttentionConfiguration.process.openCLLibraryPath)
 }
 
 /// Why OpenCL cannot be used on this machine (no loader library, no platform, no device...).

@@ -1,15 +1,26 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 import Foundation
 import TextTable
 
 /// Options shared by `bench` and the default report.
 struct BenchOptions: ParsableArguments {
-    @Option(parsing: .upToNextOption, help: ArgumentHelp("Shapes: standard names or NAME:b=1,hq=8,nq=1000,d=64[,hkv=..,nk=..,dv=..,causal].", valueName: "shape"))
+    @Option(
+        parsing: .upToNextOption,
+        help: ArgumentHelp(
+            "Shapes, as separate words: standard names or NAME:b=1,hq=8,nq=1000,d=64[,hkv=..,nk=..,dv=..,causal].",
+            valueName: "shape"))
     var shapes: [String] = ShapeSpec.standard.map(\.name)
-    @Option(help: "Backends: all (naive, blas, every OpenCL device, and an auto row per shape) or a comma-separated list of naive, blas, opencl, auto. Default: all for bench, naive,blas,opencl for the report.")
-    var backend: String?
-    @Option(parsing: .upToNextOption, help: "OpenCL device indices (default: every device).") var device: [Int] = []
+    @Option(
+        parsing: .upToNextOption,
+        help: ArgumentHelp(
+            "Backends, as separate words: all (naive, blas, every OpenCL device, and an auto row per shape) or "
+                + "some of naive, blas, opencl, opencl:N, auto. Default: all for bench, naive blas opencl for the report.",
+            valueName: "backend"))
+    var backend: [String] = []
+    @Option(parsing: .upToNextOption, help: ArgumentHelp("OpenCL device indices (default: every device).", valueName: "N"))
+    var device: [String] = []
     @Option(name: .customLong("repeat"), help: "Timed repetitions per cell (fewer when a cell would exceed its time budget).")
     var repetitions: Int = 5
     @Option(help: "Seconds of timed runs per cell at most (at least one run is made).") var cellBudget: Double = 2
@@ -20,7 +31,23 @@ struct BenchOptions: ParsableArguments {
         if cellBudget <= 0 || maxRunSeconds <= 0 { throw ValidationError("budgets must be > 0") }
     }
 
-    func shapeSpecs() throws -> [ShapeSpec] { try shapes.map(ShapeSpec.parse) }
+    func shapeSpecs() throws -> [ShapeSpec] { try listValues(shapes).map(ShapeSpec.parse) }
+
+    /// The backends asked for, or `fallback` when none were.
+    func backendNames(default fallback: [String]) -> [String] {
+        let names = listValues(backend)
+        return names.isEmpty ? fallback : names
+    }
+
+    /// The OpenCL device indices asked for, or nil for every device.
+    func deviceIndices() throws -> [Int]? {
+        let words = listValues(device)
+        guard !words.isEmpty else { return nil }
+        return try words.map { word in
+            guard let index = Int(word), index >= 0 else { throw CLIError("--device: '\(word)' is not a device index") }
+            return index
+        }
+    }
 }
 
 /// Times backends on shapes and writes the results.
@@ -39,7 +66,8 @@ struct Bench: ParsableCommand {
         let shapes = try options.shapeSpecs()
         printError("measuring the roofline (SGEMM, memory bandwidth)...")
         let roofline = Roofline.measure()
-        let backends = try BenchBackend.all(choice: options.backend ?? "all", devices: options.device.isEmpty ? nil : options.device, roofline: roofline)
+        let backends = try BenchBackend.all(
+            names: options.backendNames(default: ["all"]), devices: try options.deviceIndices(), roofline: roofline)
         let rows = runBench(shapes: shapes, backends: backends, options: options, roofline: roofline)
         print(renderTable(rows, roofline: roofline))
         if let json { try writeJSON(BenchReport(machine: .current(roofline), results: rows, verification: nil), to: json) }
@@ -123,35 +151,3 @@ func renderTable(_ rows: [BenchRow], roofline: Roofline) -> String {
     return header + legend + "\n" + (table.string(for: lines) ?? "")
 }
 
-func writeJSON<T: Encodable>(_ value: T, to path: String) throws {
-    let encoder = JSONEncoder()
-    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-    encoder.keyEncodingStrategy = .convertToSnakeCase
-    encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
-    try writeData(try encoder.encode(value), to: path)
-}
-
-func writeCSV(_ rows: [BenchRow], to path: String) throws {
-    var text = "shape,backend,device,kernel,median_seconds,min_seconds,max_seconds,repetitions,gflops,roofline_fraction,kv_gbps,bandwidth_fraction,max_abs_error,nmse,peak_extra_bytes,dispatcher_pick,skipped\n"
-    func field(_ s: String?) -> String {
-        guard let s else { return "" }
-        return s.contains(",") || s.contains("\"") ? "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\"" : s
-    }
-    func num(_ x: Double?) -> String { x.map { "\($0)" } ?? "" }
-    for r in rows {
-        text += [field(r.shape), field(r.backend), field(r.device), field(r.kernel), num(r.medianSeconds), num(r.minSeconds), num(r.maxSeconds),
-                 "\(r.repetitions)", num(r.gflops), num(r.rooflineFraction), num(r.keyValueGBps), num(r.bandwidthFraction),
-                 num(r.maxAbsError), num(r.nmse), r.peakExtraBytes.map(String.init) ?? "", field(r.dispatcherPick), field(r.skipped)].joined(separator: ",") + "\n"
-    }
-    try writeText(text, to: path)
-}
-
-func writeText(_ text: String, to path: String) throws { try writeData(Data(text.utf8), to: path) }
-
-func writeData(_ data: Data, to path: String) throws {
-    do {
-        try data.write(to: URL(fileURLWithPath: path), options: .atomic)
-    } catch {
-        throw CLIError("\(path): cannot write: \((error as NSError).localizedDescription)")
-    }
-}

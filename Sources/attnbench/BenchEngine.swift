@@ -1,4 +1,5 @@
 import AttentionKit
+import AttentionVerification
 import Dispatch
 import Foundation
 
@@ -25,60 +26,86 @@ struct BenchRow: Codable {
     var peakExtraBytes: Int?
     var dispatcherPick: String
     var skipped: String?
-    /// "naive", "blas", "auto", or "opencl:N".
+    /// The row's label: a backend name ("naive", "blas", "opencl:N") or "auto".
     var backendName: String
 }
 
-/// A backend as the harness sees it: how to build it, what device it is on, how fast it is
-/// expected to be (to skip cells that would blow the time budget).
+/// One row source of a benchmark: a backend on its device, or the dispatcher's pick per call.
 struct BenchBackend {
-    let backend: any AttentionBackend
+    enum Kind {
+        case backend(any AttentionBackend)
+        /// `BackendSelection.select(.auto, ...)` on every call, as a user of `.auto` pays.
+        case auto
+    }
+
+    let kind: Kind
     let device: String
     /// Expected GFLOP/s, from the roofline; nil: no estimate (never skipped for time).
     let expectedGFLOPS: Double?
     /// This backend's own cap on the estimated seconds per run (nil: the harness's).
     var maxRunSeconds: Double? = nil
 
-    /// `choice`: "all" (naive, blas, every OpenCL device, auto) or a comma-separated list.
-    static func all(choice: String, devices: [Int]?, roofline: Roofline) throws -> [BenchBackend] {
+    /// The row label and family ("blas"; "opencl:1" in "opencl"; "auto").
+    var label: String {
+        if case let .backend(backend) = kind { return backend.name }
+        return "auto"
+    }
+    var family: String {
+        if case let .backend(backend) = kind { return backend.id.family }
+        return "auto"
+    }
+
+    func support(for problem: AttentionProblem) -> BackendSupport {
+        if case let .backend(backend) = kind { return backend.support(for: problem) }
+        return .supported  // the reference supports every valid problem; a forced backend throws from run
+    }
+
+    /// The kernel or path the backend takes, for the table's note.
+    func path(for problem: AttentionProblem) -> String? {
+        guard case let .backend(backend) = kind else { return nil }
+        let path = backend.plan(for: problem).path
+        return path.isEmpty ? nil : path
+    }
+
+    func run(_ problem: AttentionProblem, _ q: Tensor, _ k: Tensor, _ v: Tensor) throws -> AttentionResult {
+        switch kind {
+        case let .backend(backend): return try backend.attention(problem, query: q, key: k, value: v)
+        case .auto: return try BackendSelection.select(.auto, for: problem).backend.attention(problem, query: q, key: k, value: v)
+        }
+    }
+
+    /// The entries `names` asks for: "all" (naive, blas, every OpenCL device, auto) or some of
+    /// naive, blas, opencl (every device in `devices`), opencl:N, auto.
+    static func all(names: [String], devices: [Int]?, roofline: Roofline) throws -> [BenchBackend] {
         let cpu = CPUInfo.modelName ?? "CPU"
+        let wanted = names.isEmpty || names == ["all"] ? ["naive", "blas", "opencl", "auto"] : names
         var list: [BenchBackend] = []
-        let wanted = choice == "all" ? ["naive", "blas", "opencl", "auto"] : choice.split(separator: ",").map(String.init)
         for name in wanted {
-            switch name {
-            case "naive":
+            if name == "auto" {
+                list.append(BenchBackend(kind: .auto, device: "auto", expectedGFLOPS: nil))
+                continue
+            }
+            switch try BackendID(parsing: name) {
+            case .naive:
                 // The reference is for checking: only where a run takes a couple of seconds at most.
-                list.append(BenchBackend(backend: NaiveBackend(), device: cpu, expectedGFLOPS: 2, maxRunSeconds: 2))
-            case "blas": list.append(BenchBackend(backend: BLASBackend(), device: cpu, expectedGFLOPS: 0.5 * roofline.sgemmGFLOPS))
-            case "opencl":
-                let available = OpenCLRuntime.availableDevices
-                for index in devices ?? Array(available.indices) {
-                    let backend = OpenCLBackend(device: index)
-                    let info = backend.device?.info
-                    list.append(BenchBackend(backend: backend, device: info.map { "\($0.name) [\($0.type)]" } ?? "device \(index)",
-                                             expectedGFLOPS: info?.isCPU == true ? 0.3 * roofline.sgemmGFLOPS : nil))
-                }
-                if available.isEmpty {
-                    // No OpenCL: one entry whose cells are skipped with the reason.
-                    list.append(BenchBackend(backend: OpenCLBackend(device: 0), device: "none", expectedGFLOPS: nil))
-                }
-            case "auto": list.append(BenchBackend(backend: AutoBackend(), device: "auto", expectedGFLOPS: nil))
-            default: throw CLIError("unknown backend '\(name)' (naive, blas, opencl, auto, all)")
+                list.append(BenchBackend(kind: .backend(NaiveBackend()), device: cpu, expectedGFLOPS: 2, maxRunSeconds: 2))
+            case .blas:
+                list.append(BenchBackend(kind: .backend(BLASBackend()), device: cpu, expectedGFLOPS: 0.5 * roofline.sgemmGFLOPS))
+            case let .opencl(device):
+                let indices = name.contains(":") ? [device] : devices ?? Array(OpenCLRuntime.availableDevices.indices)
+                // No OpenCL: one entry whose cells are skipped with the reason.
+                list += (indices.isEmpty ? [0] : indices).map { openCL(device: $0, roofline: roofline) }
             }
         }
         return list
     }
-}
 
-/// The backend `BackendSelection.select(.auto, ...)` picks, per problem, as a backend of its own.
-struct AutoBackend: AttentionBackend {
-    var name: String { "auto" }
-    /// The naive reference supports every valid problem, so auto always has a backend; a forced
-    /// (ATTENTIONKIT_BACKEND) backend that cannot run it throws from `run` with the reason. One
-    /// selection per call, as a user of `.auto` would pay.
-    func support(for problem: AttentionProblem) -> BackendSupport { .supported }
-    func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {
-        try BackendSelection.select(.auto, for: problem).backend.forward(problem, buffers)
+    private static func openCL(device index: Int, roofline: Roofline) -> BenchBackend {
+        let backend = OpenCLBackend(device: index)
+        let info = backend.device?.info
+        return BenchBackend(
+            kind: .backend(backend), device: info.map { "\($0.name) [\($0.type)]" } ?? "none",
+            expectedGFLOPS: info?.isCPU == true ? 0.3 * roofline.sgemmGFLOPS : nil)
     }
 }
 
@@ -94,20 +121,37 @@ struct BenchEngine {
     var roofline: Roofline
 
     /// Every backend on one shape: a row each, skipped ones with the reason.
-    func run(_ shape: ShapeSpec, on entries: [BenchBackend], progress: Progress? = nil) -> [BenchRow] {
-        var rows = entries.map { entry -> BenchRow in
-            let name = entry.backend.name
-            return BenchRow(shape: shape.name, shapeSummary: shape.summary, backend: name.split(separator: ":").first.map(String.init) ?? name,
-                            device: entry.device, repetitions: 0, dispatcherPick: "", backendName: name)
+    func run(_ shape: ShapeSpec, on entries: [BenchBackend]) -> [BenchRow] {
+        var rows = entries.map { entry in
+            BenchRow(shape: shape.name, shapeSummary: shape.summary, backend: entry.family, device: entry.device,
+                     repetitions: 0, dispatcherPick: "", backendName: entry.label)
         }
         let problem: AttentionProblem
-        let inputs: (Tensor, Tensor, Tensor)
+        let inputs: (query: Tensor, key: Tensor, value: Tensor)
         do {
             problem = try shape.problem()
         } catch {
             for index in rows.indices { rows[index].skipped = "\(error)" }
             return rows
         }
+        let active = admit(problem, entries, &rows)
+        guard !active.isEmpty else { return rows }
+        do {
+            inputs = try shape.inputs()
+        } catch {
+            for index in active { rows[index].skipped = "failed: \(error)" }
+            return rows
+        }
+        let running = firstCalls(problem, inputs, entries, active, &rows)
+        let times = timedRounds(problem, inputs, entries, running, &rows)
+        for index in running where rows[index].skipped == nil {
+            record(times[index] ?? [], problem, shape, into: &rows[index])
+        }
+        return rows
+    }
+
+    /// The dispatcher's pick, skip reasons and kernel notes; the indices of the entries that run.
+    private func admit(_ problem: AttentionProblem, _ entries: [BenchBackend], _ rows: inout [BenchRow]) -> [Int] {
         let pick = (try? BackendSelection.select(.auto, for: problem).backend.name) ?? "none"
         var active: [Int] = []
         for (index, entry) in entries.enumerated() {
@@ -115,55 +159,57 @@ struct BenchEngine {
             if let reason = skipReason(problem, entry) {
                 rows[index].skipped = reason
             } else {
+                rows[index].kernel = entry.path(for: problem)
                 active.append(index)
             }
-            if let opencl = entry.backend as? OpenCLBackend, rows[index].skipped == nil {
-                rows[index].kernel = opencl.kernelChoice(for: problem).choice.description
-            }
         }
-        guard !active.isEmpty else { return rows }
-        do {
-            inputs = (try Tensor.random(shape: problem.queryShape, seed: 1), try Tensor.random(shape: problem.keyShape, seed: 2),
-                      try Tensor.random(shape: problem.valueShape, seed: 3))
-        } catch {
-            for index in active { rows[index].skipped = "failed: \(error)" }
-            return rows
-        }
+        return active
+    }
+
+    /// Per entry: one measured call (peak memory, error against the reference of sampled rows),
+    /// then warm-up. Returns the entries that ran.
+    private func firstCalls(
+        _ problem: AttentionProblem, _ inputs: (query: Tensor, key: Tensor, value: Tensor), _ entries: [BenchBackend],
+        _ active: [Int], _ rows: inout [BenchRow]
+    ) -> [Int] {
         let (q, k, v) = inputs
-        // First call (peak memory, error against the reference) and warm-up, per backend.
-        var times: [Int: [Double]] = [:]
         var running: [Int] = []
         for index in active {
-            let backend = entries[index].backend
+            let entry = entries[index]
             do {
                 var result: AttentionResult?
-                rows[index].peakExtraBytes = try PeakMemory.measure {
-                    result = try backend.attention(problem, query: q, key: k, value: v)
-                }
+                rows[index].peakExtraBytes = try PeakMemory.measure { result = try entry.run(problem, q, k, v) }
                 if let result {
-                    let error = SampledError(problem, q: q, k: k, v: v, result: result)
-                    rows[index].maxAbsError = error.maxAbs
-                    rows[index].maxRelError = error.maxRel
+                    let error = AccuracyReport.sampled(problem, query: q, key: k, value: v, result: result)
+                    rows[index].maxAbsError = error.maxAbsError
+                    rows[index].maxRelError = error.maxRelError
                     rows[index].nmse = error.nmse
-                    rows[index].errorRowsChecked = error.rows
+                    rows[index].errorRowsChecked = error.rowsChecked
                     rows[index].withinTolerance = error.violations == 0
                 }
-                _ = try timeCalls(repetitions: 0, budget: 0) { _ = try backend.attention(problem, query: q, key: k, value: v) }
-                times[index] = []
+                _ = try timeCalls(repetitions: 0, budget: 0) { _ = try entry.run(problem, q, k, v) }
                 running.append(index)
             } catch {
                 rows[index].skipped = "failed: \(error)"
             }
         }
-        // Timed rounds.
+        return running
+    }
+
+    /// Round-robin timed calls until each entry has `repetitions` or has spent its budget.
+    private func timedRounds(
+        _ problem: AttentionProblem, _ inputs: (query: Tensor, key: Tensor, value: Tensor), _ entries: [BenchBackend],
+        _ running: [Int], _ rows: inout [BenchRow]
+    ) -> [Int: [Double]] {
+        var times: [Int: [Double]] = [:]
         var spent: [Int: Double] = [:]
         for round in 0..<repetitions {
-            for index in running {
+            for index in running where rows[index].skipped == nil {
                 let last = times[index]?.last ?? 0
                 guard round == 0 || (spent[index] ?? 0) + last <= cellBudget else { continue }
                 let start = DispatchTime.now().uptimeNanoseconds
                 do {
-                    _ = try entries[index].backend.attention(problem, query: q, key: k, value: v)
+                    _ = try entries[index].run(problem, inputs.query, inputs.key, inputs.value)
                 } catch {
                     rows[index].skipped = "failed: \(error)"
                     continue
@@ -173,27 +219,29 @@ struct BenchEngine {
                 spent[index, default: 0] += seconds
             }
         }
-        for index in running where rows[index].skipped == nil {
-            let sorted = (times[index] ?? []).sorted()
-            guard !sorted.isEmpty else { continue }
-            let median = sorted[sorted.count / 2]
-            rows[index].repetitions = sorted.count
-            rows[index].medianSeconds = median
-            rows[index].minSeconds = sorted.first
-            rows[index].maxSeconds = sorted.last
-            rows[index].gflops = problem.flops / median / 1e9
-            rows[index].rooflineFraction = rows[index].gflops.map { $0 / roofline.sgemmGFLOPS }
-            if shape.isDecode {
-                rows[index].keyValueGBps = problem.keyValueBytes / median / 1e9
-                rows[index].bandwidthFraction = rows[index].keyValueGBps.map { $0 / roofline.memoryReadGBps }
-            }
+        return times
+    }
+
+    /// Median, spread and the roofline ratios of one row.
+    private func record(_ times: [Double], _ problem: AttentionProblem, _ shape: ShapeSpec, into row: inout BenchRow) {
+        let sorted = times.sorted()
+        guard !sorted.isEmpty else { return }
+        let median = sorted[sorted.count / 2]
+        row.repetitions = sorted.count
+        row.medianSeconds = median
+        row.minSeconds = sorted.first
+        row.maxSeconds = sorted.last
+        row.gflops = problem.flops / median / 1e9
+        row.rooflineFraction = row.gflops.map { $0 / roofline.sgemmGFLOPS }
+        if shape.regime == .decodeLike {
+            row.keyValueGBps = problem.keyValueBytes / median / 1e9
+            row.bandwidthFraction = row.keyValueGBps.map { $0 / roofline.memoryReadGBps }
         }
-        return rows
     }
 
     /// Why a backend does not run this shape (unsupported, memory, time budget), or nil.
     private func skipReason(_ problem: AttentionProblem, _ entry: BenchBackend) -> String? {
-        if case let .unsupported(reason) = entry.backend.support(for: problem) { return reason }
+        if case let .unsupported(reason) = entry.support(for: problem) { return reason }
         let inputBytes = 4 * (problem.queryShape.reduce(1, *) + problem.keyShape.reduce(1, *) + problem.valueShape.reduce(1, *)
             + problem.outputShape.reduce(1, *))
         let physical = Int(ProcessInfo.processInfo.physicalMemory)

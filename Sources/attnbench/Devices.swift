@@ -40,16 +40,16 @@ struct Devices: ParsableCommand {
     func run() throws {
         var cpu = CPUReport(
             model: CPUInfo.modelName ?? "unknown", logicalCores: CPUInfo.logicalCores, simd: CPUInfo.simdExtensions,
-            kernels: try? CPUKernels.processDefault.get().isa.description,
+            kernels: try? CPUISA.resolve(.process).get().description,
             kernelsSupported: CPUISA.supported.map(\.description),
-            kernelsError: { if case let .failure(e) = CPUKernels.processDefault { return e.description }; return nil }(),
+            kernelsError: { if case let .failure(e) = CPUISA.resolve(.process) { return e.description }; return nil }(),
             l2CacheBytes: CPUInfo.l2CacheBytes, openBLASCore: CPUInfo.openBLASCore, openBLASThreads: CPUInfo.openBLASThreads,
             openBLASCoreTypeOverride: ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"])
         if measure {
-            cpu.sgemmGFLOPS = CPUInfo.measureSGEMM()
-            cpu.memoryReadGBps = CPUInfo.measureReadBandwidth()
+            cpu.sgemmGFLOPS = MachineProbes.measureSGEMM()
+            cpu.memoryReadGBps = MachineProbes.measureReadBandwidth()
         }
-        var report = Report(cpu: cpu, opencl: [], openclUnavailable: nil, dispatcherProfile: Dispatcher.machineProfile)
+        var report = Report(cpu: cpu, opencl: [], openclUnavailable: nil, dispatcherProfile: MachineProfile.process)
         switch OpenCLRuntime.devices {
         case let .success(devices): report.opencl = devices.map(\.info)
         case let .failure(reason): report.openclUnavailable = reason.reason
@@ -66,7 +66,7 @@ struct Devices: ParsableCommand {
         }
         for info in report.opencl { print(describe(info)) }
         let profile = report.dispatcherProfile
-        print("Dispatcher profile: \(profile.source)" + (profile.source.hasPrefix("measured") ? " (\(MachineProfile.fileURL?.path ?? ""))" : "; run `attnbench tune` to measure this machine"))
+        print("Dispatcher profile: \(profile.source)" + (profile.source.hasPrefix("measured") ? " (\(MachineProfile.fileURL()?.path ?? ""))" : "; run `attnbench tune` to measure this machine"))
         for b in profile.backends {
             let g64 = b.gflops(headDim: 64, keyLength: 2048), g128 = b.gflops(headDim: 128, keyLength: 2048)
             var line = "  \(b.backend): \(format(g64)) GFLOP/s at N=2k D64, \(format(g128)) at D128; decode \(format(b.decodeGBps.value(at: 32768))) GB/s; overhead \(format(b.overheadSeconds * 1e6)) us"
@@ -81,7 +81,7 @@ struct Devices: ParsableCommand {
                      "  cores \(cpu.logicalCores), SIMD \(cpu.simd.joined(separator: " ")), L2 \(cpu.l2CacheBytes >> 10) KiB per core",
                      "  CPU kernels: " + (cpu.kernels ?? "none (\(cpu.kernelsError ?? "unknown"))")
                         + " (this machine runs: \(cpu.kernelsSupported.joined(separator: ", ")); "
-                        + "\(CPUKernels.overrideVariable) forces a narrower one)",
+                        + "\(AttentionConfiguration.cpuISAVariable) forces a narrower one)",
                      "  OpenBLAS core \(cpu.openBLASCore)\(cpu.openBLASCoreTypeOverride.map { " (forced by OPENBLAS_CORETYPE=\($0))" } ?? ""), \(cpu.openBLASThreads) threads"]
         if let sgemm = cpu.sgemmGFLOPS, let bandwidth = cpu.memoryReadGBps {
             lines.append("  roofline: SGEMM \(format(sgemm)) GFLOP/s, memory read \(format(bandwidth)) GB/s")

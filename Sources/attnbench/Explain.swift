@@ -1,5 +1,6 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 import Foundation
 import TextTable
 
@@ -36,7 +37,7 @@ struct Explain: ParsableCommand {
             return
         }
         let rows = decision.options.enumerated().map { index, option in
-            Row(backend: option.backend, device: option.device, support: option.support.description,
+            Row(backend: option.backend.description, device: option.device, support: option.support.description,
                 estimatedSeconds: option.estimatedSeconds, detail: option.detail, chosen: index == decision.chosenIndex)
         }
         if json {
@@ -55,11 +56,4 @@ struct Explain: ParsableCommand {
         print(table.string(for: rows) ?? "")
         print("\nchosen: \(decision.winner.backend) — \(decision.reason)")
     }
-}
-
-func printJSON<T: Encodable>(_ value: T) throws {
-    let encoder = JSONEncoder()
-    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-    encoder.keyEncodingStrategy = .convertToSnakeCase
-    print(String(decoding: try encoder.encode(value), as: UTF8.self))
 }

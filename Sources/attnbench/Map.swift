@@ -7,7 +7,7 @@ import NumPyIO
 struct Map: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Draw the attention probabilities of one head as an SVG heatmap.",
-        discussion: "Rows are queries i, columns keys j; colour is p[i, j] (scaled to the largest probability shown). Hidden keys are drawn in light grey."
+        discussion: "Rows are queries i, columns keys j; colour is p[i, j] as the float64 reference computes it (scale, softcap, causal, window and mask applied), scaled to the largest probability shown. Hidden keys are drawn in light grey."
     )
 
     @Option(name: .customLong("q"), help: "Query .npy file, [B, Hq, Nq, D].") var queryPath: String
@@ -18,6 +18,8 @@ struct Map: ParsableCommand {
     @Option(help: ArgumentHelp("Sliding window L,R (-1 = unbounded side).", valueName: "L,R")) var window: AttentionWindow?
     @Option(help: "Score scale (default 1/sqrt(D)).") var scale: Float?
     @Option(help: "Softcap c > 0.") var softcap: Float?
+    @Option(name: .customLong("mask"), help: "Mask .npy file (bool or float), broadcastable to [B, Hq, Nq, Nk].")
+    var maskPath: String?
     @Option(help: "Largest Nq and Nk drawn.") var maxTokens: Int = 1024
     @Option(name: .customLong("out"), help: "Output .svg file.") var outPath: String
 
@@ -27,38 +29,21 @@ struct Map: ParsableCommand {
         let (qShape, kShape) = (qValues.shape, kValues.shape)
         let q = try Tensor(shape: qShape, storage: qValues.values, name: "query (\(queryPath))")
         let k = try Tensor(shape: kShape, storage: kValues.values, name: "key (\(keyPath))")
-        let problem = try AttentionProblem(query: q.shape, key: k.shape, value: k.shape,
-                                           options: .init(scale: scale, softcap: softcap, causal: causal, window: window))
+        var options = AttentionOptions(scale: scale, softcap: softcap, causal: causal, window: window)
+        if let maskPath { options.mask = try loadMask(maskPath) }
+        let problem = try AttentionProblem(query: q.shape, key: k.shape, value: k.shape, options: options)
         guard (0..<problem.batch).contains(batch) else { throw CLIError("--batch \(batch) out of range 0..<\(problem.batch)") }
         guard (0..<problem.queryHeads).contains(head) else { throw CLIError("--head \(head) out of range 0..<\(problem.queryHeads)") }
         let (nq, nk, d) = (problem.queryLength, problem.keyLength, problem.headDim)
         guard nq <= maxTokens, nk <= maxTokens else {
             throw CLIError("Nq = \(nq), Nk = \(nk): a heatmap is for at most \(maxTokens) tokens per side (--max-tokens)")
         }
-        // Probabilities in Double, following the contract (scale, softcap, bottom-right causal, window).
-        var probabilities = [Double](repeating: -1, count: nq * nk)  // -1: hidden
         let kvHead = head / problem.groupSize
-        for i in 0..<nq {
-            let (lo, hi) = problem.visibleKeys(forQuery: i)
-            guard lo <= hi else { continue }
-            var scores = [Double](repeating: 0, count: nk)
-            var m = -Double.infinity
-            for j in lo...hi {
-                var s = 0.0
-                for c in 0..<d { s += Double(q[batch, head, i, c]) * Double(k[batch, kvHead, j, c]) }
-                s *= Double(problem.scale)
-                if let cap = softcap { s = Double(cap) * tanh(s / Double(cap)) }
-                scores[j] = s
-                m = max(m, s)
-            }
-            let sum = (lo...hi).reduce(0.0) { $0 + exp(scores[$1] - m) }
-            for j in lo...hi { probabilities[i * nk + j] = exp(scores[j] - m) / sum }
-        }
-        let top = probabilities.max() ?? 1
+        let probabilities = NaiveBackend.probabilities(problem, query: q, key: k, batch: batch, head: head)
+        let top = probabilities.compactMap { $0 }.max() ?? 1
         var rgb = [UInt8](repeating: 0, count: nq * nk * 3)
         for index in 0..<(nq * nk) {
-            let p = probabilities[index]
-            let (r, g, b) = p < 0 ? (235, 235, 235) : viridis(top > 0 ? p / top : 0)
+            let (r, g, b) = probabilities[index].map { viridis(top > 0 ? $0 / top : 0) } ?? (235, 235, 235)
             rgb[3 * index] = UInt8(r); rgb[3 * index + 1] = UInt8(g); rgb[3 * index + 2] = UInt8(b)
         }
         let png = PNG.encode(width: nk, height: nq, rgb: rgb).base64EncodedString()
@@ -70,7 +55,7 @@ struct Map: ParsableCommand {
         <svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" width="\(Int(left + w + 140))" height="\(Int(top0 + h + 60))" font-family="Helvetica, Arial, sans-serif" font-size="12">
         <rect width="100%" height="100%" fill="white"/>
         <text x="\(left)" y="24" font-size="16" font-weight="bold">Attention probabilities, batch \(batch), head \(head) (K/V head \(kvHead))</text>
-        <text x="\(left)" y="44" fill="#555">\(xml(queryPath)) x \(xml(keyPath)); Nq = \(nq), Nk = \(nk), D = \(d)\(causal ? ", causal (bottom-right)" : "")\(window.map { ", window (\($0.left), \($0.right))" } ?? ""); grey = hidden</text>
+        <text x="\(left)" y="44" fill="#555">\(xml(queryPath)) x \(xml(keyPath)); Nq = \(nq), Nk = \(nk), D = \(d)\(causal ? ", causal (bottom-right)" : "")\(window.map { ", window (\($0.left), \($0.right))" } ?? "")\(maskPath.map { ", mask \(xml($0))" } ?? ""); grey = hidden</text>
         <text x="\(left + w / 2)" y="\(top0 - 22)" text-anchor="middle">key j</text>
         <text transform="translate(\(left - 45) \(top0 + h / 2)) rotate(-90)" text-anchor="middle">query i</text>
         <image x="\(left)" y="\(top0)" width="\(w)" height="\(h)" preserveAspectRatio="none" style="image-rendering: pixelated" xlink:href="data:image/png;base64,\(png)"/>
@@ -100,13 +85,5 @@ struct Map: ParsableCommand {
     private func axisTicks(_ n: Int) -> [Int] {
         let step = [1, 2, 5, 10, 20, 50, 100, 200, 500].first { n / $0 <= 10 } ?? 1000
         return Array(stride(from: 0, to: n, by: step))
-    }
-}
-
-extension NPYArray {
-    /// The fp32 values, or an error naming the file when the array holds booleans.
-    func floatsOrThrow(_ path: String) throws -> (shape: [Int], values: [Float])? {
-        guard let values = floats else { throw NPYError.wrongKind(file: path, expected: "floating-point", actual: fileDType.rawValue) }
-        return (shape, values)
     }
 }

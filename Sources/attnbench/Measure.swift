@@ -10,7 +10,7 @@ struct Roofline: Codable {
     var openBLASCoreTypeOverride: String?
 
     static func measure() -> Roofline {
-        Roofline(sgemmGFLOPS: CPUInfo.measureSGEMM(), memoryReadGBps: CPUInfo.measureReadBandwidth(),
+        Roofline(sgemmGFLOPS: MachineProbes.measureSGEMM(), memoryReadGBps: MachineProbes.measureReadBandwidth(),
                  openBLASCore: CPUInfo.openBLASCore, openBLASCoreTypeOverride: ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"])
     }
 }
@@ -34,41 +34,6 @@ enum PeakMemory {
               let kib = Int(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "")
         else { return nil }
         return kib * 1024
-    }
-}
-
-/// Error of a result against the float64 reference of a sample of rows.
-struct SampledError {
-    var maxAbs = 0.0
-    var maxRel = 0.0
-    var nmse = 0.0
-    var rows = 0
-    var violations = 0
-
-    /// Compares `result` with the reference of up to `count` rows spread over all of them.
-    init(_ problem: AttentionProblem, q: Tensor, k: Tensor, v: Tensor, result: AttentionResult, count: Int = 32) {
-        let total = problem.batch * problem.queryHeads * problem.queryLength
-        let picks = Array(Set((0..<min(count, total)).map { $0 * (total - 1) / max(1, min(count, total) - 1) })).sorted()
-        var sumSq = 0.0, refSq = 0.0
-        for (row, reference, lse) in NaiveBackend.reference(problem, query: q, key: k, value: v, rows: picks) {
-            for c in 0..<problem.valueDim {
-                let ref = reference[c]
-                let got = Double(result.output.storage[row * problem.valueDim + c])
-                let err = abs(got - ref)
-                if got.isNaN != ref.isNaN || err > AccuracyReport.absoluteTolerance + AccuracyReport.relativeTolerance * abs(ref) {
-                    violations += 1
-                }
-                if lse == -.infinity && got != 0 { violations += 1 }
-                if err.isFinite {
-                    maxAbs = max(maxAbs, err)
-                    if ref != 0 { maxRel = max(maxRel, err / abs(ref)) }
-                }
-                sumSq += (got - ref) * (got - ref)
-                refSq += ref * ref
-            }
-        }
-        nmse = refSq > 0 ? sumSq / refSq : 0
-        rows = picks.count
     }
 }
 

@@ -24,7 +24,9 @@ struct Report: ParsableCommand {
         } catch {
             throw CLIError("\(folder): cannot create the results folder: \((error as NSError).localizedDescription)")
         }
-        let devices = OpenCLRuntime.availableDevices.map { "opencl:\($0.info.index) \($0.info.name) [\($0.info.type)]" }
+        let devices = OpenCLRuntime.availableDevices.map {
+            "\(BackendID.opencl(device: $0.info.index)) \($0.info.name) [\($0.info.type)]"
+        }
         printError("attnbench: CPU \(CPUInfo.modelName ?? "unknown") (\(CPUInfo.logicalCores) cores, \(CPUInfo.simdExtensions.joined(separator: "/")), kernels \(CPUInfo.kernelDescription), OpenBLAS core \(CPUInfo.openBLASCore))")
         if case let .failure(reason) = OpenCLRuntime.devices {
             printError("attnbench: OpenCL unavailable: \(reason)")
@@ -41,7 +43,9 @@ struct Report: ParsableCommand {
         }
         printError("attnbench: benchmarking...")
         let shapes = try options.shapeSpecs()
-        let backends = try BenchBackend.all(choice: options.backend ?? "naive,blas,opencl", devices: options.device.isEmpty ? nil : options.device, roofline: roofline)
+        let backends = try BenchBackend.all(
+            names: options.backendNames(default: ["naive", "blas", "opencl"]), devices: try options.deviceIndices(),
+            roofline: roofline)
         let rows = runBench(shapes: shapes, backends: backends, options: options, roofline: roofline)
 
         if let verification { print(renderVerification(verification) + "\n") }

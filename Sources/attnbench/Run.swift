@@ -4,29 +4,6 @@ import Dispatch
 import Foundation
 import NumPyIO
 
-extension BackendChoice: ExpressibleByArgument {}
-
-extension BLASTiling: ExpressibleByArgument {
-    /// "RxK", e.g. "128x512".
-    public init?(argument: String) {
-        let parts = argument.lowercased().split(separator: "x")
-        guard parts.count == 2, let rows = Int(parts[0]), let keys = Int(parts[1]), rows > 0, keys > 0 else { return nil }
-        self.init(queryRows: rows, keyBlock: keys)
-    }
-}
-
-extension AttentionWindow: ExpressibleByArgument {
-    /// "L,R", each an integer >= -1 (-1 = unbounded).
-    public init?(argument: String) {
-        let parts = argument.split(separator: ",", omittingEmptySubsequences: false)
-        guard parts.count == 2,
-              let left = Int(parts[0].trimmingCharacters(in: .whitespaces)),
-              let right = Int(parts[1].trimmingCharacters(in: .whitespaces))
-        else { return nil }
-        self.init(left: left, right: right)
-    }
-}
-
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Compute attention on .npy files.",
@@ -47,8 +24,8 @@ struct Run: ParsableCommand {
     var window: AttentionWindow?
     @Option(help: "Score scale (default 1/sqrt(D)).") var scale: Float?
     @Option(help: "Softcap c > 0: scores become c*tanh(s/c).") var softcap: Float?
-    @Option(help: "Backend: naive, blas, opencl or auto.") var backend: BackendChoice = .auto
-    @Option(help: "OpenCL device index (see `attnbench devices`).") var device: Int = 0
+    @Option(help: "Backend: auto, naive, blas, opencl or opencl:N.") var backend: BackendChoice = .auto
+    @Option(help: "OpenCL device index with --backend opencl (see `attnbench devices`).") var device: Int?
     @Option(help: ArgumentHelp("OpenCL kernel configuration, e.g. vec=16,rows=4,wg=4,local=0,decoderows=8,split=256 (omitted keys: the device table).",
                                valueName: "k=v,..."))
     var kernelConfig: String?
@@ -81,13 +58,7 @@ struct Run: ParsableCommand {
         } catch {
             throw CLIError("\(error) (query: \(queryPath), key: \(keyPath), value: \(valuePath)\(maskPath.map { ", mask: \($0)" } ?? ""))")
         }
-        var selection = try BackendSelection.select(backend, for: problem, threads: threads, tiling: tiling, device: device)
-        if selection.backend is OpenCLBackend && (kernelConfig != nil || noSplitKV) {
-            let base = OpenCLBackend(device: device)
-            let config = try parseKernelConfig(kernelConfig ?? "", base: base.kernelConfig(for: problem))
-            let tuned = OpenCLBackend(device: device, config: config, allowSplitKV: !noSplitKV)
-            selection = BackendSelection(backend: tuned, reason: "requested, \(config.map { "\($0)" } ?? "table config"), \(tuned.kernelChoice(for: problem).choice)")
-        }
+        let selection = try select(problem)
         let result = try selection.backend.attention(problem, query: q, key: k, value: v)
 
         try write(result.output, to: outPath)
@@ -95,30 +66,61 @@ struct Run: ParsableCommand {
         printError("\(selection.backend.name) (\(selection.reason)): O \(problem.outputShape) written to \(outPath)")
 
         if let repetitions {
-            let times: [Double]
-            if resident {
-                guard let opencl = selection.backend as? OpenCLBackend else { throw CLIError("--resident needs --backend opencl") }
-                let (dq, dk, dv) = (try opencl.upload(q), try opencl.upload(k), try opencl.upload(v))
-                times = try timeCalls(repetitions: repetitions, budget: .infinity) { _ = try opencl.attention(problem, query: dq, key: dk, value: dv) }
-            } else {
-                times = try timeCalls(repetitions: repetitions, budget: .infinity) {
-                    _ = try selection.backend.attention(problem, query: q, key: k, value: v)
-                }
-            }
-            let median = times[times.count / 2]
-            let gflops = problem.flops / median / 1e9
-            let sgemm = CPUInfo.measureSGEMM()
-            var line = "\(selection.backend.name): median \(format(median * 1e3)) ms over \(repetitions) runs "
-                + "(min \(format(times.first! * 1e3)), max \(format(times.last! * 1e3))), "
-                + "\(format(gflops)) GFLOP/s = \(format(gflops / sgemm)) x SGEMM (\(format(sgemm)) GFLOP/s measured now, "
-                + "OpenBLAS core \(CPUInfo.openBLASCore)\(coreTypeNote))"
-            if problem.queryLength <= 16 {
-                let bandwidth = CPUInfo.measureReadBandwidth()
-                let rate = problem.keyValueBytes / median / 1e9
-                line += ", K/V read \(format(rate)) GB/s = \(format(rate / bandwidth)) x memory read bandwidth (\(format(bandwidth)) GB/s measured now)"
-            }
-            printError(line)
+            let times = try time(selection.backend, problem, q, k, v, repetitions: repetitions)
+            printError(describeTimes(times, backend: selection.backend, problem, repetitions: repetitions))
         }
+    }
+
+    /// The backend: `--backend` (with `--device`), then the OpenCL tuning flags.
+    private func select(_ problem: AttentionProblem) throws -> BackendSelection {
+        var choice = backend
+        if case .backend(.opencl) = backend, let device { choice = .opencl(device: device) }
+        let selection = try BackendSelection.select(choice, for: problem, threads: threads, tiling: tiling)
+        guard case let .opencl(index) = selection.backend.id, kernelConfig != nil || noSplitKV else { return selection }
+        let config = try parseKernelConfig(kernelConfig ?? "", base: OpenCLBackend(device: index).kernelConfig(for: problem))
+        let tuned = OpenCLBackend(device: index, config: config, allowSplitKV: !noSplitKV)
+        let described = config.map { "\($0)" } ?? "table config"
+        return BackendSelection(
+            backend: tuned, reason: "requested, \(described), \(tuned.kernelChoice(for: problem).choice)")
+    }
+
+    /// Sorted seconds of `repetitions` timed calls (device-resident with `--resident`).
+    private func time(
+        _ backend: any AttentionBackend, _ problem: AttentionProblem, _ q: Tensor, _ k: Tensor, _ v: Tensor,
+        repetitions: Int
+    ) throws -> [Double] {
+        guard resident else {
+            return try timeCalls(repetitions: repetitions, budget: .infinity) {
+                _ = try backend.attention(problem, query: q, key: k, value: v)
+            }
+        }
+        guard case let .opencl(index) = backend.id else { throw CLIError("--resident needs --backend opencl") }
+        let opencl = OpenCLBackend(device: index)
+        let (dq, dk, dv) = (try opencl.upload(q), try opencl.upload(k), try opencl.upload(v))
+        return try timeCalls(repetitions: repetitions, budget: .infinity) {
+            _ = try opencl.attention(problem, query: dq, key: dk, value: dv)
+        }
+    }
+
+    /// Median, spread and the ratios to this machine's SGEMM (and read bandwidth, decode-like)
+    /// measured right now.
+    private func describeTimes(
+        _ times: [Double], backend: any AttentionBackend, _ problem: AttentionProblem, repetitions: Int
+    ) -> String {
+        let median = times[times.count / 2]
+        let gflops = problem.flops / median / 1e9
+        let sgemm = MachineProbes.measureSGEMM()
+        var line = "\(backend.name): median \(format(median * 1e3)) ms over \(repetitions) runs "
+            + "(min \(format((times.first ?? 0) * 1e3)), max \(format((times.last ?? 0) * 1e3))), "
+            + "\(format(gflops)) GFLOP/s = \(format(gflops / sgemm)) x SGEMM (\(format(sgemm)) GFLOP/s measured now, "
+            + "OpenBLAS core \(CPUInfo.openBLASCore)\(coreTypeNote))"
+        if problem.regime == .decodeLike {
+            let bandwidth = MachineProbes.measureReadBandwidth()
+            let rate = problem.keyValueBytes / median / 1e9
+            line += ", K/V read \(format(rate)) GB/s = \(format(rate / bandwidth)) x memory read bandwidth "
+                + "(\(format(bandwidth)) GB/s measured now)"
+        }
+        return line
     }
 
     private func parseKernelConfig(_ text: String, base: OpenCLKernelConfig?) throws -> OpenCLKernelConfig? {
@@ -144,44 +146,5 @@ struct Run: ParsableCommand {
     private var coreTypeNote: String {
         ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"].map { ", forced by OPENBLAS_CORETYPE=\($0)" } ?? ""
     }
-
-    private func loadFloats(_ path: String, role: String) throws -> Tensor {
-        let array = try NPYArray.read(contentsOf: path)
-        guard let values = array.floats else {
-            throw NPYError.wrongKind(file: path, expected: "floating-point \(role)", actual: array.fileDType.rawValue)
-        }
-        do {
-            return try Tensor(shape: array.shape, storage: values, name: "\(role) (\(path))")
-        } catch {
-            throw CLIError("\(error)")
-        }
-    }
-
-    private func loadMask(_ path: String) throws -> AttentionMask {
-        let array = try NPYArray.read(contentsOf: path)
-        do {
-            switch array.storage {
-            case let .bool(values): return try AttentionMask(shape: array.shape, allowed: values)
-            case let .float32(values): return try AttentionMask(shape: array.shape, additive: values)
-            }
-        } catch {
-            throw CLIError("\(path): \(error)")
-        }
-    }
-
-    private func write(_ tensor: Tensor, to path: String) throws {
-        try NPYArray(shape: tensor.shape, floats: tensor.storage).write(to: path)
-    }
 }
 
-func printError(_ line: String) {
-    FileHandle.standardError.write(Data((line + "\n").utf8))
-}
-
-func format(_ x: Double) -> String {
-    if x == 0 || !x.isFinite { return "\(x)" }
-    if abs(x) >= 100 { return String(format: "%.0f", x) }
-    if abs(x) >= 1 { return String(format: "%.2f", x) }
-    if abs(x) >= 0.01 { return String(format: "%.3f", x) }
-    return String(format: "%.2e", x)
-}

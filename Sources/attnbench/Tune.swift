@@ -1,5 +1,6 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 import Foundation
 import TextTable
 
@@ -20,13 +21,13 @@ struct Tune: ParsableCommand {
     func run() throws {
         let defaults = MachineProfile.defaults()
         var measured: [BackendProfile] = []
-        let candidates = defaults.backends.filter { $0.backend != "naive" }
+        let candidates = defaults.backends.filter { $0.backend != .naive }
         let progress = Progress(total: candidates.count * (quick ? 6 : 9) + 1)
         for base in candidates {
             measured.append(try tuneBackend(base, progress: progress))
         }
         // The naive reference: one point is enough (it is flat and never a contender).
-        var naive = defaults.profile(for: "naive")!
+        guard var naive = defaults.profile(for: .naive) else { throw CLIError("the built-in profile lacks the naive backend") }
         let gflops = try measureGFLOPS(NaiveBackend(), shape: .make("t", hq: 2, nq: 256, d: 64), repetitions: 2)
         naive.gflops = [.init(headDim: 64, curve: ThroughputCurve([(1, gflops)]))]
         naive.decodeGBps = ThroughputCurve([(1, gflops / 2)])
@@ -35,29 +36,26 @@ struct Tune: ParsableCommand {
         measured.insert(naive, at: 0)
 
         let formatter = ISO8601DateFormatter()
-        let profile = MachineProfile(identity: MachineProfile.currentIdentity,
+        let profile = MachineProfile(identity: MachineProfile.identity(),
                                      source: "measured by attnbench tune on \(formatter.string(from: Date()))", backends: measured)
         print(describe(profile))
         if !dryRun {
-            do {
-                try profile.save()
-            } catch {
-                throw CLIError("cannot write the profile to \(MachineProfile.fileURL?.path ?? "the cache folder"): \(error)")
-            }
-            print("\nprofile written to \(MachineProfile.fileURL?.path ?? "?"); used by every later attnbench and AttentionKit process on this machine")
+            try profile.save()
+            print("\nprofile written to \(MachineProfile.fileURL()?.path ?? "?"); used by every later attnbench and AttentionKit process on this machine")
         }
     }
 
     private func tuneBackend(_ base: BackendProfile, progress: Progress) throws -> BackendProfile {
         var profile = base
-        let isBLAS = base.backend == "blas"
-        let deviceIndex = Int(base.backend.split(separator: ":").last ?? "0") ?? 0
+        let isBLAS = base.backend == .blas
+        var deviceIndex = 0
+        if case let .opencl(device) = base.backend { deviceIndex = device }
         func backend(headDim: Int, tiling: BLASTiling? = nil, config: OpenCLKernelConfig? = nil) -> any AttentionBackend {
             isBLAS ? BLASBackend(tiling: tiling) : OpenCLBackend(device: deviceIndex, config: config)
         }
         var curves: [BackendProfile.HeadDimCurve] = []
-        var tilings: [BackendProfile.Tuned<BLASTiling>] = []
-        var configs: [BackendProfile.Tuned<OpenCLKernelConfig>] = []
+        var tilings: [Tuned<BLASTiling>] = []
+        var configs: [Tuned<OpenCLKernelConfig>] = []
         for d in [64, 128] {
             let probe = ShapeSpec.make("probe", hq: 8, nq: 1024, d: d)
             let causalProbe = ShapeSpec.make("probe-causal", hq: 8, nq: 1024, d: d, causal: true)
@@ -136,7 +134,7 @@ struct Tune: ParsableCommand {
             }
             let blocks = (b.blasTilings?.map { "D\($0.headDim) \($0.value)" } ?? [])
                 + (b.openclConfigs?.map { "D\($0.headDim) vec\($0.value.vectorWidth) rows\($0.value.rows) wg\($0.value.workGroup)\($0.value.useLocalMemory ? " local" : "")" } ?? [])
-            return Line(backend: b.backend, blocks: blocks.joined(separator: ", "), d64: curve(64), d128: curve(128),
+            return Line(backend: b.backend.description, blocks: blocks.joined(separator: ", "), d64: curve(64), d128: curve(128),
                         decode: b.decodeGBps.points.map { "\($0.keyLength >= 1024 ? "\($0.keyLength / 1024)k" : "\($0.keyLength)"):\(format($0.value))" }.joined(separator: " "),
                         overhead: format(b.overheadSeconds * 1e6))
         }
@@ -147,7 +145,7 @@ struct Tune: ParsableCommand {
         }
         var text = "Profile (\(profile.source)):\n" + (table.string(for: lines) ?? "")
         // Crossovers the profile implies on the standard shapes.
-        let dispatcher = Dispatcher.current(profile: profile)
+        let dispatcher = Dispatcher(profile: profile)
         var picks: [String] = []
         for shape in ShapeSpec.standard {
             if let problem = try? shape.problem() { picks.append("\(shape.name) -> \(dispatcher.decide(problem).winner.backend)") }
@@ -156,7 +154,7 @@ struct Tune: ParsableCommand {
         // Crossovers: where the estimated winner changes as the sequence grows.
         func crossovers(_ label: String, _ make: (Int) -> ShapeSpec) -> String {
             var segments: [String] = []
-            var current: (winner: String, from: Int)?
+            var current: (winner: BackendID, from: Int)?
             for exponent in 4...17 {
                 let n = 1 << exponent
                 guard let problem = try? make(n).problem() else { continue }

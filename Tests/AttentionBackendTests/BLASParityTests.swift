@@ -1,5 +1,7 @@
 import AttentionBLAS
 import AttentionCore
+import AttentionMachine
+import AttentionVerification
 import Foundation
 import Testing
 
@@ -14,19 +16,7 @@ import Testing
         try expectParity(backend, c)
     }
 
-    static let featureCases: [ParityCase] = [
-        ParityCase(batch: 2, heads: (8, 2), nq: 130, nk: 130, d: 64, dv: 64, amplitude: 20, label: "large logits"),
-        ParityCase(batch: 1, heads: (4, 4), nq: 65, nk: 777, d: 128, dv: 128, options: .init(causal: true), amplitude: 20, label: "large logits causal"),
-        ParityCase(batch: 1, heads: (8, 1), nq: 1, nk: 777, d: 256, dv: 64, label: "MQA decode"),
-        ParityCase(batch: 2, heads: (8, 2), nq: 2, nk: 1030, d: 128, dv: 128, options: .init(causal: true), label: "GQA decode two tokens"),
-        ParityCase(batch: 1, heads: (4, 4), nq: 130, nk: 7, d: 32, dv: 32, options: .init(causal: true), label: "Nq > Nk causal: early rows see nothing"),
-        ParityCase(batch: 1, heads: (1, 1), nq: 64, nk: 64, d: 32, dv: 32, options: .init(window: .init(left: 0, right: 0)), label: "diagonal only"),
-        ParityCase(batch: 1, heads: (2, 2), nq: 64, nk: 200, d: 16, dv: 16, options: .init(window: .init(left: 500, right: -1)), label: "window wider than keys"),
-        ParityCase(batch: 1, heads: (1, 1), nq: 600, nk: 600, d: 3, dv: 200, options: .init(causal: true), label: "many key blocks, odd dims"),
-        ParityCase(batch: 1, heads: (1, 1), nq: 33, nk: 1500, d: 512, dv: 512, options: .init(softcap: 30, causal: true, window: .init(left: 700, right: 0)), label: "D 512 sliding window"),
-    ]
-
-    @Test(arguments: CPUISA.supported, featureCases)
+    @Test(arguments: CPUISA.supported, Sweep.featureCases)
     func features(_ isa: CPUISA, _ c: ParityCase) throws {
         try expectParity(BLASBackend(isa: isa), c)
     }
@@ -157,9 +147,9 @@ import Testing
     @Test func theBestVariantIsSupportedAndIsTheDefault() throws {
         #expect(CPUISA.best.isSupported)
         #expect(CPUISA.supported.contains(.best))
-        let chosen = try CPUKernels.resolve(environment: [:]).get()
+        let chosen = try CPUKernels.resolve(AttentionConfiguration(environment: [:])).get()
         #expect(chosen.isa == .best)
-        #expect(BLASBackend(isa: nil).isa == (try? CPUKernels.processDefault.get())?.isa)
+        #expect(BLASBackend(isa: nil).isa == (try? CPUISA.resolve(.process).get()))
         #if arch(x86_64)
         #expect(CPUISA.baseline.isSupported)
         #expect(!CPUISA.neon.isSupported)
@@ -170,26 +160,28 @@ import Testing
 
     @Test(arguments: CPUISA.supported)
     func theEnvironmentForcesAVariant(_ isa: CPUISA) throws {
-        let chosen = try CPUKernels.resolve(environment: [CPUKernels.overrideVariable: isa.rawValue]).get()
+        let environment = [AttentionConfiguration.cpuISAVariable: isa.rawValue]
+        let chosen = try CPUKernels.resolve(AttentionConfiguration(environment: environment)).get()
         #expect(chosen.isa == isa)
     }
 
     @Test func unknownAndUnsupportedNamesAreErrorsWithTheReason() throws {
-        let unknown = CPUKernels.resolve(environment: [CPUKernels.overrideVariable: "sse9"])
+        let variable = AttentionConfiguration.cpuISAVariable
+        let unknown = CPUKernels.resolve(AttentionConfiguration(environment: [variable: "sse9"]))
         guard case let .failure(.invalidConfiguration(setting, value, reason)) = unknown else {
             Issue.record("expected a configuration error, got \(unknown)")
             return
         }
-        #expect(setting == CPUKernels.overrideVariable && value == "sse9" && reason.contains("avx512"))
+        #expect(setting == variable && value == "sse9" && reason.contains("avx512"))
         for isa in CPUISA.allCases where !isa.isSupported {
-            let refused = CPUKernels.resolve(environment: [CPUKernels.overrideVariable: isa.rawValue])
+            let refused = CPUKernels.resolve(AttentionConfiguration(environment: [variable: isa.rawValue]))
             guard case let .failure(error) = refused else {
                 Issue.record("\(isa) is not supported here but was accepted")
                 continue
             }
             #expect(error.description.contains(isa.unsupportedReason ?? "?"))
-            // A backend built for it says why and refuses to run.
-            let backend = BLASBackend(isa: isa)
+            // A backend configured for it says why and refuses to run.
+            let backend = BLASBackend(configuration: AttentionConfiguration(cpuISA: isa))
             let p = try AttentionProblem(query: [1, 1, 4, 8], key: [1, 1, 4, 8], value: [1, 1, 4, 8])
             #expect(!backend.support(for: p).isSupported)
             let q = try Tensor(shape: [1, 1, 4, 8], repeating: 0.5)

@@ -28,7 +28,7 @@ struct OpenCLParity {
         for backend in openCLBackends() { try expectParity(backend, c) }
     }
 
-    @Test(arguments: BLASParity.featureCases)
+    @Test(arguments: Sweep.featureCases)
     func features(_ c: ParityCase) throws {
         for backend in openCLBackends() { try expectParity(backend, c) }
     }
@@ -41,7 +41,7 @@ struct OpenCLParity {
         OpenCLKernelConfig(vectorWidth: 8, rows: 1, workGroup: 1, useLocalMemory: false, decodeRows: 16, minKeysPerSplit: 64),
     ])
     func otherKernelConfigurations(_ config: OpenCLKernelConfig) throws {
-        let cases = Sweep.cases().enumerated().filter { $0.offset % 4 == 0 }.map(\.element) + BLASParity.featureCases
+        let cases = Sweep.cases().enumerated().filter { $0.offset % 4 == 0 }.map(\.element) + Sweep.featureCases
         for index in openCLDevices.indices {
             for c in cases {
                 try expectParity(OpenCLBackend(device: index, config: config), c)
@@ -54,9 +54,9 @@ struct OpenCLParity {
         let c = ParityCase(batch: 2, heads: (8, 2), nq: 1, nk: 3001, d: 128, dv: 96, options: .init(causal: true, window: .init(left: 2500, right: -1)))
         for index in openCLDevices.indices {
             let backend = OpenCLBackend(device: index)
-            let problem = try AttentionProblem(query: c.shapes.q, key: c.shapes.k, value: c.shapes.v, options: c.options)
+            let problem = try c.problem()
             guard case .splitKV = backend.kernelChoice(for: problem).choice else {
-                Issue.record("expected split-KV for \(c.testDescription), got \(backend.kernelChoice(for: problem))")
+                Issue.record("expected split-KV for \(c.description), got \(backend.kernelChoice(for: problem))")
                 continue
             }
             let split = try expectParity(backend, c)
@@ -69,6 +69,22 @@ struct OpenCLParity {
 /// Containment, determinism, bounds, residency, errors.
 @Suite(.enabled(if: openCLAvailable, noOpenCLReason))
 struct OpenCLRobustness {
+    @Test func aMissingKernelProgramIsAnErrorNeverSilence() throws {
+        // A build without kernel sources: both kernels must fail with a typed error naming the file
+        // (the flash kernel on prefill, split-KV on a long decode), never return unwritten output.
+        let cases = [(ParityCase(heads: (2, 2), nq: 33, nk: 40, d: 16, dv: 16), "attention.cl"),
+                     (ParityCase(heads: (8, 2), nq: 1, nk: 4096, d: 64, dv: 64), "decode.cl")]
+        for index in openCLDevices.indices {
+            let backend = OpenCLBackend(device: index, config: nil, tunedConfigs: [], allowSplitKV: true, programs: { _ in nil })
+            for (c, file) in cases {
+                let (q, k, v) = try c.inputs()
+                let expected = AttentionError.backendFailure(
+                    backend: BackendID.opencl(device: index).description, message: "kernel program '\(file)' is missing from this build")
+                #expect(throws: expected) { try backend.attention(query: q, key: k, value: v) }
+            }
+        }
+    }
+
     let cases = [
         ParityCase(batch: 2, heads: (8, 2), nq: 77, nk: 300, d: 64, dv: 48, options: .init(causal: true, window: .init(left: 90, right: 4))),
         ParityCase(batch: 1, heads: (8, 2), nq: 1, nk: 2000, d: 64, dv: 64, label: "split-KV"),

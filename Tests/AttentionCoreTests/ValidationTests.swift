@@ -1,4 +1,5 @@
 import AttentionCore
+import AttentionVerification
 import Testing
 
 /// Every way a problem can be wrong gives its own typed error.
@@ -117,7 +118,7 @@ import Testing
     }
 
     struct RefusingBackend: AttentionBackend {
-        var name: String { "refuser" }
+        var id: BackendID { .opencl(device: 7) }
         func support(for problem: AttentionProblem) -> BackendSupport { .unsupported(reason: "D must be 128") }
         func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {
             Issue.record("run must not be called on an unsupported problem")
@@ -126,7 +127,7 @@ import Testing
 
     @Test func unsupportedProblemsAreRefusedWithTheReason() throws {
         let t = try Tensor(shape: [1, 1, 1, 1], storage: [1])
-        #expect(throws: AttentionError.unsupported(backend: "refuser", reason: "D must be 128")) {
+        #expect(throws: AttentionError.unsupported(backend: BackendID.opencl(device: 7).description, reason: "D must be 128")) {
             try RefusingBackend().attention(query: t, key: t, value: t)
         }
     }

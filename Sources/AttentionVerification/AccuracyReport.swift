@@ -1,8 +1,11 @@
+import AttentionCore
+
 /// How far a result is from the float64 reference, and whether that is within the contract.
 ///
 /// Tolerance (fp32, xFormers' forward tolerance): |o - ref| <= 3e-4 + 2e-5·|ref| elementwise, no NaN
 /// where the reference has none, and rows with no visible key exactly 0. NMSE = Σ(o-ref)² / Σref²
-/// should sit near 1e-12 for fp32; it is reported, not judged.
+/// should sit near 1e-12 for fp32; it is reported, not judged. The tolerance rule lives here and
+/// nowhere else: tests, `attnbench verify`, `bench` and Benchmarks all judge through this type.
 public struct AccuracyReport: Sendable, Equatable, CustomStringConvertible {
     public static let absoluteTolerance = 3e-4
     public static let relativeTolerance = 2e-5
@@ -19,6 +22,18 @@ public struct AccuracyReport: Sendable, Equatable, CustomStringConvertible {
     public var lseViolations = 0
 
     public var passed: Bool { violations == 0 && lseViolations == 0 }
+    /// Rows compared (all, or the sample of `sampled(...)`).
+    public var rowsChecked = 0
+
+    /// An empty report (nothing compared yet).
+    public init() {}
+
+    /// Whether `value` is within the contract's tolerance of `reference` (NaN only where the
+    /// reference is NaN).
+    public static func withinTolerance(_ value: Double, of reference: Double) -> Bool {
+        if reference.isNaN { return true }
+        return !value.isNaN && abs(value - reference) <= absoluteTolerance + relativeTolerance * abs(reference)
+    }
 
     public var description: String {
         let verdict = passed ? "ok" : "FAIL (\(violations) output, \(lseViolations) lse violations; first at \(firstViolation ?? -1))"
@@ -51,8 +66,7 @@ public struct AccuracyReport: Sendable, Equatable, CustomStringConvertible {
             if ref.isNaN { continue }
             let masked = referenceLSE[row] == -.infinity
             let err = abs(o - ref)
-            var bad = o.isNaN || err > Self.absoluteTolerance + Self.relativeTolerance * abs(ref)
-            if masked && o != 0 { bad = true }
+            let bad = !Self.withinTolerance(o, of: ref) || (masked && o != 0)
             if bad {
                 violations += 1
                 if firstViolation == nil { firstViolation = idx }
@@ -67,6 +81,7 @@ public struct AccuracyReport: Sendable, Equatable, CustomStringConvertible {
             refSq += ref * ref
         }
         nmse = refSq > 0 ? sumSq / refSq : (sumSq > 0 ? .infinity : 0)
+        rowsChecked = reference.count / valueDim
         if let lse = logSumExp {
             for row in 0..<referenceLSE.count {
                 let ref = referenceLSE[row]
@@ -92,5 +107,31 @@ public struct AccuracyReport: Sendable, Equatable, CustomStringConvertible {
                                referenceLSE: reference.logSumExp, valueDim: valueDim)
             }
         }
+    }
+
+    /// Compares the rows of `result` at up to `count` row indices spread over all of them with the
+    /// float64 reference of those rows alone: error measurement on problems too large for a full
+    /// reference. The log-sum-exp is not judged here.
+    public static func sampled(
+        _ problem: AttentionProblem, query q: Tensor, key k: Tensor, value v: Tensor, result: AttentionResult,
+        count: Int = 32
+    ) -> AccuracyReport {
+        let total = problem.batch * problem.queryHeads * problem.queryLength
+        let n = min(count, total)
+        let picks = Array(Set((0..<n).map { $0 * (total - 1) / max(1, n - 1) })).sorted()
+        var output: [Float] = []
+        var reference: [Double] = []
+        var referenceLSE: [Double] = []
+        for (row, values, lse) in NaiveBackend.reference(problem, query: q, key: k, value: v, rows: picks) {
+            output += result.output.storage[row * problem.valueDim..<(row + 1) * problem.valueDim]
+            reference += values
+            referenceLSE.append(lse)
+        }
+        var report = output.withUnsafeBufferPointer { out in
+            AccuracyReport(output: out, logSumExp: nil, reference: reference, referenceLSE: referenceLSE,
+                           valueDim: problem.valueDim)
+        }
+        report.rowsChecked = picks.count
+        return report
     }
 }

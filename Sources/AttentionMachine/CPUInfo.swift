@@ -1,7 +1,10 @@
+import AttentionCore
+import CAttentionCPU
 import CBLAS
 import Foundation
 
-/// What the CPU side of this machine is and how fast it multiplies matrices.
+/// What the CPU side of this machine is: model, cores, caches, clock, OpenBLAS's kernels and the
+/// CPU kernel variants it runs. (How fast it computes and reads memory: `MachineProbes`.)
 public enum CPUInfo {
     /// The kernel family OpenBLAS selected at load time ("Haswell", "SkylakeX", "Zen"...).
     /// `OPENBLAS_CORETYPE` in the environment overrides its detection.
@@ -54,8 +57,8 @@ public enum CPUInfo {
 
     /// The CPU kernel variant this process uses ("avx512", "avx2+fma"...), or why none can be used.
     public static var kernelDescription: String {
-        switch CPUKernels.processDefault {
-        case let .success(kernels): return kernels.isa.description
+        switch CPUISA.resolve(AttentionConfiguration.process) {
+        case let .success(isa): return isa.description
         case let .failure(error): return "none (\(error))"
         }
     }
@@ -68,53 +71,4 @@ public enum CPUInfo {
         else { return nil }
         return line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
     }
-
-    /// Measures memory read bandwidth in GB/s: `threads` threads (default: all cores) each sum
-    /// their share of a `megabytes` buffer with SIMD loads; the best of `repeats` passes.
-    public static func measureReadBandwidth(megabytes: Int = 512, repeats: Int = 3, threads: Int? = nil) -> Double {
-        let count = megabytes << 18  // floats
-        let workers = max(1, threads ?? logicalCores)
-        let buffer = UnsafeMutablePointer<Float>.allocate(capacity: count)
-        defer { buffer.deallocate() }
-        buffer.initialize(repeating: 1, count: count)
-        let shared = SharedPointer(buffer)
-        let sink = UnsafeMutablePointer<Float>.allocate(capacity: workers)
-        defer { sink.deallocate() }
-        let sinkShared = SharedPointer(sink)
-        let kernels = (try? CPUKernels.processDefault.get()) ?? (try? CPUKernels(isa: .best))
-        var best = Double.infinity
-        for _ in 0..<repeats {
-            let start = DispatchTime.now().uptimeNanoseconds
-            WorkerPool.shared.run(workers: workers) { w in
-                let chunk = (count / workers) & ~63
-                sinkShared.pointer[w] = kernels?.readSum(shared.pointer + w * chunk, count: chunk) ?? 0
-            }
-            best = min(best, Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
-        }
-        return Double((count / workers) & ~63) * Double(workers) * 4 / best / 1e9
-    }
-
-    /// Measures OpenBLAS SGEMM throughput (n × n × n, all OpenBLAS threads): the CPU roofline.
-    /// Returns the median GFLOP/s of `repeats` runs after one warm-up.
-    public static func measureSGEMM(size n: Int = 2048, repeats: Int = 5) -> Double {
-        let a = [Float](repeating: 0.5, count: n * n)
-        let b = [Float](repeating: 0.25, count: n * n)
-        var c = [Float](repeating: 0, count: n * n)
-        var times: [Double] = []
-        for rep in 0...repeats {
-            let start = DispatchTime.now().uptimeNanoseconds
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(n), Int32(n),
-                        1, a, Int32(n), b, Int32(n), 0, &c, Int32(n))
-            let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
-            if rep > 0 { times.append(seconds) }
-        }
-        times.sort()
-        return 2 * Double(n) * Double(n) * Double(n) / times[times.count / 2] / 1e9
-    }
-}
-
-/// A raw pointer handed to worker threads that touch disjoint parts of it.
-struct SharedPointer<T>: @unchecked Sendable {
-    let pointer: UnsafeMutablePointer<T>
-    init(_ pointer: UnsafeMutablePointer<T>) { self.pointer = pointer }
 }

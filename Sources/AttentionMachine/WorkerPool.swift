@@ -7,8 +7,8 @@ import Foundation
 /// serialises short attention calls. This pool keeps its threads parked on a condition variable and
 /// wakes them per job; the calling thread takes part as worker 0. Helper threads are created on first
 /// use, as many as the largest job asked for, and live for the rest of the process.
-final class WorkerPool: @unchecked Sendable {
-    static let shared = WorkerPool()
+package final class WorkerPool: @unchecked Sendable {
+    package static let shared = WorkerPool()
 
     private let condition = NSCondition()
     /// Serialises jobs: one fork-join at a time.
@@ -21,7 +21,7 @@ final class WorkerPool: @unchecked Sendable {
     private var helpers = 0
 
     /// Runs `body(0)` ... `body(workers - 1)` concurrently and returns when all have returned.
-    func run(workers: Int, _ body: @escaping @Sendable (Int) -> Void) {
+    package func run(workers: Int, _ body: @escaping @Sendable (Int) -> Void) {
         guard workers > 1 else {
             body(0)
             return

@@ -1,0 +1,85 @@
+/// Which backend a caller wants: one by its identity, or the dispatcher's choice.
+public enum BackendChoice: Sendable, Equatable, CustomStringConvertible {
+    /// The dispatcher's choice (see `Dispatcher`), unless `ATTENTIONKIT_BACKEND` forces one.
+    case auto
+    /// That backend, or an error saying why it cannot run the problem.
+    case backend(BackendID)
+
+    /// The float64 reference.
+    public static let naive = BackendChoice.backend(.naive)
+    /// OpenBLAS tiles on the CPU.
+    public static let blas = BackendChoice.backend(.blas)
+    /// OpenCL kernels on device 0.
+    public static let opencl = BackendChoice.backend(.opencl(device: 0))
+    /// OpenCL kernels on a device.
+    public static func opencl(device: Int) -> BackendChoice { .backend(.opencl(device: device)) }
+
+    /// `auto`, or a backend name (`naive`, `blas`, `opencl`, `opencl:N`).
+    public init(parsing text: String) throws(AttentionError) {
+        self = text.lowercased() == "auto" ? .auto : .backend(try BackendID(parsing: text))
+    }
+
+    public var description: String {
+        switch self {
+        case .auto: return "auto"
+        case let .backend(id): return id.description
+        }
+    }
+}
+
+/// A backend chosen for a problem, and why.
+public struct BackendSelection: Sendable {
+    public let backend: any AttentionBackend
+    /// The dispatcher's full decision, when it made one.
+    public let decision: DispatchDecision?
+    private let forcedReason: String?
+
+    /// Why this backend was chosen, in one line (built on demand: selection stays cheap).
+    public var reason: String { decision.map { "auto: " + $0.reason } ?? forcedReason ?? "" }
+
+    public init(backend: any AttentionBackend, reason: String) {
+        self.backend = backend
+        self.forcedReason = reason
+        self.decision = nil
+    }
+
+    init(backend: any AttentionBackend, decision: DispatchDecision) {
+        self.backend = backend
+        self.forcedReason = nil
+        self.decision = decision
+    }
+
+    /// Selects a backend for `problem` from `dispatcher`'s candidates (default: this machine's, with
+    /// this process's configuration and profile).
+    ///
+    /// A forced choice (`.backend(id)`, or `.auto` overridden by the dispatcher configuration's
+    /// `ATTENTIONKIT_BACKEND`) that cannot run the problem throws `.unsupported` with the reason;
+    /// `.auto` otherwise asks the dispatcher. `tiling` replaces the BLAS backend's own choice.
+    public static func select(
+        _ choice: BackendChoice, for problem: AttentionProblem, threads: Int? = nil, tiling: BLASTiling? = nil,
+        dispatcher: Dispatcher? = nil
+    ) throws(AttentionError) -> BackendSelection {
+        let dispatcher = dispatcher ?? (threads == nil ? .process : Dispatcher(threads: threads))
+        func withTiling(_ backend: any AttentionBackend) -> any AttentionBackend {
+            guard let tiling, backend.id == .blas else { return backend }
+            return BLASBackend(threads: threads, tiling: tiling, configuration: dispatcher.configuration)
+        }
+        func forced(_ id: BackendID, reason: String) throws(AttentionError) -> BackendSelection {
+            let backend = withTiling(try dispatcher.backend(id))
+            if case let .unsupported(why) = backend.support(for: problem) {
+                throw .unsupported(backend: id.description, reason: why)
+            }
+            return BackendSelection(backend: backend, reason: reason)
+        }
+        switch choice {
+        case let .backend(id):
+            return try forced(id, reason: "requested")
+        case .auto:
+            if let id = try dispatcher.configuration.backendOverride.get() {
+                return try forced(id, reason: "forced by \(AttentionConfiguration.backendVariable)=\(id)")
+            }
+            let decision = dispatcher.decide(problem)
+            return BackendSelection(backend: withTiling(decision.chosen), decision: decision)
+        }
+    }
+}
