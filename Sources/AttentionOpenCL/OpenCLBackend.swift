@@ -260,16 +260,52 @@ public struct OpenCLBackend: AttentionBackend {
         return Launch(config: config, choice: choice, source: source)
     }
 
+    /// The buffers of one call: inputs, outputs, and the mask in whichever form it has.
+    private struct CallBuffers {
+        var q, k, v, o, lse: CLBuffer
+        var additiveMask: CLBuffer
+        var booleanMask: CLBuffer
+    }
+
     private func execute(_ p: AttentionProblem, _ launch: Launch, state: ExecutionState,
                          q: CLBuffer, k: CLBuffer, v: CLBuffer, o: CLBuffer, lse: CLBuffer) throws(OpenCLError) {
-        let cfg = launch.config
-        let source = launch.source
-        let vec = cfg.vectorWidth
-        let nkPad = (p.keyLength + vec - 1) / vec * vec
+        var params = Self.parameters(p, keyPadding: launch.config.vectorWidth)
+        var buffers = CallBuffers(q: q, k: k, v: v, o: o, lse: lse, additiveMask: state.placeholder,
+                                  booleanMask: state.placeholder)
+        switch p.options.mask?.values {
+        case nil:
+            params.maskKind = 0
+        case let .additive(values)?:
+            params.maskKind = 1
+            buffers.additiveMask = try withBytes(of: values) { (raw) throws(OpenCLError) in
+                try state.buffer(bytes: raw.count, flags: Int32(CL_MEM_READ_ONLY), host: raw.baseAddress)
+            }
+        case let .boolean(values)?:
+            params.maskKind = 2
+            buffers.booleanMask = try withBytes(of: values) { (raw) throws(OpenCLError) in
+                try state.buffer(bytes: raw.count, flags: Int32(CL_MEM_READ_ONLY), host: raw.baseAddress)
+            }
+        }
+        switch launch.choice {
+        case .flash:
+            try launchFlash(p, params, launch, buffers, state: state)
+        case let .splitKV(splits, keysPerSplit):
+            try launchSplitKV(p, params, launch, buffers, splits: splits, keysPerSplit: keysPerSplit, state: state)
+        }
+        try state.finish()
+    }
+
+    /// The kernels' parameter block (`AKParams` in common.cl); K padded to a multiple of `keyPadding`.
+    private static func parameters(_ p: AttentionProblem, keyPadding vec: Int) -> AKParams {
         var params = AKParams()
-        params.B = Int32(p.batch); params.Hq = Int32(p.queryHeads); params.Hkv = Int32(p.keyValueHeads)
-        params.Nq = Int32(p.queryLength); params.Nk = Int32(p.keyLength); params.D = Int32(p.headDim); params.Dv = Int32(p.valueDim)
-        params.NkPad = Int32(nkPad)
+        params.B = Int32(p.batch)
+        params.Hq = Int32(p.queryHeads)
+        params.Hkv = Int32(p.keyValueHeads)
+        params.Nq = Int32(p.queryLength)
+        params.Nk = Int32(p.keyLength)
+        params.D = Int32(p.headDim)
+        params.Dv = Int32(p.valueDim)
+        params.NkPad = Int32((p.keyLength + vec - 1) / vec * vec)
         params.scale = p.scale
         params.softcap = p.options.softcap ?? 0
         params.causal = p.options.causal ? 1 : 0
@@ -277,71 +313,68 @@ public struct OpenCLBackend: AttentionBackend {
         params.winRight = Int32(p.options.window?.right ?? -1)
         params.maskBatchStride = Int32(p.maskLayout?.batchStride ?? 0)
         params.maskHeadStride = Int32(p.maskLayout?.headStride ?? 0)
+        return params
+    }
 
-        var maskF = state.placeholder
-        var maskB = state.placeholder
-        switch p.options.mask?.values {
-        case nil:
-            params.maskKind = 0
-        case let .additive(values)?:
-            params.maskKind = 1
-            maskF = try withBytes(of: values) { (raw) throws(OpenCLError) in
-                try state.buffer(bytes: raw.count, flags: Int32(CL_MEM_READ_ONLY), host: raw.baseAddress)
-            }
-        case let .boolean(values)?:
-            params.maskKind = 2
-            maskB = try withBytes(of: values) { (raw) throws(OpenCLError) in
-                try state.buffer(bytes: raw.count, flags: Int32(CL_MEM_READ_ONLY), host: raw.baseAddress)
-            }
+    /// K re-laid in key blocks, then the flash kernel over row blocks.
+    private func launchFlash(
+        _ p: AttentionProblem, _ params: AKParams, _ launch: Launch, _ b: CallBuffers, state: ExecutionState
+    ) throws(OpenCLError) {
+        let cfg = launch.config
+        let (vec, nkPad) = (cfg.vectorWidth, Int(params.NkPad))
+        let kt = try state.buffer(bytes: 4 * p.batch * p.keyValueHeads * p.headDim * nkPad, flags: Int32(CL_MEM_READ_WRITE))
+        let transpose = try state.kernel("transpose_keys", source: launch.source, options: cfg.flashOptions)
+        try transpose.set(0, b.k)
+        try transpose.set(1, kt)
+        try transpose.set(2, value: Int32(p.keyLength))
+        try transpose.set(3, value: Int32(p.headDim))
+        try transpose.set(4, value: Int32(nkPad))
+        try state.enqueue(transpose, global: [nkPad, p.headDim, p.batch * p.keyValueHeads], local: nil)
+
+        let flash = try state.kernel("flash_attention", source: launch.source, options: cfg.flashOptions)
+        for (i, buffer) in [b.q, kt, b.v, b.additiveMask, b.booleanMask, b.o, b.lse].enumerated() {
+            try flash.set(i, buffer)
         }
-
-        switch launch.choice {
-        case .flash:
-            let kt = try state.buffer(bytes: 4 * p.batch * p.keyValueHeads * p.headDim * nkPad, flags: Int32(CL_MEM_READ_WRITE))
-            let transpose = try state.kernel("transpose_keys", source: source, options: cfg.flashOptions)
-            try transpose.set(0, k)
-            try transpose.set(1, kt)
-            try transpose.set(2, value: Int32(p.keyLength))
-            try transpose.set(3, value: Int32(p.headDim))
-            try transpose.set(4, value: Int32(nkPad))
-            try state.enqueue(transpose, global: [nkPad, p.headDim, p.batch * p.keyValueHeads], local: nil)
-
-            let flash = try state.kernel("flash_attention", source: source, options: cfg.flashOptions)
-            for (i, buffer) in [q, kt, v, maskF, maskB, o, lse].enumerated() { try flash.set(i, buffer) }
-            try flash.set(7, value: params)
-            if cfg.useLocalMemory {
-                try flash.setLocal(8, bytes: 4 * p.headDim * vec)
-                try flash.setLocal(9, bytes: 4 * vec * p.valueDim)
-            }
-            let rowBlocks = (p.queryLength + cfg.rows - 1) / cfg.rows
-            let group = cfg.workGroup
-            try state.enqueue(flash, global: [(rowBlocks + group - 1) / group * group, p.batch * p.queryHeads], local: [group, 1])
-
-        case let .splitKV(splits, keysPerSplit):
-            let totalRows = p.batch * p.queryHeads * p.queryLength
-            let oPart = try state.buffer(bytes: 4 * splits * totalRows * p.valueDim, flags: Int32(CL_MEM_READ_WRITE))
-            let lsePart = try state.buffer(bytes: 4 * splits * totalRows, flags: Int32(CL_MEM_READ_WRITE))
-            let options = cfg.decodeOptions(rows: p.groupSize * p.queryLength)
-            let partial = try state.kernel("decode_partial", source: source, options: options)
-            for (i, buffer) in [q, k, v, maskF, maskB, oPart, lsePart].enumerated() { try partial.set(i, buffer) }
-            try partial.set(7, value: params)
-            try partial.set(8, value: Int32(keysPerSplit))
-            try partial.set(9, value: Int32(splits))
-            // One work-item per group: drivers left to choose (PoCL) may pack the whole small range
-            // into a single group, which then runs on one core.
-            try state.enqueue(partial, global: [splits, p.batch * p.keyValueHeads], local: [1, 1])
-
-            let merge = try state.kernel("decode_merge", source: source, options: options)
-            try merge.set(0, oPart)
-            try merge.set(1, lsePart)
-            try merge.set(2, o)
-            try merge.set(3, lse)
-            try merge.set(4, value: Int32(totalRows))
-            try merge.set(5, value: Int32(p.valueDim))
-            try merge.set(6, value: Int32(splits))
-            try state.enqueue(merge, global: [totalRows], local: nil)
+        try flash.set(7, value: params)
+        if cfg.useLocalMemory {
+            try flash.setLocal(8, bytes: 4 * p.headDim * vec)
+            try flash.setLocal(9, bytes: 4 * vec * p.valueDim)
         }
-        try state.finish()
+        let rowBlocks = (p.queryLength + cfg.rows - 1) / cfg.rows
+        let group = cfg.workGroup
+        let global = [(rowBlocks + group - 1) / group * group, p.batch * p.queryHeads]
+        try state.enqueue(flash, global: global, local: [group, 1])
+    }
+
+    /// Partial O and LSE per key slice, then the exact merge.
+    private func launchSplitKV(
+        _ p: AttentionProblem, _ params: AKParams, _ launch: Launch, _ b: CallBuffers, splits: Int, keysPerSplit: Int,
+        state: ExecutionState
+    ) throws(OpenCLError) {
+        let totalRows = p.batch * p.queryHeads * p.queryLength
+        let oPart = try state.buffer(bytes: 4 * splits * totalRows * p.valueDim, flags: Int32(CL_MEM_READ_WRITE))
+        let lsePart = try state.buffer(bytes: 4 * splits * totalRows, flags: Int32(CL_MEM_READ_WRITE))
+        let options = launch.config.decodeOptions(rows: p.groupSize * p.queryLength)
+        let partial = try state.kernel("decode_partial", source: launch.source, options: options)
+        for (i, buffer) in [b.q, b.k, b.v, b.additiveMask, b.booleanMask, oPart, lsePart].enumerated() {
+            try partial.set(i, buffer)
+        }
+        try partial.set(7, value: params)
+        try partial.set(8, value: Int32(keysPerSplit))
+        try partial.set(9, value: Int32(splits))
+        // One work-item per group: drivers left to choose (PoCL) may pack the whole small range
+        // into a single group, which then runs on one core.
+        try state.enqueue(partial, global: [splits, p.batch * p.keyValueHeads], local: [1, 1])
+
+        let merge = try state.kernel("decode_merge", source: launch.source, options: options)
+        try merge.set(0, oPart)
+        try merge.set(1, lsePart)
+        try merge.set(2, b.o)
+        try merge.set(3, b.lse)
+        try merge.set(4, value: Int32(totalRows))
+        try merge.set(5, value: Int32(p.valueDim))
+        try merge.set(6, value: Int32(splits))
+        try state.enqueue(merge, global: [totalRows], local: nil)
     }
 }
 

@@ -15,6 +15,16 @@ public struct NPYArray: Sendable, Equatable {
     /// The element type as stored in the file.
     public enum FileDType: String, Sendable {
         case float16 = "<f2", float32 = "<f4", float64 = "<f8", bool = "|b1", uint8 = "|u1"
+
+        /// Bytes per element.
+        public var itemSize: Int {
+            switch self {
+            case .float16: return 2
+            case .float32: return 4
+            case .float64: return 8
+            case .bool, .uint8: return 1
+            }
+        }
     }
 
     public let shape: [Int]
@@ -67,10 +77,31 @@ public struct NPYArray: Sendable, Equatable {
 
     /// Parses the bytes of a `.npy` file; `file` names it in errors.
     public static func parse(_ data: Data, file: String) throws(NPYError) -> NPYArray {
+        let (major, headerStart, headerLength) = try preamble(data, file: file)
+        let headerBytes = data.subdata(in: data.startIndex + headerStart ..< data.startIndex + headerStart + headerLength)
+        // Version 3.0 allows UTF-8 in the header; 1.0 and 2.0 are latin-1, which is ASCII for valid headers.
+        guard let header = String(data: headerBytes, encoding: major == 3 ? .utf8 : .isoLatin1) else {
+            throw .malformedHeader(file: file, detail: "header is not text")
+        }
+        let fields = try NPYHeader.parse(header, file: file)
+        guard !fields.fortranOrder else { throw .fortranOrder(file: file) }
+        guard let dtype = FileDType(rawValue: normalise(fields.descr)) else {
+            throw .unsupportedDType(file: file, dtype: fields.descr)
+        }
+        let count = try checkPayload(data, file: file, shape: fields.shape, itemSize: dtype.itemSize,
+                                     payloadStart: headerStart + headerLength)
+        let storage = decode(data, from: headerStart + headerLength, count: count, dtype: dtype)
+        return NPYArray(shape: fields.shape, storage: storage, fileDType: dtype)
+    }
+
+    /// The magic string, version and header length: (major version, header start, header length).
+    private static func preamble(_ data: Data, file: String) throws(NPYError) -> (UInt8, Int, Int) {
         let bytes = [UInt8](data.prefix(12))
         let magic: [UInt8] = [0x93, 0x4E, 0x55, 0x4D, 0x50, 0x59]  // \x93NUMPY
         guard bytes.count >= 6, Array(bytes[0..<6]) == magic else {
-            if bytes.count < 6 && magic.starts(with: bytes) && !bytes.isEmpty { throw .truncated(file: file, detail: "only \(bytes.count) bytes") }
+            if bytes.count < 6 && magic.starts(with: bytes) && !bytes.isEmpty {
+                throw .truncated(file: file, detail: "only \(bytes.count) bytes")
+            }
             throw .notNPY(file: file)
         }
         guard bytes.count >= 10 else { throw .truncated(file: file, detail: "header length missing") }
@@ -90,55 +121,53 @@ public struct NPYArray: Sendable, Equatable {
         }
         guard minor == 0 else { throw .unsupportedVersion(file: file, major: major, minor: minor) }
         guard data.count >= headerStart + headerLength else {
-            throw .truncated(file: file, detail: "header claims \(headerLength) bytes, file has \(data.count - headerStart) after the preamble")
+            throw .truncated(
+                file: file,
+                detail: "header claims \(headerLength) bytes, file has \(data.count - headerStart) after the preamble")
         }
-        let headerBytes = data.subdata(in: data.startIndex + headerStart ..< data.startIndex + headerStart + headerLength)
-        // Version 3.0 allows UTF-8 in the header; 1.0 and 2.0 are latin-1, which is ASCII for valid headers.
-        guard let header = String(data: headerBytes, encoding: major == 3 ? .utf8 : .isoLatin1) else {
-            throw .malformedHeader(file: file, detail: "header is not text")
-        }
-        let fields = try NPYHeader.parse(header, file: file)
-        guard !fields.fortranOrder else { throw .fortranOrder(file: file) }
-        guard let dtype = FileDType(rawValue: normalise(fields.descr)) else {
-            throw .unsupportedDType(file: file, dtype: fields.descr)
-        }
-        let itemSize: Int
-        switch dtype {
-        case .float16: itemSize = 2
-        case .float32: itemSize = 4
-        case .float64: itemSize = 8
-        case .bool, .uint8: itemSize = 1
-        }
+        return (major, headerStart, headerLength)
+    }
+
+    /// The element count of `shape`, once the data after the header is exactly its size.
+    private static func checkPayload(
+        _ data: Data, file: String, shape: [Int], itemSize: Int, payloadStart: Int
+    ) throws(NPYError) -> Int {
         var count = 1
-        for dim in fields.shape {
+        for dim in shape {
             let (product, overflow) = count.multipliedReportingOverflow(by: dim)
-            guard !overflow else { throw .tooLarge(file: file, shape: fields.shape) }
+            guard !overflow else { throw .tooLarge(file: file, shape: shape) }
             count = product
         }
         let (expectedBytes, overflow) = count.multipliedReportingOverflow(by: itemSize)
-        guard !overflow else { throw .tooLarge(file: file, shape: fields.shape) }
-        let payload = data.count - headerStart - headerLength
+        guard !overflow else { throw .tooLarge(file: file, shape: shape) }
+        let payload = data.count - payloadStart
         guard payload == expectedBytes else {
             if payload < expectedBytes {
-                throw .truncated(file: file, detail: "shape \(fields.shape) needs \(expectedBytes) data bytes, only \(payload) present")
+                throw .truncated(file: file, detail: "shape \(shape) needs \(expectedBytes) data bytes, only \(payload) present")
             }
-            throw .sizeMismatch(file: file, shape: fields.shape, expectedBytes: expectedBytes, actualBytes: payload)
+            throw .sizeMismatch(file: file, shape: shape, expectedBytes: expectedBytes, actualBytes: payload)
         }
-        let offset = data.startIndex + headerStart + headerLength
-        let storage: Storage = data.withUnsafeBytes { (raw: UnsafeRawBufferPointer) in
-            let base = raw.baseAddress! + (offset - data.startIndex)
+        return count
+    }
+
+    /// The `count` little-endian elements at byte `offset`, converted to fp32 (or booleans).
+    private static func decode(_ data: Data, from offset: Int, count: Int, dtype: FileDType) -> Storage {
+        data.withUnsafeBytes { (raw: UnsafeRawBufferPointer) -> Storage in
+            let bytes = UnsafeRawBufferPointer(rebasing: raw[offset...])
+            func word<T: FixedWidthInteger>(_ index: Int, _: T.Type) -> T {
+                T(littleEndian: bytes.loadUnaligned(fromByteOffset: index * MemoryLayout<T>.size, as: T.self))
+            }
             switch dtype {
             case .float32:
-                return .float32((0..<count).map { Float(bitPattern: UInt32(littleEndian: base.loadUnaligned(fromByteOffset: $0 * 4, as: UInt32.self))) })
+                return .float32((0..<count).map { Float(bitPattern: word($0, UInt32.self)) })
             case .float64:
-                return .float32((0..<count).map { Float(Double(bitPattern: UInt64(littleEndian: base.loadUnaligned(fromByteOffset: $0 * 8, as: UInt64.self)))) })
+                return .float32((0..<count).map { Float(Double(bitPattern: word($0, UInt64.self))) })
             case .float16:
-                return .float32((0..<count).map { Float(halfBits: UInt16(littleEndian: base.loadUnaligned(fromByteOffset: $0 * 2, as: UInt16.self))) })
+                return .float32((0..<count).map { Float(halfBits: word($0, UInt16.self)) })
             case .bool, .uint8:
-                return .bool((0..<count).map { base.load(fromByteOffset: $0, as: UInt8.self) != 0 })
+                return .bool((0..<count).map { bytes[$0] != 0 })
             }
         }
-        return NPYArray(shape: fields.shape, storage: storage, fileDType: dtype)
     }
 
     /// `'<f4'`, `'float32'`-style spellings NumPy writes on little-endian machines.

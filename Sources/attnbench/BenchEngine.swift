@@ -92,7 +92,8 @@ struct BenchBackend {
             case .blas:
                 list.append(BenchBackend(kind: .backend(BLASBackend()), device: cpu, expectedGFLOPS: 0.5 * roofline.sgemmGFLOPS))
             case let .opencl(device):
-                let indices = name.contains(":") ? [device] : devices ?? Array(OpenCLRuntime.availableDevices.indices)
+                let everyDevice = name.lowercased() == BackendID.opencl(device: 0).family  // "opencl" alone: all of them
+                let indices = everyDevice ? devices ?? Array(OpenCLRuntime.availableDevices.indices) : [device]
                 // No OpenCL: one entry whose cells are skipped with the reason.
                 list += (indices.isEmpty ? [0] : indices).map { openCL(device: $0, roofline: roofline) }
             }

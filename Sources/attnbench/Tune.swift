@@ -46,81 +46,28 @@ struct Tune: ParsableCommand {
     }
 
     private func tuneBackend(_ base: BackendProfile, progress: Progress) throws -> BackendProfile {
+        let tuner = BackendTuner(id: base.backend, quick: quick)
         var profile = base
-        let isBLAS = base.backend == .blas
-        var deviceIndex = 0
-        if case let .opencl(device) = base.backend { deviceIndex = device }
-        func backend(headDim: Int, tiling: BLASTiling? = nil, config: OpenCLKernelConfig? = nil) -> any AttentionBackend {
-            isBLAS ? BLASBackend(tiling: tiling) : OpenCLBackend(device: deviceIndex, config: config)
-        }
         var curves: [BackendProfile.HeadDimCurve] = []
         var tilings: [Tuned<BLASTiling>] = []
         var configs: [Tuned<OpenCLKernelConfig>] = []
         for d in [64, 128] {
-            let probe = ShapeSpec.make("probe", hq: 8, nq: 1024, d: d)
-            let causalProbe = ShapeSpec.make("probe-causal", hq: 8, nq: 1024, d: d, causal: true)
-            // Block sizes are judged on full and causal attention together (larger query blocks
-            // skip fewer causal blocks): the total time of both probes, as GFLOP/s.
-            func score(_ backend: any AttentionBackend) throws -> Double {
-                let seconds = try measureSeconds(backend, shape: probe, repetitions: 3) + measureSeconds(backend, shape: causalProbe, repetitions: 3)
-                return (try probe.problem().flops + causalProbe.problem().flops) / seconds / 1e9
-            }
-            // 1. Block sizes.
-            var best: (gflops: Double, tiling: BLASTiling?, config: OpenCLKernelConfig?) = (0, nil, nil)
-            if isBLAS {
-                for (rows, keys) in [(128, 512), (256, 256), (128, 256), (64, 256), (256, 512)] {
-                    let tiling = BLASTiling(queryRows: rows, keyBlock: keys)
-                    let g = try score(BLASBackend(tiling: tiling))
-                    if g > best.gflops { best = (g, tiling, nil) }
-                }
-                if let t = best.tiling { tilings.append(.init(headDim: d, value: t)) }
-            } else {
-                let problem = try probe.problem()
-                guard let table = OpenCLBackend(device: deviceIndex).kernelConfig(for: problem) else { continue }
-                var variants: [OpenCLKernelConfig] = []
-                let gpu = OpenCLRuntime.availableDevices[deviceIndex].info.isGPU
-                for (vec, rows, group, local) in gpu
-                    ? [(4, 2, 64, true), (4, 4, 64, true), (8, 2, 64, true), (4, 2, 128, true), (4, 2, 64, false)]
-                    : [(16, 4, 4, false), (16, 6, 4, false), (16, 8, 4, false), (16, 4, 1, false), (8, 8, 4, false)] {
-                    var c = table
-                    c.vectorWidth = vec; c.rows = rows; c.workGroup = group; c.useLocalMemory = local
-                    variants.append(c)
-                }
-                for config in variants {
-                    let g = try score(OpenCLBackend(device: deviceIndex, config: config))
-                    if g > best.gflops { best = (g, nil, config) }
-                }
-                if let c = best.config {
-                    configs.append(.init(headDim: d, value: c))
-                }
-            }
+            // 1. Block sizes, then 2. throughput against sequence length with them.
+            let best = try tuner.bestBlockSizes(headDim: d)
+            if let tiling = best.tiling { tilings.append(.init(headDim: d, value: tiling)) }
+            if let config = best.config { configs.append(.init(headDim: d, value: config)) }
             progress.step("\(base.backend) D\(d) block sizes")
-            // 2. Throughput against sequence length with those block sizes.
-            let tuned = backend(headDim: d, tiling: best.tiling, config: best.config)
-            var points: [(Int, Double)] = []
-            let lengths = quick ? [128, 1024, 4096] : [128, 512, 1024, 4096]
-            for n in lengths {
-                let heads = n >= 4096 ? 4 : (n <= 128 ? 32 : 8)
-                points.append((n, try measureGFLOPS(tuned, shape: .make("n\(n)", hq: heads, nq: n, d: d), repetitions: 3)))
-                if !quick || n == 4096 { progress.step("\(base.backend) D\(d) N\(n)") }
-            }
-            curves.append(.init(headDim: d, curve: ThroughputCurve(points)))
+            let tuned = tuner.backend(tiling: best.tiling, config: best.config)
+            curves.append(.init(headDim: d, curve: try tuner.throughput(tuned, headDim: d, progress: progress)))
         }
         profile.gflops = curves
         profile.blasTilings = tilings.isEmpty ? nil : tilings
         profile.openclConfigs = configs.isEmpty ? nil : configs
         // 3. Decode bandwidth and per-call overhead.
-        let decodeBackend = backend(headDim: 128)
-        var decode: [(Int, Double)] = []
-        for nk in quick ? [32768] : [4096, 32768] {
-            let shape = ShapeSpec.make("decode", hq: 32, hkv: 8, nq: 1, nk: nk, d: 128)
-            let problem = try shape.problem()
-            let seconds = try measureSeconds(decodeBackend, shape: shape, repetitions: 5)
-            decode.append((nk, problem.keyValueBytes / seconds / 1e9))
-        }
-        profile.decodeGBps = ThroughputCurve(decode)
+        profile.decodeGBps = try tuner.decodeBandwidth()
         progress.step("\(base.backend) decode")
-        profile.overheadSeconds = try measureSeconds(backend(headDim: 64), shape: .make("tiny", hq: 1, nq: 1, d: 64), repetitions: 20)
+        profile.overheadSeconds = try measureSeconds(
+            tuner.backend(), shape: .make("tiny", hq: 1, nq: 1, d: 64), repetitions: 20)
         progress.step("\(base.backend) overhead")
         return profile
     }
@@ -189,4 +136,78 @@ func measureSeconds(_ backend: any AttentionBackend, shape: ShapeSpec, repetitio
 
 func measureGFLOPS(_ backend: any AttentionBackend, shape: ShapeSpec, repetitions: Int) throws -> Double {
     try shape.problem().flops / measureSeconds(backend, shape: shape, repetitions: repetitions) / 1e9
+}
+
+/// Measures one backend (BLAS or an OpenCL device) for `attnbench tune`.
+private struct BackendTuner {
+    let id: BackendID
+    let quick: Bool
+
+    var device: Int? {
+        if case let .opencl(device) = id { return device }
+        return nil
+    }
+
+    /// The backend with given block sizes (nil: its own choice).
+    func backend(tiling: BLASTiling? = nil, config: OpenCLKernelConfig? = nil) -> any AttentionBackend {
+        guard let device else { return BLASBackend(tiling: tiling) }
+        return OpenCLBackend(device: device, config: config)
+    }
+
+    /// The fastest block sizes on full and causal probes together (larger query blocks skip fewer
+    /// causal blocks): the total time of both probes, as GFLOP/s.
+    func bestBlockSizes(headDim d: Int) throws -> (tiling: BLASTiling?, config: OpenCLKernelConfig?) {
+        let probe = ShapeSpec.make("probe", hq: 8, nq: 1024, d: d)
+        let causalProbe = ShapeSpec.make("probe-causal", hq: 8, nq: 1024, d: d, causal: true)
+        let flops = try probe.problem().flops + causalProbe.problem().flops
+        func score(_ backend: any AttentionBackend) throws -> Double {
+            let seconds = try measureSeconds(backend, shape: probe, repetitions: 3)
+                + measureSeconds(backend, shape: causalProbe, repetitions: 3)
+            return flops / seconds / 1e9
+        }
+        guard let device else {
+            let candidates = [(128, 512), (256, 256), (128, 256), (64, 256), (256, 512)].map {
+                BLASTiling(queryRows: $0.0, keyBlock: $0.1)
+            }
+            let scored = try candidates.map { ($0, try score(BLASBackend(tiling: $0))) }
+            return (scored.max { $0.1 < $1.1 }?.0, nil)
+        }
+        guard let table = OpenCLBackend(device: device).kernelConfig(for: try probe.problem()) else { return (nil, nil) }
+        let gpu = OpenCLRuntime.availableDevices[device].info.isGPU
+        let shapes = gpu
+            ? [(4, 2, 64, true), (4, 4, 64, true), (8, 2, 64, true), (4, 2, 128, true), (4, 2, 64, false)]
+            : [(16, 4, 4, false), (16, 6, 4, false), (16, 8, 4, false), (16, 4, 1, false), (8, 8, 4, false)]
+        let variants = shapes.map { vec, rows, group, local in
+            var c = table
+            c.vectorWidth = vec
+            c.rows = rows
+            c.workGroup = group
+            c.useLocalMemory = local
+            return c
+        }
+        let scored = try variants.map { ($0, try score(OpenCLBackend(device: device, config: $0))) }
+        return (nil, scored.max { $0.1 < $1.1 }?.0)
+    }
+
+    /// GFLOP/s against sequence length.
+    func throughput(_ backend: any AttentionBackend, headDim d: Int, progress: Progress) throws -> ThroughputCurve {
+        var points: [(Int, Double)] = []
+        for n in quick ? [128, 1024, 4096] : [128, 512, 1024, 4096] {
+            let heads = n >= 4096 ? 4 : (n <= 128 ? 32 : 8)
+            points.append((n, try measureGFLOPS(backend, shape: .make("n\(n)", hq: heads, nq: n, d: d), repetitions: 3)))
+            if !quick || n == 4096 { progress.step("\(id) D\(d) N\(n)") }
+        }
+        return ThroughputCurve(points)
+    }
+
+    /// K/V GB/s of decode (Hq 32, Hkv 8, D 128) against key length.
+    func decodeBandwidth() throws -> ThroughputCurve {
+        var decode: [(Int, Double)] = []
+        for nk in quick ? [32768] : [4096, 32768] {
+            let shape = ShapeSpec.make("decode", hq: 32, hkv: 8, nq: 1, nk: nk, d: 128)
+            let seconds = try measureSeconds(backend(), shape: shape, repetitions: 5)
+            decode.append((nk, try shape.problem().keyValueBytes / seconds / 1e9))
+        }
+        return ThroughputCurve(decode)
+    }
 }
