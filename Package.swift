@@ -33,7 +33,9 @@ let package = Package(
         .target(name: "AttentionOpenCL", dependencies: ["AttentionCore", "COpenCL", "AttentionKernels"]),
 
         /// Umbrella: every backend plus backend selection.
-        .target(name: "AttentionKit", dependencies: ["AttentionCore", "AttentionMachine", "AttentionBLAS", "AttentionOpenCL"]),
+        .target(
+            name: "AttentionKit",
+            dependencies: ["AttentionCore", "AttentionMachine", "AttentionBLAS", "AttentionOpenCL"]),
 
         /// Package-internal (no product): the verification every checker shares — cases, input and
         /// mask generators, the tolerance rule, the NaN-padded run, the standard benchmark shapes.
@@ -51,7 +53,9 @@ let package = Package(
             exclude: ["README.md", "attention.cl", "common.cl", "decode.cl"],
             plugins: ["EmbedKernels"]
         ),
-        .plugin(name: "EmbedKernels", capability: .buildTool(), dependencies: ["embed-kernels"], path: "Plugins/EmbedKernels"),
+        .plugin(
+            name: "EmbedKernels", capability: .buildTool(), dependencies: ["embed-kernels"],
+            path: "Plugins/EmbedKernels"),
         .executableTarget(name: "embed-kernels", path: "Plugins/EmbedKernelsTool"),
 
         /// The CPU hot loops (softmax, masking, decode products), compiled once per instruction set
@@ -83,7 +87,9 @@ let package = Package(
         .testTarget(name: "AttentionCoreTests", dependencies: ["AttentionCore", "AttentionVerification"]),
         .testTarget(
             name: "AttentionBackendTests",
-            dependencies: ["AttentionCore", "AttentionBLAS", "AttentionOpenCL", "AttentionKit", "AttentionVerification"]),
+            dependencies: [
+                "AttentionCore", "AttentionBLAS", "AttentionOpenCL", "AttentionKit", "AttentionVerification",
+            ]),
         .testTarget(name: "NumPyIOTests", dependencies: ["NumPyIO"]),
     ],
     swiftLanguageModes: [.v6]

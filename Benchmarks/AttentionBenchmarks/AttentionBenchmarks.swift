@@ -38,17 +38,24 @@ let benchmarks: @Sendable () -> Void = {
         }
     }
 
-    Benchmark("problem validation + selection", configuration: .init(metrics: [.wallClock, .mallocCountTotal], maxIterations: 10_000)) { benchmark in
+    Benchmark(
+        "problem validation + selection",
+        configuration: .init(metrics: [.wallClock, .mallocCountTotal], maxIterations: 10_000)
+    ) { benchmark in
         for _ in benchmark.scaledIterations {
-            let problem = try AttentionProblem(query: [1, 32, 1, 128], key: [1, 8, 4096, 128], value: [1, 8, 4096, 128], options: .init(causal: true))
+            let problem = try AttentionProblem(
+                query: [1, 32, 1, 128], key: [1, 8, 4096, 128], value: [1, 8, 4096, 128], options: .init(causal: true))
             blackHole(try BackendSelection.select(.auto, for: problem))
         }
     }
 
     // The dispatcher's decision alone, on a causal prefill (its cost model walks the rows once).
     let dispatcher = Dispatcher.process
-    let causal = try? AttentionProblem(query: [1, 8, 2048, 64], key: [1, 8, 2048, 64], value: [1, 8, 2048, 64], options: .init(causal: true))
-    Benchmark("dispatch decision", configuration: .init(metrics: [.wallClock, .mallocCountTotal], maxIterations: 10_000)) { benchmark in
+    let causal = try? AttentionProblem(
+        query: [1, 8, 2048, 64], key: [1, 8, 2048, 64], value: [1, 8, 2048, 64], options: .init(causal: true))
+    Benchmark(
+        "dispatch decision", configuration: .init(metrics: [.wallClock, .mallocCountTotal], maxIterations: 10_000)
+    ) { benchmark in
         guard let causal else { return }
         for _ in benchmark.scaledIterations {
             blackHole(dispatcher.decide(causal).winner.backend)

@@ -24,7 +24,9 @@ for path in arguments.dropFirst() {
     text += "    package static let \(name): String = \(hashes)\"\"\"\n\(source)\n\"\"\"\(hashes)\n\n"
     names.append(name)
 }
-text += "    package static let all: [(name: String, source: String)] = [\(names.map { "(\"\($0)\", \($0))" }.joined(separator: ", "))]\n"
+text +=
+    "    package static let all: [(name: String, source: String)] = "
+    + "[\(names.map { "(\"\($0)\", \($0))" }.joined(separator: ", "))]\n"
 text += "}\n"
 do {
     try text.write(toFile: output, atomically: true, encoding: .utf8)

@@ -59,7 +59,7 @@ public struct BLASBackend: AttentionBackend {
     public var id: BackendID { .blas }
 
     public func support(for problem: AttentionProblem) -> BackendSupport {
-        if case let .failure(error) = kernels { return .unsupported(reason: error.description) }
+        if case .failure(let error) = kernels { return .unsupported(reason: error.description) }
         let limit = Int(Int32.max)
         if problem.headDim > limit || problem.valueDim > limit {
             return .unsupported(reason: "head dimension exceeds OpenBLAS's 32-bit index range")
@@ -86,7 +86,8 @@ public struct BLASBackend: AttentionBackend {
     /// prefill probes, so they are not applied to decode-like problems.)
     public func tiling(for problem: AttentionProblem) -> BLASTiling {
         if let tiling { return tiling }
-        if problem.regime == .prefillLike, let tuned = tunedTilings.nearest(to: max(problem.headDim, problem.valueDim)) {
+        if problem.regime == .prefillLike, let tuned = tunedTilings.nearest(to: max(problem.headDim, problem.valueDim))
+        {
             return tuned
         }
         return .default(headDim: problem.headDim, valueDim: problem.valueDim, queryLength: problem.queryLength)
@@ -123,8 +124,8 @@ public struct BLASBackend: AttentionBackend {
 private func withMaskPointer(_ mask: AttentionMask?, _ body: (MaskPointer) -> Void) {
     switch mask?.values {
     case nil: body(.none)
-    case let .boolean(values)?: values.withUnsafeBufferPointer { body(.boolean($0.baseAddress!)) }
-    case let .additive(values)?: values.withUnsafeBufferPointer { body(.additive($0.baseAddress!)) }
+    case .boolean(let values)?: values.withUnsafeBufferPointer { body(.boolean($0.baseAddress!)) }
+    case .additive(let values)?: values.withUnsafeBufferPointer { body(.additive($0.baseAddress!)) }
     }
 }
 
@@ -163,8 +164,10 @@ package struct WorkItem: Sendable {
                     var start = 0
                     while start < nq {
                         let end = min(nq, start + tiling.queryRows)
-                        items.append(WorkItem(batch: b, head: h, headCount: 1, queryStart: start, queryEnd: end,
-                                              cost: cost(start, end, heads: 1)))
+                        items.append(
+                            WorkItem(
+                                batch: b, head: h, headCount: 1, queryStart: start, queryEnd: end,
+                                cost: cost(start, end, heads: 1)))
                         start = end
                     }
                 }
@@ -179,14 +182,17 @@ package struct WorkItem: Sendable {
                     let groupEnd = h + p.groupSize
                     while h < groupEnd {
                         let count = min(perItem, groupEnd - h)
-                        items.append(WorkItem(batch: b, head: h, headCount: count, queryStart: 0, queryEnd: nq,
-                                              cost: cost(0, nq, heads: count)))
+                        items.append(
+                            WorkItem(
+                                batch: b, head: h, headCount: count, queryStart: 0, queryEnd: nq,
+                                cost: cost(0, nq, heads: count)))
                         h += count
                     }
                 }
             }
         }
         // Largest first; ties keep memory order.
-        return items.enumerated().sorted { ($0.element.cost, -$0.offset) > ($1.element.cost, -$1.offset) }.map(\.element)
+        return items.enumerated().sorted { ($0.element.cost, -$0.offset) > ($1.element.cost, -$1.offset) }.map(
+            \.element)
     }
 }

@@ -21,7 +21,8 @@ public struct CPUKernels: @unchecked Sendable {
 
     /// The variant `configuration` selects (see `CPUISA.resolve`).
     public static func resolve(_ configuration: AttentionConfiguration) -> Result<CPUKernels, AttentionError> {
-        CPUISA.resolve(configuration).flatMap { isa in Result { () throws(AttentionError) in try CPUKernels(isa: isa) } }
+        CPUISA.resolve(configuration).flatMap { isa in Result { () throws(AttentionError) in try CPUKernels(isa: isa) }
+        }
     }
 
     // MARK: Array helpers (tests)

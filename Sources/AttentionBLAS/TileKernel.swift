@@ -29,8 +29,11 @@ struct TileKernel {
     let rowMax: UnsafeMutablePointer<Float>
     let rowSum: UnsafeMutablePointer<Float>
 
-    init(problem: AttentionProblem, tiling: BLASTiling, kernels: CPUKernels, maxRows rows: Int, buffers: AttentionBuffers,
-         mask: MaskPointer) {
+    init(
+        problem: AttentionProblem, tiling: BLASTiling, kernels: CPUKernels, maxRows rows: Int,
+        buffers: AttentionBuffers,
+        mask: MaskPointer
+    ) {
         p = problem
         self.tiling = tiling
         cpu = kernels.table.pointee
@@ -119,8 +122,9 @@ struct TileKernel {
             let maskRow = layout.offset(batch: item.batch, head: head, row: i) + j0
             switch mask {
             case .none: break
-            case let .additive(add): cpu.add_row(row, add + maskRow, width)
-            case let .boolean(allowed): cpu.select_row(row, UnsafeRawPointer(allowed + maskRow).assumingMemoryBound(to: UInt8.self), width)
+            case .additive(let add): cpu.add_row(row, add + maskRow, width)
+            case .boolean(let allowed):
+                cpu.select_row(row, UnsafeRawPointer(allowed + maskRow).assumingMemoryBound(to: UInt8.self), width)
             }
         }
     }

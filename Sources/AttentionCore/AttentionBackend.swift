@@ -7,7 +7,7 @@ public enum BackendSupport: Sendable, Equatable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .supported: return "supported"
-        case let .unsupported(reason): return "unsupported: \(reason)"
+        case .unsupported(let reason): return "unsupported: \(reason)"
         }
     }
 }
@@ -48,7 +48,8 @@ public struct AttentionBuffers: @unchecked Sendable {
         ]
         for (name, want, got) in expected where want != got {
             throw .storageSizeMismatch(
-                tensor: name, shape: name == "query" ? problem.queryShape : name == "key" ? problem.keyShape : problem.valueShape,
+                tensor: name,
+                shape: name == "query" ? problem.queryShape : name == "key" ? problem.keyShape : problem.valueShape,
                 expectedCount: want, actualCount: got)
         }
         let outCount = problem.outputShape.reduce(1, *)
@@ -56,7 +57,8 @@ public struct AttentionBuffers: @unchecked Sendable {
             throw .outputSizeMismatch(buffer: "output", expectedCount: outCount, actualCount: output.count)
         }
         if let lse = logSumExp, lse.count != problem.lseShape.reduce(1, *) {
-            throw .outputSizeMismatch(buffer: "logSumExp", expectedCount: problem.lseShape.reduce(1, *), actualCount: lse.count)
+            throw .outputSizeMismatch(
+                buffer: "logSumExp", expectedCount: problem.lseShape.reduce(1, *), actualCount: lse.count)
         }
     }
 }
@@ -127,7 +129,7 @@ extension AttentionBackend {
 extension AttentionBackend {
     /// Checks support and buffer sizes, then runs the problem into the caller's buffers.
     public func forward(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {
-        if case let .unsupported(reason) = support(for: problem) {
+        if case .unsupported(let reason) = support(for: problem) {
             throw .unsupported(backend: id.description, reason: reason)
         }
         try buffers.check(against: problem)
@@ -156,7 +158,8 @@ extension AttentionBackend {
         try output.withUnsafeMutableBufferPointer { (out) throws(AttentionError) in
             try lse.withUnsafeMutableBufferPointer { (lseBuffer) throws(AttentionError) in
                 try withBuffers(query, key, value) { (q, k, v) throws(AttentionError) in
-                    try forward(problem, AttentionBuffers(query: q, key: k, value: v, output: out, logSumExp: lseBuffer))
+                    try forward(
+                        problem, AttentionBuffers(query: q, key: k, value: v, output: out, logSumExp: lseBuffer))
                 }
             }
         }
@@ -167,7 +170,8 @@ extension AttentionBackend {
 /// Borrows three tensors' storage at once, with typed throws.
 func withBuffers<R>(
     _ a: Tensor, _ b: Tensor, _ c: Tensor,
-    _ body: (UnsafeBufferPointer<Float>, UnsafeBufferPointer<Float>, UnsafeBufferPointer<Float>) throws(AttentionError) -> R
+    _ body: (UnsafeBufferPointer<Float>, UnsafeBufferPointer<Float>, UnsafeBufferPointer<Float>) throws(AttentionError)
+        -> R
 ) throws(AttentionError) -> R {
     var result: Result<R, AttentionError>!
     a.storage.withUnsafeBufferPointer { pa in

@@ -7,13 +7,13 @@ import Foundation
 /// `init(environment:)` and pass it explicitly (to `Dispatcher(configuration:profile:)`,
 /// `MachineProfile.load(configuration:)`, `CPUKernels.resolve(_:)`). The variables:
 ///
-/// | variable | meaning |
-/// | --- | --- |
-/// | `ATTENTIONKIT_BACKEND` | `naive`, `blas`, `opencl`, `opencl:N`: force that backend for `.auto` (`auto` or empty: no override) |
-/// | `ATTENTIONKIT_CPU_ISA` | `baseline`, `avx2`, `avx512`, `neon`: force a CPU kernel variant |
-/// | `ATTENTIONKIT_OPENCL_LIBRARY` | path of the OpenCL ICD loader to open instead of `libOpenCL.so.1` |
-/// | `ATTENTIONKIT_CACHE_DIR` | where built OpenCL programs and the tuned profile live (else `$XDG_CACHE_HOME/attentionkit`, else `~/.cache/attentionkit`) |
-/// | `ATTENTIONKIT_OPENCL_DISK_CACHE` | `0` turns the on-disk cache of OpenCL program binaries off |
+/// - `ATTENTIONKIT_BACKEND`: `naive`, `blas`, `opencl`, `opencl:N` force that backend for `.auto`
+///   (`auto` or empty: no override).
+/// - `ATTENTIONKIT_CPU_ISA`: `baseline`, `avx2`, `avx512`, `neon` force a CPU kernel variant.
+/// - `ATTENTIONKIT_OPENCL_LIBRARY`: the OpenCL ICD loader to open instead of `libOpenCL.so.1`.
+/// - `ATTENTIONKIT_CACHE_DIR`: where built OpenCL programs and the tuned profile live (else
+///   `$XDG_CACHE_HOME/attentionkit`, else `~/.cache/attentionkit`).
+/// - `ATTENTIONKIT_OPENCL_DISK_CACHE`: `0` turns the on-disk cache of OpenCL program binaries off.
 ///
 /// A value that cannot be parsed is kept as the error, raised by whoever uses the setting.
 public struct AttentionConfiguration: Sendable, Equatable {
@@ -63,7 +63,8 @@ public struct AttentionConfiguration: Sendable, Equatable {
                 let names = CPUISA.allCases.map(\.rawValue).joined(separator: ", ")
                 cpuISA = .failure(
                     .invalidConfiguration(
-                        setting: Self.cpuISAVariable, value: value, reason: "unknown instruction set (one of \(names))"))
+                        setting: Self.cpuISAVariable, value: value, reason: "unknown instruction set (one of \(names))")
+                )
             }
         }
         if let path = environment[Self.openCLLibraryVariable], !path.isEmpty { openCLLibraryPath = path }

@@ -39,38 +39,38 @@ public enum AttentionError: Error, Equatable, Sendable, CustomStringConvertible 
 
     public var description: String {
         switch self {
-        case let .invalidRank(tensor, expected, actual):
+        case .invalidRank(let tensor, let expected, let actual):
             return "\(tensor) must have rank \(expected), got shape \(actual) (rank \(actual.count))"
-        case let .zeroSizedDimension(tensor, shape):
+        case .zeroSizedDimension(let tensor, let shape):
             return "\(tensor) has a zero-sized dimension: shape \(shape); every dimension must be >= 1"
-        case let .invalidShape(tensor, shape):
+        case .invalidShape(let tensor, let shape):
             return "\(tensor) has an invalid shape \(shape) (negative dimension or too many elements)"
-        case let .storageSizeMismatch(tensor, shape, expected, actual):
+        case .storageSizeMismatch(let tensor, let shape, let expected, let actual):
             return "\(tensor) has shape \(shape), which needs \(expected) elements, but its storage holds \(actual)"
-        case let .shapeMismatch(message):
+        case .shapeMismatch(let message):
             return "shape mismatch: \(message)"
-        case let .headsNotDivisible(hq, hkv):
+        case .headsNotDivisible(let hq, let hkv):
             return "query heads (\(hq)) must be a multiple of key/value heads (\(hkv))"
-        case let .maskNotBroadcastable(maskShape, target):
+        case .maskNotBroadcastable(let maskShape, let target):
             return "mask of shape \(maskShape) cannot be broadcast to \(target) "
                 + "(expected [B|1, Hq|1, Nq, Nk], leading dimensions may be omitted)"
-        case let .invalidWindow(left, right):
+        case .invalidWindow(let left, let right):
             return "window (\(left), \(right)) is invalid: each side must be >= 0, or -1 for unbounded"
-        case let .invalidScale(scale):
+        case .invalidScale(let scale):
             return "scale must be a finite number, got \(scale)"
-        case let .invalidSoftcap(cap):
+        case .invalidSoftcap(let cap):
             return "softcap must be a finite number > 0, got \(cap)"
-        case let .outputSizeMismatch(buffer, expected, actual):
+        case .outputSizeMismatch(let buffer, let expected, let actual):
             return "output buffer \(buffer) must hold \(expected) elements, got \(actual)"
-        case let .unsupported(backend, reason):
+        case .unsupported(let backend, let reason):
             return "backend \(backend) cannot run this problem: \(reason)"
-        case let .backendFailure(backend, message):
+        case .backendFailure(let backend, let message):
             return "backend \(backend) failed: \(message)"
-        case let .invalidConfiguration(setting, value, reason):
+        case .invalidConfiguration(let setting, let value, let reason):
             return "\(setting)=\(value) cannot be used: \(reason)"
-        case let .unknownBackend(name, reason):
+        case .unknownBackend(let name, let reason):
             return "unknown backend '\(name)': \(reason)"
-        case let .fileError(path, reason):
+        case .fileError(let path, let reason):
             return "\(path): \(reason)"
         }
     }

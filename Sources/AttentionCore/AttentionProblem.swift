@@ -19,7 +19,9 @@ public struct AttentionProblem: Sendable, Equatable {
     /// Validates shapes and options. Q: [B, Hq, Nq, D], K: [B, Hkv, Nk, D], V: [B, Hkv, Nk, Dv].
     public init(query: [Int], key: [Int], value: [Int], options: AttentionOptions = .init()) throws(AttentionError) {
         for (name, shape) in [("query", query), ("key", key), ("value", value)] {
-            guard shape.count == 4 else { throw .invalidRank(tensor: name, expected: "4 ([B, H, N, D])", actual: shape) }
+            guard shape.count == 4 else {
+                throw .invalidRank(tensor: name, expected: "4 ([B, H, N, D])", actual: shape)
+            }
             _ = try Tensor.elementCount(of: shape, name: name)
             guard !shape.contains(0) else { throw .zeroSizedDimension(tensor: name, shape: shape) }
         }
@@ -37,8 +39,13 @@ public struct AttentionProblem: Sendable, Equatable {
         }
         guard query[1] % key[1] == 0 else { throw .headsNotDivisible(queryHeads: query[1], keyValueHeads: key[1]) }
 
-        batch = query[0]; queryHeads = query[1]; queryLength = query[2]; headDim = query[3]
-        keyValueHeads = key[1]; keyLength = key[2]; valueDim = value[3]
+        batch = query[0]
+        queryHeads = query[1]
+        queryLength = query[2]
+        headDim = query[3]
+        keyValueHeads = key[1]
+        keyLength = key[2]
+        valueDim = value[3]
         // The output must be addressable too.
         _ = try Tensor.elementCount(of: [batch, queryHeads, queryLength, valueDim], name: "output")
 
@@ -52,22 +59,27 @@ public struct AttentionProblem: Sendable, Equatable {
             guard cap.isFinite, cap > 0 else { throw .invalidSoftcap(cap) }
         }
         if let window = options.window {
-            guard window.left >= -1, window.right >= -1 else { throw .invalidWindow(left: window.left, right: window.right) }
+            guard window.left >= -1, window.right >= -1 else {
+                throw .invalidWindow(left: window.left, right: window.right)
+            }
         }
         if let mask = options.mask {
-            maskLayout = try Self.layout(of: mask.shape, batch: batch, heads: queryHeads, nq: queryLength, nk: keyLength)
+            maskLayout = try Self.layout(
+                of: mask.shape, batch: batch, heads: queryHeads, nq: queryLength, nk: keyLength)
         } else {
             maskLayout = nil
         }
         self.options = options
     }
 
-    private static func layout(of shape: [Int], batch: Int, heads: Int, nq: Int, nk: Int) throws(AttentionError) -> MaskLayout {
+    private static func layout(of shape: [Int], batch: Int, heads: Int, nq: Int, nk: Int) throws(AttentionError)
+        -> MaskLayout
+    {
         let full = Array(repeating: 1, count: 4 - shape.count) + shape
         let target = [batch, heads, nq, nk]
         guard full[2] == nq, full[3] == nk,
-              full[1] == 1 || full[1] == heads,
-              full[0] == 1 || full[0] == batch
+            full[1] == 1 || full[1] == heads,
+            full[0] == 1 || full[0] == batch
         else { throw .maskNotBroadcastable(maskShape: shape, target: target) }
         let rowStride = nk
         let headStride = full[1] == 1 ? 0 : nq * nk
@@ -128,7 +140,8 @@ public struct AttentionProblem: Sendable, Equatable {
 
     /// FLOPs by the FlashAttention convention: 2·B·Hq·Nq·Nk·(D + Dv), halved for causal with Nq == Nk.
     public var flops: Double {
-        let full = 2.0 * Double(batch) * Double(queryHeads) * Double(queryLength) * Double(keyLength)
+        let full =
+            2.0 * Double(batch) * Double(queryHeads) * Double(queryLength) * Double(keyLength)
             * Double(headDim + valueDim)
         return options.causal && queryLength == keyLength ? full / 2 : full
     }

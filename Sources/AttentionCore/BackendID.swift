@@ -15,7 +15,7 @@ public enum BackendID: Hashable, Sendable, Codable, LosslessStringConvertible {
         switch self {
         case .naive: return "naive"
         case .blas: return "blas"
-        case let .opencl(device): return Self.openCLPrefix + String(device)
+        case .opencl(let device): return Self.openCLPrefix + String(device)
         }
     }
 
@@ -56,7 +56,8 @@ public enum BackendID: Hashable, Sendable, Codable, LosslessStringConvertible {
         do {
             self = try BackendID(parsing: text)
         } catch {
-            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: error.description))
+            throw DecodingError.dataCorrupted(
+                .init(codingPath: decoder.codingPath, debugDescription: error.description))
         }
     }
 

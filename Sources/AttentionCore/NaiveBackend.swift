@@ -107,8 +107,8 @@ public struct NaiveBackend: AttentionBackend {
             if let mask = p.options.mask, let layout = p.maskLayout {
                 let m = layout.offset(batch: b, head: h, row: i) + j
                 switch mask.values {
-                case let .boolean(allowed): if !allowed[m] { visible = false }
-                case let .additive(add): s += Double(add[m])
+                case .boolean(let allowed): if !allowed[m] { visible = false }
+                case .additive(let add): s += Double(add[m])
                 }
             }
             // A score of -inf (from an additive mask) hides the key like a false mask entry.
@@ -161,11 +161,14 @@ public struct NaiveBackend: AttentionBackend {
             key.storage.withUnsafeBufferPointer { k in
                 var scratch = RowScratch(problem)
                 for i in 0..<nq {
-                    let (rowMax, poisoned) = scoreRow(problem, batch: batch, head: head, query: i, query: q, key: k, scratch: &scratch)
+                    let (rowMax, poisoned) = scoreRow(
+                        problem, batch: batch, head: head, query: i, query: q, key: k, scratch: &scratch)
                     guard !poisoned, rowMax.isFinite else { continue }
                     var sum = 0.0
                     for j in 0..<nk where scratch.visible[j] { sum += exp(scratch.scores[j] - rowMax) }
-                    for j in 0..<nk where scratch.visible[j] { result[i * nk + j] = exp(scratch.scores[j] - rowMax) / sum }
+                    for j in 0..<nk where scratch.visible[j] {
+                        result[i * nk + j] = exp(scratch.scores[j] - rowMax) / sum
+                    }
                 }
             }
         }

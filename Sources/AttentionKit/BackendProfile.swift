@@ -31,9 +31,10 @@ public struct BackendProfile: Codable, Sendable, Equatable {
         }
     }
 
-
-    public init(backend: BackendID, device: String, gflops: [HeadDimCurve], decodeGBps: ThroughputCurve,
-                overheadSeconds: Double, transferGBps: Double? = nil, memoryBytes: UInt64) {
+    public init(
+        backend: BackendID, device: String, gflops: [HeadDimCurve], decodeGBps: ThroughputCurve,
+        overheadSeconds: Double, transferGBps: Double? = nil, memoryBytes: UInt64
+    ) {
         self.backend = backend
         self.device = device
         self.gflops = gflops

@@ -22,7 +22,7 @@ public enum BackendChoice: Sendable, Equatable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .auto: return "auto"
-        case let .backend(id): return id.description
+        case .backend(let id): return id.description
         }
     }
 }
@@ -66,13 +66,13 @@ public struct BackendSelection: Sendable {
         }
         func forced(_ id: BackendID, reason: String) throws(AttentionError) -> BackendSelection {
             let backend = withTiling(try dispatcher.backend(id))
-            if case let .unsupported(why) = backend.support(for: problem) {
+            if case .unsupported(let why) = backend.support(for: problem) {
                 throw .unsupported(backend: id.description, reason: why)
             }
             return BackendSelection(backend: backend, reason: reason)
         }
         switch choice {
-        case let .backend(id):
+        case .backend(let id):
             return try forced(id, reason: "requested")
         case .auto:
             if let id = try dispatcher.configuration.backendOverride.get() {

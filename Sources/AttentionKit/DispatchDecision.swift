@@ -28,13 +28,17 @@ public struct DispatchDecision: Sendable, CustomStringConvertible {
         let runnersUp = options.enumerated().filter { $0.offset != chosenIndex && $0.element.estimatedSeconds != nil }
             .sorted { $0.element.estimatedSeconds! < $1.element.estimatedSeconds! }
         var text = "\(winner.backend) estimated fastest (\(Self.ms(winner.estimatedSeconds)))"
-        if let next = runnersUp.first { text += ", next \(next.element.backend) (\(Self.ms(next.element.estimatedSeconds)))" }
+        if let next = runnersUp.first {
+            text += ", next \(next.element.backend) (\(Self.ms(next.element.estimatedSeconds)))"
+        }
         let refused = options.filter { !$0.support.isSupported }
         if !refused.isEmpty {
-            text += "; not possible: " + refused.map { option -> String in
-                if case let .unsupported(why) = option.support { return "\(option.backend) (\(why))" }
-                return option.backend.description
-            }.joined(separator: ", ")
+            text +=
+                "; not possible: "
+                + refused.map { option -> String in
+                    if case .unsupported(let why) = option.support { return "\(option.backend) (\(why))" }
+                    return option.backend.description
+                }.joined(separator: ", ")
         }
         return text + "; profile: \(profileSource)"
     }

@@ -29,7 +29,9 @@ public struct Dispatcher: Sendable {
     /// Every backend it may choose, each built once.
     public let candidates: [DispatchCandidate]
 
-    public init(profile: MachineProfile, candidates: [DispatchCandidate], configuration: AttentionConfiguration = .init()) {
+    public init(
+        profile: MachineProfile, candidates: [DispatchCandidate], configuration: AttentionConfiguration = .init()
+    ) {
         self.profile = profile
         self.candidates = candidates
         self.configuration = configuration
@@ -37,7 +39,9 @@ public struct Dispatcher: Sendable {
 
     /// This machine's backends (naive, BLAS, every OpenCL device, or an OpenCL entry that says why
     /// there is none), built once with the profile's tuned block sizes.
-    public init(configuration: AttentionConfiguration = .process, profile: MachineProfile = .process, threads: Int? = nil) {
+    public init(
+        configuration: AttentionConfiguration = .process, profile: MachineProfile = .process, threads: Int? = nil
+    ) {
         var candidates: [DispatchCandidate] = []
         for entry in profile.backends {
             let backend: any AttentionBackend
@@ -47,7 +51,7 @@ public struct Dispatcher: Sendable {
             case .blas:
                 backend = BLASBackend(
                     threads: threads, tunedTilings: entry.blasTilings ?? [], configuration: configuration)
-            case let .opencl(device):
+            case .opencl(let device):
                 backend = OpenCLBackend(device: device, tunedConfigs: entry.openclConfigs ?? [])
             }
             candidates.append(DispatchCandidate(backend: backend, profile: entry))
@@ -70,7 +74,7 @@ public struct Dispatcher: Sendable {
     /// why it cannot run anything; any other unknown backend is an error.
     public func backend(_ id: BackendID) throws(AttentionError) -> any AttentionBackend {
         if let candidate = candidates.first(where: { $0.backend.id == id }) { return candidate.backend }
-        if case let .opencl(device) = id { return OpenCLBackend(device: device) }
+        if case .opencl(let device) = id { return OpenCLBackend(device: device) }
         let known = candidates.map(\.backend.name).joined(separator: ", ")
         throw .unsupported(backend: id.description, reason: "no such backend on this machine (have: \(known))")
     }
@@ -128,7 +132,8 @@ public struct Dispatcher: Sendable {
             seconds = max(seconds, p.keyValueBytes / bandwidth)
         }
         if let transfer = profile.transferGBps {
-            let elements = [p.queryShape, p.keyShape, p.valueShape, p.outputShape].map { Double($0.reduce(1, *)) }.reduce(0, +)
+            let elements = [p.queryShape, p.keyShape, p.valueShape, p.outputShape].map { Double($0.reduce(1, *)) }
+                .reduce(0, +)
             seconds += 4 * elements / (transfer * 1e9)
         }
         return profile.overheadSeconds + seconds

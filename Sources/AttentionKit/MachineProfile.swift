@@ -24,11 +24,14 @@ public struct MachineProfile: Codable, Sendable, Equatable {
     public static func identity(configuration: AttentionConfiguration = .process) -> String {
         let kernels: String
         switch CPUISA.resolve(configuration) {
-        case let .success(isa): kernels = isa.rawValue
+        case .success(let isa): kernels = isa.rawValue
         case .failure: kernels = "none"
         }
-        var parts = ["cpu=\(CPUInfo.modelName ?? "unknown")", "cores=\(CPUInfo.logicalCores)", "openblas=\(CPUInfo.openBLASCore)",
-                     "kernels=\(kernels)"]
+        var parts = [
+            "cpu=\(CPUInfo.modelName ?? "unknown")", "cores=\(CPUInfo.logicalCores)",
+            "openblas=\(CPUInfo.openBLASCore)",
+            "kernels=\(kernels)",
+        ]
         parts += OpenCLRuntime.availableDevices.map { "opencl=\($0.info.name)|\($0.info.driverVersion)" }
         return parts.joined(separator: ";")
     }
@@ -47,7 +50,8 @@ public struct MachineProfile: Codable, Sendable, Equatable {
     public static func load(configuration: AttentionConfiguration) -> MachineProfile {
         let identity = identity(configuration: configuration)
         if let url = fileURL(configuration: configuration), let data = try? Data(contentsOf: url),
-           let stored = try? JSONDecoder().decode(MachineProfile.self, from: data), stored.identity == identity {
+            let stored = try? JSONDecoder().decode(MachineProfile.self, from: data), stored.identity == identity
+        {
             return stored
         }
         return defaults(configuration: configuration)
@@ -56,10 +60,13 @@ public struct MachineProfile: Codable, Sendable, Equatable {
     /// Writes the profile where `load(configuration:)` finds it.
     public func save(configuration: AttentionConfiguration = .process) throws(AttentionError) {
         guard let url = Self.fileURL(configuration: configuration) else {
-            throw .fileError(path: "profile.json", reason: "no cache folder (set HOME or \(AttentionConfiguration.cacheDirectoryVariable))")
+            throw .fileError(
+                path: "profile.json",
+                reason: "no cache folder (set HOME or \(AttentionConfiguration.cacheDirectoryVariable))")
         }
         do {
-            try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
+            try FileManager.default.createDirectory(
+                at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
             try encoder.encode(self).write(to: url, options: .atomic)
@@ -81,32 +88,45 @@ public struct MachineProfile: Codable, Sendable, Equatable {
         // PoCL compiles its kernels for the host CPU whatever variant AttentionKit's own kernels use.
         let hostPeak = cores * (CPUInfo.clockMHz ?? 2500) / 1000 * CPUISA.best.peakFlopsPerCycle
         let ram = UInt64(ProcessInfo.processInfo.physicalMemory)
-        func curve(_ fractions: [(Int, Double)], of top: Double) -> ThroughputCurve { ThroughputCurve(fractions.map { ($0.0, $0.1 * top) }) }
+        func curve(_ fractions: [(Int, Double)], of top: Double) -> ThroughputCurve {
+            ThroughputCurve(fractions.map { ($0.0, $0.1 * top) })
+        }
         var list = [
-            BackendProfile(backend: .naive, device: "CPU", gflops: [.init(headDim: 64, curve: ThroughputCurve([(1, 2.2)]))],
-                           decodeGBps: ThroughputCurve([(1, 1.1)]), overheadSeconds: 0, memoryBytes: ram),
-            BackendProfile(backend: .blas, device: "CPU",
-                           gflops: [.init(headDim: 64, curve: curve([(128, 0.55), (512, 0.65), (4096, 0.62)], of: peak)),
-                                    .init(headDim: 128, curve: curve([(128, 0.5), (512, 0.62), (4096, 0.62)], of: peak))],
-                           decodeGBps: ThroughputCurve([(1, 10 * cores)]), overheadSeconds: 20e-6, memoryBytes: ram),
+            BackendProfile(
+                backend: .naive, device: "CPU", gflops: [.init(headDim: 64, curve: ThroughputCurve([(1, 2.2)]))],
+                decodeGBps: ThroughputCurve([(1, 1.1)]), overheadSeconds: 0, memoryBytes: ram),
+            BackendProfile(
+                backend: .blas, device: "CPU",
+                gflops: [
+                    .init(headDim: 64, curve: curve([(128, 0.55), (512, 0.65), (4096, 0.62)], of: peak)),
+                    .init(headDim: 128, curve: curve([(128, 0.5), (512, 0.62), (4096, 0.62)], of: peak)),
+                ],
+                decodeGBps: ThroughputCurve([(1, 10 * cores)]), overheadSeconds: 20e-6, memoryBytes: ram),
         ]
         for device in OpenCLRuntime.availableDevices {
             let info = device.info
             if info.isGPU {
                 let gpuPeak = Double(info.computeUnits) * Double(info.clockMHz) / 1000 * 128
-                list.append(BackendProfile(
-                    backend: .opencl(device: info.index), device: info.name,
-                    gflops: [.init(headDim: 64, curve: curve([(128, 0.05), (1024, 0.2), (8192, 0.3)], of: gpuPeak))],
-                    decodeGBps: ThroughputCurve([(1024, 50), (32768, 200)]), overheadSeconds: 50e-6,
-                    transferGBps: info.hostUnifiedMemory ? nil : 12, memoryBytes: info.globalMemoryBytes))
+                list.append(
+                    BackendProfile(
+                        backend: .opencl(device: info.index), device: info.name,
+                        gflops: [
+                            .init(headDim: 64, curve: curve([(128, 0.05), (1024, 0.2), (8192, 0.3)], of: gpuPeak))
+                        ],
+                        decodeGBps: ThroughputCurve([(1024, 50), (32768, 200)]), overheadSeconds: 50e-6,
+                        transferGBps: info.hostUnifiedMemory ? nil : 12, memoryBytes: info.globalMemoryBytes))
             } else {
-                list.append(BackendProfile(
-                    backend: .opencl(device: info.index), device: info.name,
-                    gflops: [.init(headDim: 64, curve: curve([(128, 0.35), (512, 0.45), (4096, 0.42)], of: hostPeak))],
-                    decodeGBps: ThroughputCurve([(1, 9 * cores)]), overheadSeconds: 250e-6,
-                    transferGBps: info.hostUnifiedMemory ? nil : 20, memoryBytes: info.globalMemoryBytes))
+                list.append(
+                    BackendProfile(
+                        backend: .opencl(device: info.index), device: info.name,
+                        gflops: [
+                            .init(headDim: 64, curve: curve([(128, 0.35), (512, 0.45), (4096, 0.42)], of: hostPeak))
+                        ],
+                        decodeGBps: ThroughputCurve([(1, 9 * cores)]), overheadSeconds: 250e-6,
+                        transferGBps: info.hostUnifiedMemory ? nil : 20, memoryBytes: info.globalMemoryBytes))
             }
         }
-        return MachineProfile(identity: identity(configuration: configuration), source: "built-in defaults", backends: list)
+        return MachineProfile(
+            identity: identity(configuration: configuration), source: "built-in defaults", backends: list)
     }
 }

@@ -31,12 +31,13 @@ extension CPUISA {
     /// runs. A variant this machine cannot run is an error naming the reason, never replaced.
     public static func resolve(_ configuration: AttentionConfiguration) -> Result<CPUISA, AttentionError> {
         switch configuration.cpuISA {
-        case let .failure(error): return .failure(error)
+        case .failure(let error): return .failure(error)
         case .success(nil): return .success(.best)
-        case let .success(isa?):
+        case .success(let isa?):
             guard let reason = isa.unsupportedReason else { return .success(isa) }
             return .failure(
-                .invalidConfiguration(setting: AttentionConfiguration.cpuISAVariable, value: isa.rawValue, reason: reason))
+                .invalidConfiguration(
+                    setting: AttentionConfiguration.cpuISAVariable, value: isa.rawValue, reason: reason))
         }
     }
 }

@@ -21,8 +21,8 @@ public enum CPUInfo {
         for index in 0..<8 {
             let dir = "/sys/devices/system/cpu/cpu0/cache/index\(index)/"
             guard let level = try? String(contentsOfFile: dir + "level", encoding: .utf8),
-                  level.trimmingCharacters(in: .whitespacesAndNewlines) == "2",
-                  let size = try? String(contentsOfFile: dir + "size", encoding: .utf8)
+                level.trimmingCharacters(in: .whitespacesAndNewlines) == "2",
+                let size = try? String(contentsOfFile: dir + "size", encoding: .utf8)
             else { continue }
             let text = size.trimmingCharacters(in: .whitespacesAndNewlines)
             let scale = text.hasSuffix("K") ? 1024 : text.hasSuffix("M") ? 1 << 20 : 1
@@ -36,8 +36,8 @@ public enum CPUInfo {
     /// The CPU clock the OS reports, in MHz (Linux: /proc/cpuinfo), if any.
     public static var clockMHz: Double? {
         guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
-              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("cpu MHz") }),
-              let colon = line.firstIndex(of: ":")
+            let line = text.split(separator: "\n").first(where: { $0.hasPrefix("cpu MHz") }),
+            let colon = line.firstIndex(of: ":")
         else { return nil }
         return Double(line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces))
     }
@@ -49,7 +49,7 @@ public enum CPUInfo {
     /// The SIMD instruction sets the CPU reports (Linux: from /proc/cpuinfo), widest first.
     public static var simdExtensions: [String] {
         guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
-              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("flags") })
+            let line = text.split(separator: "\n").first(where: { $0.hasPrefix("flags") })
         else { return [] }
         let flags = Set(line.split(separator: " ").map(String.init))
         return ["avx512f", "avx2", "fma", "avx", "sse4_2", "asimd", "sve"].filter(flags.contains)
@@ -58,16 +58,16 @@ public enum CPUInfo {
     /// The CPU kernel variant this process uses ("avx512", "avx2+fma"...), or why none can be used.
     public static var kernelDescription: String {
         switch CPUISA.resolve(AttentionConfiguration.process) {
-        case let .success(isa): return isa.description
-        case let .failure(error): return "none (\(error))"
+        case .success(let isa): return isa.description
+        case .failure(let error): return "none (\(error))"
         }
     }
 
     /// The CPU model name, if the OS reports one.
     public static var modelName: String? {
         guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
-              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("model name") }),
-              let colon = line.firstIndex(of: ":")
+            let line = text.split(separator: "\n").first(where: { $0.hasPrefix("model name") }),
+            let colon = line.firstIndex(of: ":")
         else { return nil }
         return line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
     }

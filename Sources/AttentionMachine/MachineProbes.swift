@@ -41,8 +41,9 @@ public enum MachineProbes {
         var times: [Double] = []
         for rep in 0...repeats {
             let start = DispatchTime.now().uptimeNanoseconds
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(n), Int32(n),
-                        1, a, Int32(n), b, Int32(n), 0, &c, Int32(n))
+            cblas_sgemm(
+                CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(n), Int32(n),
+                1, a, Int32(n), b, Int32(n), 0, &c, Int32(n))
             let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
             if rep > 0 { times.append(seconds) }
         }

@@ -7,14 +7,20 @@ import COpenCL
 package final class CLContext: @unchecked Sendable {
     package let handle: cl_context
     let library: OpenCLLibrary
-    init(_ handle: cl_context, library: OpenCLLibrary) { self.handle = handle; self.library = library }
+    init(_ handle: cl_context, library: OpenCLLibrary) {
+        self.handle = handle
+        self.library = library
+    }
     deinit { _ = library.api.ReleaseContext(handle) }
 }
 
 package final class CLQueue: @unchecked Sendable {
     package let handle: cl_command_queue
     let library: OpenCLLibrary
-    init(_ handle: cl_command_queue, library: OpenCLLibrary) { self.handle = handle; self.library = library }
+    init(_ handle: cl_command_queue, library: OpenCLLibrary) {
+        self.handle = handle
+        self.library = library
+    }
     deinit { _ = library.api.ReleaseCommandQueue(handle) }
 }
 
@@ -34,7 +40,10 @@ package final class CLBuffer: @unchecked Sendable {
 package final class CLProgram: @unchecked Sendable {
     package let handle: cl_program
     let library: OpenCLLibrary
-    init(_ handle: cl_program, library: OpenCLLibrary) { self.handle = handle; self.library = library }
+    init(_ handle: cl_program, library: OpenCLLibrary) {
+        self.handle = handle
+        self.library = library
+    }
     deinit { _ = library.api.ReleaseProgram(handle) }
 }
 
@@ -52,7 +61,9 @@ package final class CLKernel: @unchecked Sendable {
     /// Sets argument `index` to a buffer.
     func set(_ index: Int, _ buffer: CLBuffer) throws(OpenCLError) {
         var mem: cl_mem? = buffer.handle
-        try check(library.api.SetKernelArg(handle, cl_uint(index), MemoryLayout<cl_mem>.size, &mem), "clSetKernelArg(\(name), \(index))")
+        try check(
+            library.api.SetKernelArg(handle, cl_uint(index), MemoryLayout<cl_mem>.size, &mem),
+            "clSetKernelArg(\(name), \(index))")
     }
 
     /// Sets argument `index` to a plain value (Int32, Float, AKParams).
@@ -65,6 +76,7 @@ package final class CLKernel: @unchecked Sendable {
 
     /// Sets argument `index` to `bytes` of local memory.
     func setLocal(_ index: Int, bytes: Int) throws(OpenCLError) {
-        try check(library.api.SetKernelArg(handle, cl_uint(index), bytes, nil), "clSetKernelArg(\(name), \(index), local)")
+        try check(
+            library.api.SetKernelArg(handle, cl_uint(index), bytes, nil), "clSetKernelArg(\(name), \(index), local)")
     }
 }

@@ -29,8 +29,9 @@ public struct OpenCLBackend: AttentionBackend {
         device index: Int = 0, config: OpenCLKernelConfig? = nil, tunedConfigs: [Tuned<OpenCLKernelConfig>] = [],
         allowSplitKV: Bool = true
     ) {
-        self.init(device: index, config: config, tunedConfigs: tunedConfigs, allowSplitKV: allowSplitKV,
-                  programs: { KernelSources.program($0) })
+        self.init(
+            device: index, config: config, tunedConfigs: tunedConfigs, allowSplitKV: allowSplitKV,
+            programs: { KernelSources.program($0) })
     }
 
     /// The same with another source of kernel programs (tests: a build that lacks a kernel).
@@ -44,13 +45,14 @@ public struct OpenCLBackend: AttentionBackend {
         self.allowSplitKV = allowSplitKV
         self.programs = programs
         switch OpenCLRuntime.devices {
-        case let .success(devices) where index >= 0 && index < devices.count:
+        case .success(let devices) where index >= 0 && index < devices.count:
             device = devices[index]
             unavailableReason = nil
-        case let .success(devices):
+        case .success(let devices):
             device = nil
-            unavailableReason = "no OpenCL device \(index) (this machine has \(devices.count): 0...\(devices.count - 1))"
-        case let .failure(reason):
+            unavailableReason =
+                "no OpenCL device \(index) (this machine has \(devices.count): 0...\(devices.count - 1))"
+        case .failure(let reason):
             device = nil
             unavailableReason = reason.reason
         }
@@ -81,10 +83,13 @@ public struct OpenCLBackend: AttentionBackend {
         let heads = problem.batch * problem.keyValueHeads
         let target = max(1, (device.info.isGPU ? 64 : 8) * device.info.computeUnits)
         let splits = max(1, min((target + heads - 1) / heads, problem.keyLength / cfg.minKeysPerSplit))
-        let perSplit = ((problem.keyLength + splits - 1) / splits + cfg.vectorWidth - 1) / cfg.vectorWidth * cfg.vectorWidth
+        let perSplit =
+            ((problem.keyLength + splits - 1) / splits + cfg.vectorWidth - 1) / cfg.vectorWidth * cfg.vectorWidth
         let used = (problem.keyLength + perSplit - 1) / perSplit
-        return (.splitKV(splits: used, keysPerSplit: perSplit),
-                "\(rows) query rows per K/V head: decode-shaped, keys split across \(used) work-items per head")
+        return (
+            .splitKV(splits: used, keysPerSplit: perSplit),
+            "\(rows) query rows per K/V head: decode-shaped, keys split across \(used) work-items per head"
+        )
     }
 
     public func support(for problem: AttentionProblem) -> BackendSupport {
@@ -92,17 +97,27 @@ public struct OpenCLBackend: AttentionBackend {
         let p = problem
         let limit = Int(Int32.max)
         let maskStride = p.maskLayout.map { max($0.batchStride, $0.headStride) } ?? 0
-        if [p.batch * p.queryHeads, p.queryLength, p.keyLength + 64, p.headDim, p.valueDim, maskStride].contains(where: { $0 >= limit }) {
+        if [p.batch * p.queryHeads, p.queryLength, p.keyLength + 64, p.headDim, p.valueDim, maskStride].contains(
+            where: { $0 >= limit })
+        {
             return .unsupported(reason: "a dimension or mask stride exceeds the kernels' 32-bit index range")
         }
         let (choice, _) = kernelChoice(for: problem)
         let sizes = bufferBytes(problem, choice: choice)
         let total = sizes.reduce(0, +)
         if let largest = sizes.max(), UInt64(largest) > device.info.maxAllocationBytes {
-            return .unsupported(reason: "needs a \(largest >> 20) MiB buffer; \(device.info.name) allows \(device.info.maxAllocationBytes >> 20) MiB per buffer")
+            return .unsupported(
+                reason:
+                    "needs a \(largest >> 20) MiB buffer; \(device.info.name) allows "
+                    + "\(device.info.maxAllocationBytes >> 20) MiB per buffer"
+            )
         }
         if UInt64(total) > device.info.globalMemoryBytes {
-            return .unsupported(reason: "needs \(total >> 20) MiB of device memory; \(device.info.name) has \(device.info.globalMemoryBytes >> 20) MiB")
+            return .unsupported(
+                reason:
+                    "needs \(total >> 20) MiB of device memory; \(device.info.name) has "
+                    + "\(device.info.globalMemoryBytes >> 20) MiB"
+            )
         }
         return .supported
     }
@@ -126,15 +141,15 @@ public struct OpenCLBackend: AttentionBackend {
         var sizes = [p.queryShape, p.keyShape, p.valueShape, p.outputShape, p.lseShape].map { 4 * $0.reduce(1, *) }
         if let mask = p.options.mask {
             switch mask.values {
-            case let .boolean(values): sizes.append(values.count)
-            case let .additive(values): sizes.append(4 * values.count)
+            case .boolean(let values): sizes.append(values.count)
+            case .additive(let values): sizes.append(4 * values.count)
             }
         }
         let vec = kernelConfig(for: p)?.vectorWidth ?? 16
         switch choice {
         case .flash:
             sizes.append(4 * p.batch * p.keyValueHeads * p.headDim * ((p.keyLength + vec - 1) / vec * vec))
-        case let .splitKV(splits, _):
+        case .splitKV(let splits, _):
             let rows = p.batch * p.queryHeads * p.queryLength
             sizes.append(4 * splits * rows * p.valueDim)
             sizes.append(4 * splits * rows)
@@ -151,22 +166,31 @@ public struct OpenCLBackend: AttentionBackend {
         do {
             try device.withExecution { (state) throws(OpenCLError) in
                 let readOnly = Int32(CL_MEM_READ_ONLY)
-                let q = try state.buffer(bytes: buffers.query.count * 4, flags: readOnly, host: buffers.query.baseAddress, useHostMemory: zeroCopy)
-                let k = try state.buffer(bytes: buffers.key.count * 4, flags: readOnly, host: buffers.key.baseAddress, useHostMemory: zeroCopy)
-                let v = try state.buffer(bytes: buffers.value.count * 4, flags: readOnly, host: buffers.value.baseAddress, useHostMemory: zeroCopy)
+                let q = try state.buffer(
+                    bytes: buffers.query.count * 4, flags: readOnly, host: buffers.query.baseAddress,
+                    useHostMemory: zeroCopy)
+                let k = try state.buffer(
+                    bytes: buffers.key.count * 4, flags: readOnly, host: buffers.key.baseAddress,
+                    useHostMemory: zeroCopy)
+                let v = try state.buffer(
+                    bytes: buffers.value.count * 4, flags: readOnly, host: buffers.value.baseAddress,
+                    useHostMemory: zeroCopy)
                 // The flash kernel accumulates in O, so outputs are read and written.
                 let readWrite = Int32(CL_MEM_READ_WRITE)
-                let o = try state.buffer(bytes: buffers.output.count * 4, flags: readWrite,
-                                         host: zeroCopy ? UnsafeRawPointer(buffers.output.baseAddress) : nil, useHostMemory: zeroCopy)
+                let o = try state.buffer(
+                    bytes: buffers.output.count * 4, flags: readWrite,
+                    host: zeroCopy ? UnsafeRawPointer(buffers.output.baseAddress) : nil, useHostMemory: zeroCopy)
                 let lseCount = problem.lseShape.reduce(1, *)
                 let lseHost = buffers.logSumExp.flatMap { zeroCopy ? UnsafeRawPointer($0.baseAddress) : nil }
-                let lse = try state.buffer(bytes: lseCount * 4, flags: readWrite, host: lseHost, useHostMemory: lseHost != nil)
+                let lse = try state.buffer(
+                    bytes: lseCount * 4, flags: readWrite, host: lseHost, useHostMemory: lseHost != nil)
                 try execute(problem, launch, state: state, q: q, k: k, v: v, o: o, lse: lse)
                 if zeroCopy {
                     try state.synchronizeHostMemory(o)
                     if lseHost != nil { try state.synchronizeHostMemory(lse) }
                 } else {
-                    try state.read(o, into: UnsafeMutableRawPointer(buffers.output.baseAddress!), bytes: buffers.output.count * 4)
+                    try state.read(
+                        o, into: UnsafeMutableRawPointer(buffers.output.baseAddress!), bytes: buffers.output.count * 4)
                 }
                 if let host = buffers.logSumExp, lseHost == nil {
                     try state.read(lse, into: UnsafeMutableRawPointer(host.baseAddress!), bytes: lseCount * 4)
@@ -185,7 +209,8 @@ public struct OpenCLBackend: AttentionBackend {
         do {
             return try device.withExecution { (state) throws(OpenCLError) in
                 let buffer = try withBytes(of: tensor.storage) { (raw) throws(OpenCLError) in
-                    try state.buffer(bytes: raw.count, flags: Int32(CL_MEM_READ_WRITE), host: raw.baseAddress, useHostMemory: false)
+                    try state.buffer(
+                        bytes: raw.count, flags: Int32(CL_MEM_READ_WRITE), host: raw.baseAddress, useHostMemory: false)
                 }
                 return OpenCLTensor(shape: tensor.shape, buffer: buffer, device: device)
             }
@@ -214,19 +239,29 @@ public struct OpenCLBackend: AttentionBackend {
         _ problem: AttentionProblem, query: OpenCLTensor, key: OpenCLTensor, value: OpenCLTensor
     ) throws(AttentionError) -> (output: OpenCLTensor, logSumExp: OpenCLTensor) {
         guard let device else { throw .unsupported(backend: name, reason: unavailableReason ?? "no OpenCL device") }
-        if case let .unsupported(reason) = support(for: problem) { throw .unsupported(backend: name, reason: reason) }
-        for (label, tensor, shape) in [("query", query, problem.queryShape), ("key", key, problem.keyShape), ("value", value, problem.valueShape)] {
-            guard tensor.shape == shape else { throw .shapeMismatch("device tensor \(label) has shape \(tensor.shape), problem needs \(shape)") }
-            guard tensor.device === device else { throw .unsupported(backend: name, reason: "\(label) lives on another device (\(tensor.device.info.name))") }
+        if case .unsupported(let reason) = support(for: problem) { throw .unsupported(backend: name, reason: reason) }
+        for (label, tensor, shape) in [
+            ("query", query, problem.queryShape), ("key", key, problem.keyShape), ("value", value, problem.valueShape),
+        ] {
+            guard tensor.shape == shape else {
+                throw .shapeMismatch("device tensor \(label) has shape \(tensor.shape), problem needs \(shape)")
+            }
+            guard tensor.device === device else {
+                throw .unsupported(
+                    backend: name, reason: "\(label) lives on another device (\(tensor.device.info.name))")
+            }
         }
         let launch = try prepare(problem)
         do {
             return try device.withExecution { (state) throws(OpenCLError) in
                 let o = try state.buffer(bytes: 4 * problem.outputShape.reduce(1, *), flags: Int32(CL_MEM_READ_WRITE))
                 let lse = try state.buffer(bytes: 4 * problem.lseShape.reduce(1, *), flags: Int32(CL_MEM_READ_WRITE))
-                try execute(problem, launch, state: state, q: query.buffer, k: key.buffer, v: value.buffer, o: o, lse: lse)
-                return (OpenCLTensor(shape: problem.outputShape, buffer: o, device: device),
-                        OpenCLTensor(shape: problem.lseShape, buffer: lse, device: device))
+                try execute(
+                    problem, launch, state: state, q: query.buffer, k: key.buffer, v: value.buffer, o: o, lse: lse)
+                return (
+                    OpenCLTensor(shape: problem.outputShape, buffer: o, device: device),
+                    OpenCLTensor(shape: problem.lseShape, buffer: lse, device: device)
+                )
             }
         } catch {
             throw .backendFailure(backend: name, message: error.description)
@@ -267,20 +302,23 @@ public struct OpenCLBackend: AttentionBackend {
         var booleanMask: CLBuffer
     }
 
-    private func execute(_ p: AttentionProblem, _ launch: Launch, state: ExecutionState,
-                         q: CLBuffer, k: CLBuffer, v: CLBuffer, o: CLBuffer, lse: CLBuffer) throws(OpenCLError) {
+    private func execute(
+        _ p: AttentionProblem, _ launch: Launch, state: ExecutionState,
+        q: CLBuffer, k: CLBuffer, v: CLBuffer, o: CLBuffer, lse: CLBuffer
+    ) throws(OpenCLError) {
         var params = Self.parameters(p, keyPadding: launch.config.vectorWidth)
-        var buffers = CallBuffers(q: q, k: k, v: v, o: o, lse: lse, additiveMask: state.placeholder,
-                                  booleanMask: state.placeholder)
+        var buffers = CallBuffers(
+            q: q, k: k, v: v, o: o, lse: lse, additiveMask: state.placeholder,
+            booleanMask: state.placeholder)
         switch p.options.mask?.values {
         case nil:
             params.maskKind = 0
-        case let .additive(values)?:
+        case .additive(let values)?:
             params.maskKind = 1
             buffers.additiveMask = try withBytes(of: values) { (raw) throws(OpenCLError) in
                 try state.buffer(bytes: raw.count, flags: Int32(CL_MEM_READ_ONLY), host: raw.baseAddress)
             }
-        case let .boolean(values)?:
+        case .boolean(let values)?:
             params.maskKind = 2
             buffers.booleanMask = try withBytes(of: values) { (raw) throws(OpenCLError) in
                 try state.buffer(bytes: raw.count, flags: Int32(CL_MEM_READ_ONLY), host: raw.baseAddress)
@@ -289,7 +327,7 @@ public struct OpenCLBackend: AttentionBackend {
         switch launch.choice {
         case .flash:
             try launchFlash(p, params, launch, buffers, state: state)
-        case let .splitKV(splits, keysPerSplit):
+        case .splitKV(let splits, let keysPerSplit):
             try launchSplitKV(p, params, launch, buffers, splits: splits, keysPerSplit: keysPerSplit, state: state)
         }
         try state.finish()
@@ -322,7 +360,8 @@ public struct OpenCLBackend: AttentionBackend {
     ) throws(OpenCLError) {
         let cfg = launch.config
         let (vec, nkPad) = (cfg.vectorWidth, Int(params.NkPad))
-        let kt = try state.buffer(bytes: 4 * p.batch * p.keyValueHeads * p.headDim * nkPad, flags: Int32(CL_MEM_READ_WRITE))
+        let kt = try state.buffer(
+            bytes: 4 * p.batch * p.keyValueHeads * p.headDim * nkPad, flags: Int32(CL_MEM_READ_WRITE))
         let transpose = try state.kernel("transpose_keys", source: launch.source, options: cfg.flashOptions)
         try transpose.set(0, b.k)
         try transpose.set(1, kt)
@@ -392,7 +431,8 @@ public final class OpenCLTensor: @unchecked Sendable {
 }
 
 /// `Array.withUnsafeBytes` with a typed error.
-func withBytes<T, R>(of array: [T], _ body: (UnsafeRawBufferPointer) throws(OpenCLError) -> R) throws(OpenCLError) -> R {
+func withBytes<T, R>(of array: [T], _ body: (UnsafeRawBufferPointer) throws(OpenCLError) -> R) throws(OpenCLError) -> R
+{
     let result: Result<R, OpenCLError> = array.withUnsafeBytes { raw in
         do throws(OpenCLError) { return .success(try body(raw)) } catch { return .failure(error) }
     }

@@ -88,7 +88,8 @@ package final class ExecutionState {
             throw OpenCLError(code: status, operation: "clCreateCommandQueue")
         }
         queue = CLQueue(q, library: device.library)
-        guard let mem = api.CreateBuffer(ctx, cl_mem_flags(CL_MEM_READ_WRITE), 64, nil, &status), status == CL_SUCCESS else {
+        guard let mem = api.CreateBuffer(ctx, cl_mem_flags(CL_MEM_READ_WRITE), 64, nil, &status), status == CL_SUCCESS
+        else {
             throw OpenCLError(code: status, operation: "clCreateBuffer(placeholder)")
         }
         placeholder = CLBuffer(mem, byteCount: 64, library: device.library)
@@ -113,7 +114,9 @@ package final class ExecutionState {
         if let program = programs[key] { return program }
         let api = device.library.api
         let cacheFile = ProgramDiskCache.file(for: device.info, key: key)
-        if let cacheFile, let binary = ProgramDiskCache.read(cacheFile), let program = try? buildFromBinary(binary, options: options) {
+        if let cacheFile, let binary = ProgramDiskCache.read(cacheFile),
+            let program = try? buildFromBinary(binary, options: options)
+        {
             programs[key] = program
             return program
         }
@@ -123,7 +126,9 @@ package final class ExecutionState {
             var length = strlen(text)
             return api.CreateProgramWithSource(context.handle, 1, &pointer, &length, &status)
         }
-        guard let handle, status == CL_SUCCESS else { throw OpenCLError(code: status, operation: "clCreateProgramWithSource") }
+        guard let handle, status == CL_SUCCESS else {
+            throw OpenCLError(code: status, operation: "clCreateProgramWithSource")
+        }
         let program = CLProgram(handle, library: device.library)
         try build(program, options: options)
         programs[key] = program
@@ -142,7 +147,8 @@ package final class ExecutionState {
             return api.CreateProgramWithBinary(context.handle, 1, &id, &length, &pointer, &binaryStatus, &status)
         }
         guard let handle, status == CL_SUCCESS, binaryStatus == CL_SUCCESS else {
-            throw OpenCLError(code: status != CL_SUCCESS ? status : binaryStatus, operation: "clCreateProgramWithBinary")
+            throw OpenCLError(
+                code: status != CL_SUCCESS ? status : binaryStatus, operation: "clCreateProgramWithBinary")
         }
         let program = CLProgram(handle, library: device.library)
         try build(program, options: options)
@@ -155,9 +161,11 @@ package final class ExecutionState {
         let status = api.BuildProgram(program.handle, 1, &id, options, nil, nil)
         guard status == CL_SUCCESS else {
             var size = 0
-            _ = api.GetProgramBuildInfo(program.handle, device.id, cl_program_build_info(CL_PROGRAM_BUILD_LOG), 0, nil, &size)
+            _ = api.GetProgramBuildInfo(
+                program.handle, device.id, cl_program_build_info(CL_PROGRAM_BUILD_LOG), 0, nil, &size)
             var log = [CChar](repeating: 0, count: max(size, 1))
-            _ = api.GetProgramBuildInfo(program.handle, device.id, cl_program_build_info(CL_PROGRAM_BUILD_LOG), log.count, &log, nil)
+            _ = api.GetProgramBuildInfo(
+                program.handle, device.id, cl_program_build_info(CL_PROGRAM_BUILD_LOG), log.count, &log, nil)
             throw OpenCLError(code: status, operation: "clBuildProgram(\(options))", buildLog: String(cChars: log))
         }
     }
@@ -165,12 +173,18 @@ package final class ExecutionState {
     private func binary(of program: CLProgram) -> [UInt8]? {
         let api = device.library.api
         var size = 0
-        guard api.GetProgramInfo(program.handle, cl_program_info(CL_PROGRAM_BINARY_SIZES), MemoryLayout<Int>.size, &size, nil) == CL_SUCCESS,
-              size > 0 else { return nil }
+        guard
+            api.GetProgramInfo(
+                program.handle, cl_program_info(CL_PROGRAM_BINARY_SIZES), MemoryLayout<Int>.size, &size, nil)
+                == CL_SUCCESS,
+            size > 0
+        else { return nil }
         var bytes = [UInt8](repeating: 0, count: size)
         let status = bytes.withUnsafeMutableBufferPointer { buffer -> cl_int in
             var pointer: UnsafeMutablePointer<UInt8>? = buffer.baseAddress
-            return api.GetProgramInfo(program.handle, cl_program_info(CL_PROGRAM_BINARIES), MemoryLayout<UnsafeMutablePointer<UInt8>?>.size, &pointer, nil)
+            return api.GetProgramInfo(
+                program.handle, cl_program_info(CL_PROGRAM_BINARIES), MemoryLayout<UnsafeMutablePointer<UInt8>?>.size,
+                &pointer, nil)
         }
         return status == CL_SUCCESS ? bytes : nil
     }
@@ -179,31 +193,42 @@ package final class ExecutionState {
 
     /// A new device buffer. With `host` and `useHostMemory`, the device works on the host memory in
     /// place (CPU devices); with `host` alone the contents are copied in.
-    package func buffer(bytes: Int, flags: Int32, host: UnsafeRawPointer? = nil, useHostMemory: Bool = false) throws(OpenCLError) -> CLBuffer {
+    package func buffer(bytes: Int, flags: Int32, host: UnsafeRawPointer? = nil, useHostMemory: Bool = false)
+        throws(OpenCLError) -> CLBuffer
+    {
         var status: cl_int = 0
         var memFlags = cl_mem_flags(flags)
         if host != nil { memFlags |= cl_mem_flags(useHostMemory ? CL_MEM_USE_HOST_PTR : CL_MEM_COPY_HOST_PTR) }
-        guard let mem = device.library.api.CreateBuffer(context.handle, memFlags, max(bytes, 4), UnsafeMutableRawPointer(mutating: host), &status),
-              status == CL_SUCCESS else {
+        guard
+            let mem = device.library.api.CreateBuffer(
+                context.handle, memFlags, max(bytes, 4), UnsafeMutableRawPointer(mutating: host), &status),
+            status == CL_SUCCESS
+        else {
             throw OpenCLError(code: status, operation: "clCreateBuffer(\(bytes) bytes)")
         }
         return CLBuffer(mem, byteCount: bytes, library: device.library)
     }
 
     package func read(_ buffer: CLBuffer, into host: UnsafeMutableRawPointer, bytes: Int) throws(OpenCLError) {
-        try check(device.library.api.EnqueueReadBuffer(queue.handle, buffer.handle, cl_bool(CL_TRUE), 0, bytes, host, 0, nil, nil),
-                  "clEnqueueReadBuffer")
+        try check(
+            device.library.api.EnqueueReadBuffer(
+                queue.handle, buffer.handle, cl_bool(CL_TRUE), 0, bytes, host, 0, nil, nil),
+            "clEnqueueReadBuffer")
     }
 
     /// Makes a `CL_MEM_USE_HOST_PTR` buffer's contents visible in host memory (map + unmap).
     package func synchronizeHostMemory(_ buffer: CLBuffer) throws(OpenCLError) {
         var status: cl_int = 0
         let api = device.library.api
-        guard let mapped = api.EnqueueMapBuffer(queue.handle, buffer.handle, cl_bool(CL_TRUE), cl_map_flags(CL_MAP_READ), 0,
-                                                max(buffer.byteCount, 4), 0, nil, nil, &status), status == CL_SUCCESS else {
+        guard
+            let mapped = api.EnqueueMapBuffer(
+                queue.handle, buffer.handle, cl_bool(CL_TRUE), cl_map_flags(CL_MAP_READ), 0,
+                max(buffer.byteCount, 4), 0, nil, nil, &status), status == CL_SUCCESS
+        else {
             throw OpenCLError(code: status, operation: "clEnqueueMapBuffer")
         }
-        try check(api.EnqueueUnmapMemObject(queue.handle, buffer.handle, mapped, 0, nil, nil), "clEnqueueUnmapMemObject")
+        try check(
+            api.EnqueueUnmapMemObject(queue.handle, buffer.handle, mapped, 0, nil, nil), "clEnqueueUnmapMemObject")
     }
 
     /// Enqueues `kernel` over `global` work-items in groups of `local` (nil: the driver chooses).
@@ -211,10 +236,13 @@ package final class ExecutionState {
         var globalSize = global
         var localSize = local ?? []
         let status = localSize.withUnsafeMutableBufferPointer { localBuffer in
-            device.library.api.EnqueueNDRangeKernel(queue.handle, kernel.handle, cl_uint(globalSize.count), nil, &globalSize,
-                                                    local == nil ? nil : localBuffer.baseAddress, 0, nil, nil)
+            device.library.api.EnqueueNDRangeKernel(
+                queue.handle, kernel.handle, cl_uint(globalSize.count), nil, &globalSize,
+                local == nil ? nil : localBuffer.baseAddress, 0, nil, nil)
         }
-        try check(status, "clEnqueueNDRangeKernel(\(kernel.name), global \(global), local \(local.map { "\($0)" } ?? "auto"))")
+        try check(
+            status, "clEnqueueNDRangeKernel(\(kernel.name), global \(global), local \(local.map { "\($0)" } ?? "auto"))"
+        )
     }
 
     package func finish() throws(OpenCLError) {
@@ -245,7 +273,9 @@ package enum ProgramDiskCache {
     }
 
     static func file(for info: OpenCLDeviceInfo, key: String) -> URL? {
-        let identity = [info.platformName, info.platformVersion, info.name, info.driverVersion, info.deviceVersion, key]
+        let identity = [
+            info.platformName, info.platformVersion, info.name, info.driverVersion, info.deviceVersion, key,
+        ]
         return directory?.appendingPathComponent(fnv1a(identity.joined(separator: "\u{1}")) + ".bin")
     }
 
@@ -256,7 +286,8 @@ package enum ProgramDiskCache {
 
     static func write(_ bytes: [UInt8], to file: URL) {
         do {
-            try FileManager.default.createDirectory(at: file.deletingLastPathComponent(), withIntermediateDirectories: true)
+            try FileManager.default.createDirectory(
+                at: file.deletingLastPathComponent(), withIntermediateDirectories: true)
             try Data(bytes).write(to: file, options: .atomic)
         } catch {
             // The disk cache is an optimisation: an unwritable cache folder only costs build time.

@@ -7,8 +7,8 @@ public enum OpenCLRuntime {
     /// Uses the process-wide library (see `OpenCLLibrary.shared`) and is computed once.
     public static let devices: Result<[OpenCLDevice], OpenCLUnavailable> = {
         switch OpenCLLibrary.shared {
-        case let .success(library): return discover(library)
-        case let .failure(reason): return .failure(reason)
+        case .success(let library): return discover(library)
+        case .failure(let reason): return .failure(reason)
         }
     }()
 
@@ -25,10 +25,17 @@ public enum OpenCLRuntime {
         var platformCount: cl_uint = 0
         let status = api.GetPlatformIDs(0, nil, &platformCount)
         if status == CL_PLATFORM_NOT_FOUND_KHR || (status == CL_SUCCESS && platformCount == 0) {
-            return .failure(OpenCLUnavailable(reason: "no OpenCL platform: the ICD loader found no vendor driver (clGetPlatformIDs: CL_PLATFORM_NOT_FOUND_KHR); install one, e.g. pocl-opencl-icd"))
+            return .failure(
+                OpenCLUnavailable(
+                    reason:
+                        "no OpenCL platform: the ICD loader found no vendor driver (clGetPlatformIDs: "
+                        + "CL_PLATFORM_NOT_FOUND_KHR); install one, e.g. pocl-opencl-icd"
+                ))
         }
         guard status == CL_SUCCESS else {
-            return .failure(OpenCLUnavailable(reason: "clGetPlatformIDs failed with \(OpenCLError(code: status, operation: "").name)"))
+            return .failure(
+                OpenCLUnavailable(
+                    reason: "clGetPlatformIDs failed with \(OpenCLError(code: status, operation: "").name)"))
         }
         var platforms = [cl_platform_id?](repeating: nil, count: Int(platformCount))
         guard api.GetPlatformIDs(platformCount, &platforms, nil) == CL_SUCCESS else {
@@ -37,9 +44,13 @@ public enum OpenCLRuntime {
         var devices: [OpenCLDevice] = []
         for case let platform? in platforms {
             var count: cl_uint = 0
-            guard api.GetDeviceIDs(platform, cl_device_type(CL_DEVICE_TYPE_ALL), 0, nil, &count) == CL_SUCCESS, count > 0 else { continue }
+            guard api.GetDeviceIDs(platform, cl_device_type(CL_DEVICE_TYPE_ALL), 0, nil, &count) == CL_SUCCESS,
+                count > 0
+            else { continue }
             var ids = [cl_device_id?](repeating: nil, count: Int(count))
-            guard api.GetDeviceIDs(platform, cl_device_type(CL_DEVICE_TYPE_ALL), count, &ids, nil) == CL_SUCCESS else { continue }
+            guard api.GetDeviceIDs(platform, cl_device_type(CL_DEVICE_TYPE_ALL), count, &ids, nil) == CL_SUCCESS else {
+                continue
+            }
             for case let id? in ids {
                 let info = describe(id, platform: platform, index: devices.count, api: api)
                 devices.append(OpenCLDevice(id: id, info: info, library: library))
@@ -51,10 +62,14 @@ public enum OpenCLRuntime {
         return .success(devices)
     }
 
-    private static func describe(_ id: cl_device_id, platform: cl_platform_id, index: Int, api: AKCLFunctions) -> OpenCLDeviceInfo {
+    private static func describe(_ id: cl_device_id, platform: cl_platform_id, index: Int, api: AKCLFunctions)
+        -> OpenCLDeviceInfo
+    {
         func platformString(_ param: Int32) -> String {
             var size = 0
-            guard api.GetPlatformInfo(platform, cl_platform_info(param), 0, nil, &size) == CL_SUCCESS, size > 0 else { return "" }
+            guard api.GetPlatformInfo(platform, cl_platform_info(param), 0, nil, &size) == CL_SUCCESS, size > 0 else {
+                return ""
+            }
             var bytes = [CChar](repeating: 0, count: size)
             _ = api.GetPlatformInfo(platform, cl_platform_info(param), size, &bytes, nil)
             return String(cChars: bytes).trimmingCharacters(in: .whitespaces)

@@ -16,7 +16,9 @@ public struct OpenCLKernelConfig: Sendable, Hashable, Codable, CustomStringConve
     /// Fewest keys a decode split gets.
     public var minKeysPerSplit: Int
 
-    public init(vectorWidth: Int, rows: Int, workGroup: Int, useLocalMemory: Bool, decodeRows: Int, minKeysPerSplit: Int) {
+    public init(
+        vectorWidth: Int, rows: Int, workGroup: Int, useLocalMemory: Bool, decodeRows: Int, minKeysPerSplit: Int
+    ) {
         self.vectorWidth = vectorWidth
         self.rows = rows
         self.workGroup = workGroup
@@ -26,7 +28,8 @@ public struct OpenCLKernelConfig: Sendable, Hashable, Codable, CustomStringConve
     }
 
     public var description: String {
-        "VEC=\(vectorWidth) ROWS=\(rows) WG=\(workGroup)\(useLocalMemory ? " local" : "") decode<=\(decodeRows) rows, >=\(minKeysPerSplit) keys/split"
+        "VEC=\(vectorWidth) ROWS=\(rows) WG=\(workGroup)\(useLocalMemory ? " local" : "") "
+            + "decode<=\(decodeRows) rows, >=\(minKeysPerSplit) keys/split"
     }
 
     /// The table. CPUs (PoCL): 16-wide vectors, several rows per work-item for reuse, no local
@@ -37,17 +40,20 @@ public struct OpenCLKernelConfig: Sendable, Hashable, Codable, CustomStringConve
             let vec = 4
             let tileBytes = 4 * vec * (d + dv)
             let group = max(1, min(64, device.maxWorkGroupSize))
-            return OpenCLKernelConfig(vectorWidth: vec, rows: 2, workGroup: group,
-                                      useLocalMemory: UInt64(tileBytes) * 2 <= device.localMemoryBytes,
-                                      decodeRows: 8, minKeysPerSplit: 128)
+            return OpenCLKernelConfig(
+                vectorWidth: vec, rows: 2, workGroup: group,
+                useLocalMemory: UInt64(tileBytes) * 2 <= device.localMemoryBytes,
+                decodeRows: 8, minKeysPerSplit: 128)
         }
-        return OpenCLKernelConfig(vectorWidth: 16, rows: 4, workGroup: max(1, min(4, device.maxWorkGroupSize)),
-                                  useLocalMemory: false, decodeRows: 8, minKeysPerSplit: 256)
+        return OpenCLKernelConfig(
+            vectorWidth: 16, rows: 4, workGroup: max(1, min(4, device.maxWorkGroupSize)),
+            useLocalMemory: false, decodeRows: 8, minKeysPerSplit: 256)
     }
 
     /// Build options of the flash program.
     var flashOptions: String {
-        "-cl-std=CL1.2 -cl-mad-enable -w -DVEC=\(vectorWidth) -DROWS=\(rows) -DUSE_LOCAL=\(useLocalMemory ? 1 : 0) -DKV_SPACE=\(useLocalMemory ? "__local" : "__global")"
+        "-cl-std=CL1.2 -cl-mad-enable -w -DVEC=\(vectorWidth) -DROWS=\(rows) "
+            + "-DUSE_LOCAL=\(useLocalMemory ? 1 : 0) -DKV_SPACE=\(useLocalMemory ? "__local" : "__global")"
     }
 
     /// Build options of the decode program for `rows` query rows per K/V head (ROWS is the next
@@ -69,7 +75,7 @@ public enum OpenCLKernelChoice: Sendable, Equatable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .flash: return "flash"
-        case let .splitKV(splits, keys): return "split-KV decode (\(splits) splits x \(keys) keys)"
+        case .splitKV(let splits, let keys): return "split-KV decode (\(splits) splits x \(keys) keys)"
         }
     }
 }

@@ -36,16 +36,26 @@ public struct AccuracyReport: Sendable, Equatable, CustomStringConvertible {
     }
 
     public var description: String {
-        let verdict = passed ? "ok" : "FAIL (\(violations) output, \(lseViolations) lse violations; first at \(firstViolation ?? -1))"
-        return "max abs \(format(maxAbsError)), max rel \(format(maxRelError)), NMSE \(format(nmse)), lse \(format(maxLSEError)): \(verdict)"
+        let verdict =
+            passed
+            ? "ok" : "FAIL (\(violations) output, \(lseViolations) lse violations; first at \(firstViolation ?? -1))"
+        return
+            "max abs \(format(maxAbsError)), max rel \(format(maxRelError)), NMSE \(format(nmse)), lse "
+            + "\(format(maxLSEError)): \(verdict)"
     }
 
     private func format(_ x: Double) -> String {
         guard x.isFinite, x != 0 else { return "\(x)" }
         var exponent = 0
         var m = x
-        while abs(m) >= 10 { m /= 10; exponent += 1 }
-        while abs(m) < 1 { m *= 10; exponent -= 1 }
+        while abs(m) >= 10 {
+            m /= 10
+            exponent += 1
+        }
+        while abs(m) < 1 {
+            m *= 10
+            exponent -= 1
+        }
         let rounded = (m * 100).rounded() / 100
         return "\(rounded)e\(exponent)"
     }
@@ -103,8 +113,9 @@ public struct AccuracyReport: Sendable, Equatable, CustomStringConvertible {
     public init(result: AttentionResult, reference: (output: [Double], logSumExp: [Double]), valueDim: Int) {
         self = result.output.storage.withUnsafeBufferPointer { out in
             result.logSumExp.storage.withUnsafeBufferPointer { lse in
-                AccuracyReport(output: out, logSumExp: lse, reference: reference.output,
-                               referenceLSE: reference.logSumExp, valueDim: valueDim)
+                AccuracyReport(
+                    output: out, logSumExp: lse, reference: reference.output,
+                    referenceLSE: reference.logSumExp, valueDim: valueDim)
             }
         }
     }
@@ -128,8 +139,9 @@ public struct AccuracyReport: Sendable, Equatable, CustomStringConvertible {
             referenceLSE.append(lse)
         }
         var report = output.withUnsafeBufferPointer { out in
-            AccuracyReport(output: out, logSumExp: nil, reference: reference, referenceLSE: referenceLSE,
-                           valueDim: problem.valueDim)
+            AccuracyReport(
+                output: out, logSumExp: nil, reference: reference, referenceLSE: referenceLSE,
+                valueDim: problem.valueDim)
         }
         report.rowsChecked = picks.count
         return report

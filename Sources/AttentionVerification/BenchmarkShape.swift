@@ -36,9 +36,12 @@ public struct ShapeSpec: Codable, Hashable, Sendable {
             + " D\(headDim)\(valueDim == headDim ? "" : " Dv\(valueDim)")\(causal ? " causal" : "")"
     }
 
-    public static func make(_ name: String, b: Int = 1, hq: Int, hkv: Int? = nil, nq: Int, nk: Int? = nil, d: Int, causal: Bool = false) -> ShapeSpec {
-        ShapeSpec(name: name, batch: b, queryHeads: hq, keyValueHeads: hkv ?? hq, queryLength: nq, keyLength: nk ?? nq,
-                  headDim: d, valueDim: d, causal: causal)
+    public static func make(
+        _ name: String, b: Int = 1, hq: Int, hkv: Int? = nil, nq: Int, nk: Int? = nil, d: Int, causal: Bool = false
+    ) -> ShapeSpec {
+        ShapeSpec(
+            name: name, batch: b, queryHeads: hq, keyValueHeads: hkv ?? hq, queryLength: nq, keyLength: nk ?? nq,
+            headDim: d, valueDim: d, causal: causal)
     }
 
     public static let standard: [ShapeSpec] = [
@@ -61,24 +64,35 @@ public struct ShapeSpec: Codable, Hashable, Sendable {
         if let known = standard.first(where: { $0.name == text }) { return known }
         let parts = text.split(separator: ":", maxSplits: 1)
         guard parts.count == 2 else {
-            throw ShapeSyntaxError("unknown shape '\(text)': use one of \(standard.map(\.name).joined(separator: ", ")), or NAME:b=1,hq=8,nq=1000,d=64[,hkv=..,nk=..,dv=..,causal]")
+            throw ShapeSyntaxError(
+                "unknown shape '\(text)': use one of \(standard.map(\.name).joined(separator: ", ")), or "
+                    + "NAME:b=1,hq=8,nq=1000,d=64[,hkv=..,nk=..,dv=..,causal]"
+            )
         }
         var values: [String: Int] = [:]
         var causal = false
         for item in parts[1].split(separator: ",") {
-            if item == "causal" { causal = true; continue }
+            if item == "causal" {
+                causal = true
+                continue
+            }
             let kv = item.split(separator: "=")
             guard kv.count == 2, let value = Int(kv[1]), value > 0,
-                  ["b", "hq", "hkv", "nq", "nk", "d", "dv"].contains(String(kv[0])) else {
-                throw ShapeSyntaxError("shape '\(text)': cannot read '\(item)' (keys b, hq, hkv, nq, nk, d, dv: positive integers; or 'causal')")
+                ["b", "hq", "hkv", "nq", "nk", "d", "dv"].contains(String(kv[0]))
+            else {
+                throw ShapeSyntaxError(
+                    "shape '\(text)': cannot read '\(item)' (keys b, hq, hkv, nq, nk, d, dv: positive "
+                        + "integers; or 'causal')"
+                )
             }
             values[String(kv[0])] = value
         }
         guard let hq = values["hq"], let nq = values["nq"], let d = values["d"] else {
             throw ShapeSyntaxError("shape '\(text)' needs at least hq, nq and d")
         }
-        return ShapeSpec(name: String(parts[0]), batch: values["b"] ?? 1, queryHeads: hq, keyValueHeads: values["hkv"] ?? hq,
-                         queryLength: nq, keyLength: values["nk"] ?? nq, headDim: d, valueDim: values["dv"] ?? d, causal: causal)
+        return ShapeSpec(
+            name: String(parts[0]), batch: values["b"] ?? 1, queryHeads: hq, keyValueHeads: values["hkv"] ?? hq,
+            queryLength: nq, keyLength: values["nk"] ?? nq, headDim: d, valueDim: values["dv"] ?? d, causal: causal)
     }
 }
 

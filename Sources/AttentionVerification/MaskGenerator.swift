@@ -18,7 +18,9 @@ public enum MaskGenerator {
     }
 
     /// An additive mask of `shape`: about `hidden` of the entries -inf, the rest uniform in [-2, 2].
-    public static func additive(shape: [Int], hidden: Double = 0.2, seed: UInt64) throws(AttentionError) -> AttentionMask {
+    public static func additive(shape: [Int], hidden: Double = 0.2, seed: UInt64) throws(AttentionError)
+        -> AttentionMask
+    {
         var rng = SplitMix64(seed: seed)
         let count = try Tensor.elementCount(of: shape, name: "mask")
         let values = (0..<count).map { _ -> Float in

@@ -13,7 +13,9 @@ public struct PaddedRun: Sendable {
     public static let padding = 1024
 
     /// Runs `backend` on `problem` with NaN-padded copies of the inputs.
-    public init(_ backend: any AttentionBackend, _ problem: AttentionProblem, query q: Tensor, key k: Tensor, value v: Tensor)
+    public init(
+        _ backend: any AttentionBackend, _ problem: AttentionProblem, query q: Tensor, key k: Tensor, value v: Tensor
+    )
         throws(AttentionError)
     {
         let pad = [Float](repeating: .nan, count: Self.padding)
@@ -23,16 +25,25 @@ public struct PaddedRun: Sendable {
         var out = [Float](repeating: .nan, count: outCount + Self.padding)
         var lse = [Float](repeating: .nan, count: lseCount + Self.padding)
         var failure: AttentionError?
-        qp.withUnsafeBufferPointer { qb in kp.withUnsafeBufferPointer { kb in vp.withUnsafeBufferPointer { vb in
-            out.withUnsafeMutableBufferPointer { ob in lse.withUnsafeMutableBufferPointer { lb in
-                let buffers = AttentionBuffers(
-                    query: UnsafeBufferPointer(rebasing: qb[0..<q.count]), key: UnsafeBufferPointer(rebasing: kb[0..<k.count]),
-                    value: UnsafeBufferPointer(rebasing: vb[0..<v.count]),
-                    output: UnsafeMutableBufferPointer(rebasing: ob[0..<outCount]),
-                    logSumExp: UnsafeMutableBufferPointer(rebasing: lb[0..<lseCount]))
-                do throws(AttentionError) { try backend.forward(problem, buffers) } catch { failure = error }
-            } }
-        } } }
+        qp.withUnsafeBufferPointer { qb in
+            kp.withUnsafeBufferPointer { kb in
+                vp.withUnsafeBufferPointer { vb in
+                    out.withUnsafeMutableBufferPointer { ob in
+                        lse.withUnsafeMutableBufferPointer { lb in
+                            let buffers = AttentionBuffers(
+                                query: UnsafeBufferPointer(rebasing: qb[0..<q.count]),
+                                key: UnsafeBufferPointer(rebasing: kb[0..<k.count]),
+                                value: UnsafeBufferPointer(rebasing: vb[0..<v.count]),
+                                output: UnsafeMutableBufferPointer(rebasing: ob[0..<outCount]),
+                                logSumExp: UnsafeMutableBufferPointer(rebasing: lb[0..<lseCount]))
+                            do throws(AttentionError) { try backend.forward(problem, buffers) } catch {
+                                failure = error
+                            }
+                        }
+                    }
+                }
+            }
+        }
         if let failure { throw failure }
         output = Array(out[0..<outCount])
         logSumExp = Array(lse[0..<lseCount])

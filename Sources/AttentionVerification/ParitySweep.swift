@@ -62,18 +62,24 @@ public enum ParitySweep {
     /// early rows that see nothing, single diagonals, windows wider than the keys, D = 512.
     public static let featureCases: [VerificationCase] = [
         .init(batch: 2, heads: (8, 2), nq: 130, nk: 130, d: 64, dv: 64, amplitude: 20, label: "large logits"),
-        .init(heads: (4, 4), nq: 65, nk: 777, d: 128, dv: 128, options: .init(causal: true), amplitude: 20,
-              label: "large logits causal"),
+        .init(
+            heads: (4, 4), nq: 65, nk: 777, d: 128, dv: 128, options: .init(causal: true), amplitude: 20,
+            label: "large logits causal"),
         .init(heads: (8, 1), nq: 1, nk: 777, d: 256, dv: 64, label: "MQA decode"),
-        .init(batch: 2, heads: (8, 2), nq: 2, nk: 1030, d: 128, dv: 128, options: .init(causal: true),
-              label: "GQA decode two tokens"),
-        .init(heads: (4, 4), nq: 130, nk: 7, d: 32, dv: 32, options: .init(causal: true),
-              label: "Nq > Nk causal: early rows see nothing"),
+        .init(
+            batch: 2, heads: (8, 2), nq: 2, nk: 1030, d: 128, dv: 128, options: .init(causal: true),
+            label: "GQA decode two tokens"),
+        .init(
+            heads: (4, 4), nq: 130, nk: 7, d: 32, dv: 32, options: .init(causal: true),
+            label: "Nq > Nk causal: early rows see nothing"),
         .init(nq: 64, nk: 64, d: 32, dv: 32, options: .init(window: .init(left: 0, right: 0)), label: "diagonal only"),
-        .init(heads: (2, 2), nq: 64, nk: 200, d: 16, dv: 16, options: .init(window: .init(left: 500, right: -1)),
-              label: "window wider than keys"),
+        .init(
+            heads: (2, 2), nq: 64, nk: 200, d: 16, dv: 16, options: .init(window: .init(left: 500, right: -1)),
+            label: "window wider than keys"),
         .init(nq: 600, nk: 600, d: 3, dv: 200, options: .init(causal: true), label: "many key blocks, odd dims"),
-        .init(nq: 33, nk: 1500, d: 512, dv: 512,
-              options: .init(softcap: 30, causal: true, window: .init(left: 700, right: 0)), label: "D 512 sliding window"),
+        .init(
+            nq: 33, nk: 1500, d: 512, dv: 512,
+            options: .init(softcap: 30, causal: true, window: .init(left: 700, right: 0)), label: "D 512 sliding window"
+        ),
     ]
 }

@@ -42,6 +42,8 @@ public struct VerificationCheck: Sendable {
     public init(_ backend: any AttentionBackend, _ c: VerificationCase) throws(AttentionError) {
         let problem = try c.problem()
         let (q, k, v) = try c.inputs()
-        self.init(backend, problem, query: q, key: k, value: v, reference: NaiveBackend.reference(problem, query: q, key: k, value: v))
+        self.init(
+            backend, problem, query: q, key: k, value: v,
+            reference: NaiveBackend.reference(problem, query: q, key: k, value: v))
     }
 }

@@ -18,7 +18,8 @@ public enum VerificationGrid {
         _ name: String, b: Int = 1, hq: Int, hkv: Int, nq: Int, nk: Int, d: Int, dv: Int,
         _ options: AttentionOptions = .init(), x: Float = 1
     ) -> VerificationCase {
-        VerificationCase(batch: b, heads: (hq, hkv), nq: nq, nk: nk, d: d, dv: dv, options: options, amplitude: x, label: name)
+        VerificationCase(
+            batch: b, heads: (hq, hkv), nq: nq, nk: nk, d: d, dv: dv, options: options, amplitude: x, label: name)
     }
 
     private static func fixed(seed: UInt64) throws(AttentionError) -> [VerificationCase] {
@@ -28,13 +29,18 @@ public enum VerificationGrid {
             c("gqa-causal", hq: 8, hkv: 2, nq: 130, nk: 130, d: 80, dv: 80, .init(causal: true)),
             c("mqa-decode", hq: 8, hkv: 1, nq: 1, nk: 777, d: 128, dv: 64, .init(causal: true)),
             c("cross Nq>Nk causal", hq: 4, hkv: 4, nq: 65, nk: 7, d: 32, dv: 32, .init(causal: true)),
-            c("sliding window", hq: 4, hkv: 2, nq: 200, nk: 300, d: 64, dv: 48,
-              .init(causal: true, window: .init(left: 37, right: 0))),
-            c("two-sided window", hq: 2, hkv: 2, nq: 64, nk: 64, d: 16, dv: 16, .init(window: .init(left: 5, right: 3))),
-            c("bool mask", b: 2, hq: 4, hkv: 4, nq: 33, nk: 100, d: 32, dv: 32,
-              .init(mask: try MaskGenerator.boolean(shape: [33, 100], seed: seed))),
-            c("float mask", b: 2, hq: 2, hkv: 1, nq: 40, nk: 90, d: 24, dv: 40,
-              .init(mask: try MaskGenerator.additive(shape: [2, 1, 40, 90], seed: seed))),
+            c(
+                "sliding window", hq: 4, hkv: 2, nq: 200, nk: 300, d: 64, dv: 48,
+                .init(causal: true, window: .init(left: 37, right: 0))),
+            c(
+                "two-sided window", hq: 2, hkv: 2, nq: 64, nk: 64, d: 16, dv: 16,
+                .init(window: .init(left: 5, right: 3))),
+            c(
+                "bool mask", b: 2, hq: 4, hkv: 4, nq: 33, nk: 100, d: 32, dv: 32,
+                .init(mask: try MaskGenerator.boolean(shape: [33, 100], seed: seed))),
+            c(
+                "float mask", b: 2, hq: 2, hkv: 1, nq: 40, nk: 90, d: 24, dv: 40,
+                .init(mask: try MaskGenerator.additive(shape: [2, 1, 40, 90], seed: seed))),
             c("softcap", hq: 4, hkv: 4, nq: 64, nk: 64, d: 64, dv: 64, .init(softcap: 5), x: 4),
             c("scale", hq: 2, hkv: 2, nq: 50, nk: 70, d: 40, dv: 40, .init(scale: 0.9, causal: true)),
             c("large logits", hq: 4, hkv: 2, nq: 130, nk: 200, d: 64, dv: 64, x: 20),
@@ -48,8 +54,10 @@ public enum VerificationGrid {
             c("odd 777", hq: 1, hkv: 1, nq: 777, nk: 777, d: 80, dv: 80, .init(causal: true)),
             c("D 256 Dv 200", hq: 2, hkv: 1, nq: 64, nk: 130, d: 256, dv: 200),
             c("decode 2 tokens", hq: 32, hkv: 8, nq: 2, nk: 4096, d: 128, dv: 128, .init(causal: true)),
-            c("softcap window mask", b: 2, hq: 4, hkv: 2, nq: 100, nk: 300, d: 64, dv: 32,
-              .init(softcap: 30, causal: true, window: .init(left: 64, right: 0),
+            c(
+                "softcap window mask", b: 2, hq: 4, hkv: 2, nq: 100, nk: 300, d: 64, dv: 32,
+                .init(
+                    softcap: 30, causal: true, window: .init(left: 64, right: 0),
                     mask: try MaskGenerator.boolean(shape: [100, 300], seed: seed + 1))),
         ]
     }
@@ -65,7 +73,8 @@ public enum VerificationGrid {
         let dv = Bool.random(using: &rng) ? d : [8, 48, 96].randomElement(using: &rng) ?? 8
         var options = AttentionOptions(causal: Bool.random(using: &rng))
         if Int.random(in: 0..<3, using: &rng) == 0 {
-            options.window = .init(left: Int.random(in: -1...50, using: &rng), right: Int.random(in: -1...10, using: &rng))
+            options.window = .init(
+                left: Int.random(in: -1...50, using: &rng), right: Int.random(in: -1...10, using: &rng))
         }
         if Int.random(in: 0..<4, using: &rng) == 0 { options.softcap = Float.random(in: 1...30, using: &rng) }
         if Int.random(in: 0..<4, using: &rng) == 0 {
@@ -73,6 +82,7 @@ public enum VerificationGrid {
         }
         let batch = Int.random(in: 1...2, using: &rng)
         let amplitude = [1, 1, 5, 20].randomElement(using: &rng) ?? 1
-        return c("random \(index)", b: batch, hq: hq, hkv: hkv, nq: nq, nk: nk, d: d, dv: dv, options, x: Float(amplitude))
+        return c(
+            "random \(index)", b: batch, hq: hq, hkv: hkv, nq: nq, nk: nk, d: d, dv: dv, options, x: Float(amplitude))
     }
 }

@@ -14,7 +14,11 @@ public struct NPYArray: Sendable, Equatable {
 
     /// The element type as stored in the file.
     public enum FileDType: String, Sendable {
-        case float16 = "<f2", float32 = "<f4", float64 = "<f8", bool = "|b1", uint8 = "|u1"
+        case float16 = "<f2"
+        case float32 = "<f4"
+        case float64 = "<f8"
+        case bool = "|b1"
+        case uint8 = "|u1"
 
         /// Bytes per element.
         public var itemSize: Int {
@@ -53,12 +57,12 @@ public struct NPYArray: Sendable, Equatable {
     }
 
     public var floats: [Float]? {
-        if case let .float32(values) = storage { return values }
+        if case .float32(let values) = storage { return values }
         return nil
     }
 
     public var bools: [Bool]? {
-        if case let .bool(values) = storage { return values }
+        if case .bool(let values) = storage { return values }
         return nil
     }
 
@@ -78,7 +82,7 @@ public struct NPYArray: Sendable, Equatable {
     /// Parses the bytes of a `.npy` file; `file` names it in errors.
     public static func parse(_ data: Data, file: String) throws(NPYError) -> NPYArray {
         let (major, headerStart, headerLength) = try preamble(data, file: file)
-        let headerBytes = data.subdata(in: data.startIndex + headerStart ..< data.startIndex + headerStart + headerLength)
+        let headerBytes = data.subdata(in: data.startIndex + headerStart..<data.startIndex + headerStart + headerLength)
         // Version 3.0 allows UTF-8 in the header; 1.0 and 2.0 are latin-1, which is ASCII for valid headers.
         guard let header = String(data: headerBytes, encoding: major == 3 ? .utf8 : .isoLatin1) else {
             throw .malformedHeader(file: file, detail: "header is not text")
@@ -88,8 +92,9 @@ public struct NPYArray: Sendable, Equatable {
         guard let dtype = FileDType(rawValue: normalise(fields.descr)) else {
             throw .unsupportedDType(file: file, dtype: fields.descr)
         }
-        let count = try checkPayload(data, file: file, shape: fields.shape, itemSize: dtype.itemSize,
-                                     payloadStart: headerStart + headerLength)
+        let count = try checkPayload(
+            data, file: file, shape: fields.shape, itemSize: dtype.itemSize,
+            payloadStart: headerStart + headerLength)
         let storage = decode(data, from: headerStart + headerLength, count: count, dtype: dtype)
         return NPYArray(shape: fields.shape, storage: storage, fileDType: dtype)
     }
@@ -143,7 +148,8 @@ public struct NPYArray: Sendable, Equatable {
         let payload = data.count - payloadStart
         guard payload == expectedBytes else {
             if payload < expectedBytes {
-                throw .truncated(file: file, detail: "shape \(shape) needs \(expectedBytes) data bytes, only \(payload) present")
+                throw .truncated(
+                    file: file, detail: "shape \(shape) needs \(expectedBytes) data bytes, only \(payload) present")
             }
             throw .sizeMismatch(file: file, shape: shape, expectedBytes: expectedBytes, actualBytes: payload)
         }
@@ -199,13 +205,13 @@ public struct NPYArray: Sendable, Equatable {
         data.append(UInt8(length >> 8))
         data.append(contentsOf: Array(header.utf8))
         switch storage {
-        case let .float32(values):
+        case .float32(let values):
             values.withUnsafeBufferPointer { buffer in
                 var le = [UInt32](repeating: 0, count: buffer.count)
                 for i in 0..<buffer.count { le[i] = buffer[i].bitPattern.littleEndian }
                 le.withUnsafeBytes { data.append(contentsOf: $0) }
             }
-        case let .bool(values):
+        case .bool(let values):
             data.append(contentsOf: values.map { $0 ? UInt8(1) : 0 })
         }
         return data

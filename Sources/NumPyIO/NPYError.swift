@@ -14,28 +14,30 @@ public enum NPYError: Error, Equatable, Sendable, CustomStringConvertible {
 
     public var file: String {
         switch self {
-        case let .cannotOpen(f, _), let .cannotWrite(f, _), let .notNPY(f), let .unsupportedVersion(f, _, _),
-             let .truncated(f, _), let .malformedHeader(f, _), let .unsupportedDType(f, _), let .fortranOrder(f),
-             let .sizeMismatch(f, _, _, _), let .tooLarge(f, _), let .wrongKind(f, _, _):
+        case .cannotOpen(let f, _), .cannotWrite(let f, _), .notNPY(let f), .unsupportedVersion(let f, _, _),
+            .truncated(let f, _), .malformedHeader(let f, _), .unsupportedDType(let f, _), .fortranOrder(let f),
+            .sizeMismatch(let f, _, _, _), .tooLarge(let f, _), .wrongKind(let f, _, _):
             return f
         }
     }
 
     public var description: String {
         switch self {
-        case let .cannotOpen(f, reason): return "\(f): cannot read: \(reason)"
-        case let .cannotWrite(f, reason): return "\(f): cannot write: \(reason)"
-        case let .notNPY(f): return "\(f): not a NumPy .npy file (missing \\x93NUMPY magic)"
-        case let .unsupportedVersion(f, major, minor): return "\(f): unsupported .npy format version \(major).\(minor) (supported: 1.0, 2.0, 3.0)"
-        case let .truncated(f, detail): return "\(f): file is truncated: \(detail)"
-        case let .malformedHeader(f, detail): return "\(f): malformed .npy header: \(detail)"
-        case let .unsupportedDType(f, dtype):
+        case .cannotOpen(let f, let reason): return "\(f): cannot read: \(reason)"
+        case .cannotWrite(let f, let reason): return "\(f): cannot write: \(reason)"
+        case .notNPY(let f): return "\(f): not a NumPy .npy file (missing \\x93NUMPY magic)"
+        case .unsupportedVersion(let f, let major, let minor):
+            return "\(f): unsupported .npy format version \(major).\(minor) (supported: 1.0, 2.0, 3.0)"
+        case .truncated(let f, let detail): return "\(f): file is truncated: \(detail)"
+        case .malformedHeader(let f, let detail): return "\(f): malformed .npy header: \(detail)"
+        case .unsupportedDType(let f, let dtype):
             return "\(f): unsupported dtype '\(dtype)' (supported: little-endian <f4, <f8, <f2, and |b1 for masks)"
-        case let .fortranOrder(f): return "\(f): Fortran-ordered arrays are not supported; save with np.ascontiguousarray"
-        case let .sizeMismatch(f, shape, expected, actual):
+        case .fortranOrder(let f):
+            return "\(f): Fortran-ordered arrays are not supported; save with np.ascontiguousarray"
+        case .sizeMismatch(let f, let shape, let expected, let actual):
             return "\(f): header says shape \(shape) (\(expected) data bytes) but the file holds \(actual) data bytes"
-        case let .tooLarge(f, shape): return "\(f): shape \(shape) is too large to address"
-        case let .wrongKind(f, expected, actual): return "\(f): expected \(expected) data, found \(actual)"
+        case .tooLarge(let f, let shape): return "\(f): shape \(shape) is too large to address"
+        case .wrongKind(let f, let expected, let actual): return "\(f): expected \(expected) data, found \(actual)"
         }
     }
 }

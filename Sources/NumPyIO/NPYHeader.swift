@@ -18,7 +18,10 @@ struct NPYHeader {
         try scanner.expect("{")
         while true {
             scanner.skipSpace()
-            if scanner.peek() == "}" { scanner.index += 1; break }
+            if scanner.peek() == "}" {
+                scanner.index += 1
+                break
+            }
             let key = try scanner.string()
             try scanner.expect(":")
             switch key {
@@ -28,7 +31,10 @@ struct NPYHeader {
             default: throw .malformedHeader(file: file, detail: "unexpected key '\(key)'")
             }
             scanner.skipSpace()
-            if scanner.peek() == "," { scanner.index += 1; continue }
+            if scanner.peek() == "," {
+                scanner.index += 1
+                continue
+            }
             try scanner.expect("}")
             break
         }
@@ -76,7 +82,9 @@ struct NPYHeader {
             while let c = peek(), c != quote {
                 out.append(c)
                 index += 1
-                guard out.count <= 64 else { throw .malformedHeader(file: file, detail: "string too long at offset \(index)") }
+                guard out.count <= 64 else {
+                    throw .malformedHeader(file: file, detail: "string too long at offset \(index)")
+                }
             }
             guard peek() == quote else { throw .malformedHeader(file: file, detail: "unterminated string") }
             index += 1
@@ -100,7 +108,10 @@ struct NPYHeader {
             var dims: [Int] = []
             while true {
                 skipSpace()
-                if peek() == ")" { index += 1; break }
+                if peek() == ")" {
+                    index += 1
+                    break
+                }
                 var value = 0
                 var digits = 0
                 while let c = peek(), let digit = Int(String(c)), c.isASCII {
@@ -113,11 +124,19 @@ struct NPYHeader {
                 }
                 // NumPy may write Python 2 longs as `3L`.
                 if peek() == "L" { index += 1 }
-                guard digits > 0 else { throw .malformedHeader(file: file, detail: "expected a non-negative integer in shape at offset \(index)") }
+                guard digits > 0 else {
+                    throw .malformedHeader(
+                        file: file, detail: "expected a non-negative integer in shape at offset \(index)")
+                }
                 dims.append(value)
-                guard dims.count <= NPYHeader.maxRank else { throw .malformedHeader(file: file, detail: "more than \(NPYHeader.maxRank) dimensions") }
+                guard dims.count <= NPYHeader.maxRank else {
+                    throw .malformedHeader(file: file, detail: "more than \(NPYHeader.maxRank) dimensions")
+                }
                 skipSpace()
-                if peek() == "," { index += 1; continue }
+                if peek() == "," {
+                    index += 1
+                    continue
+                }
                 try expect(")")
                 break
             }

@@ -15,7 +15,9 @@ extension BLASTiling: ExpressibleByArgument {
     /// "RxK", e.g. "128x512".
     public init?(argument: String) {
         let parts = argument.lowercased().split(separator: "x")
-        guard parts.count == 2, let rows = Int(parts[0]), let keys = Int(parts[1]), rows > 0, keys > 0 else { return nil }
+        guard parts.count == 2, let rows = Int(parts[0]), let keys = Int(parts[1]), rows > 0, keys > 0 else {
+            return nil
+        }
         self.init(queryRows: rows, keyBlock: keys)
     }
 }
@@ -25,8 +27,8 @@ extension AttentionWindow: ExpressibleByArgument {
     public init?(argument: String) {
         let parts = argument.split(separator: ",", omittingEmptySubsequences: false)
         guard parts.count == 2,
-              let left = Int(parts[0].trimmingCharacters(in: .whitespaces)),
-              let right = Int(parts[1].trimmingCharacters(in: .whitespaces))
+            let left = Int(parts[0].trimmingCharacters(in: .whitespaces)),
+            let right = Int(parts[1].trimmingCharacters(in: .whitespaces))
         else { return nil }
         self.init(left: left, right: right)
     }

@@ -16,15 +16,20 @@ struct BenchOptions: ParsableArguments {
         parsing: .upToNextOption,
         help: ArgumentHelp(
             "Backends, as separate words: all (naive, blas, every OpenCL device, and an auto row per shape) or "
-                + "some of naive, blas, opencl, opencl:N, auto. Default: all for bench, naive blas opencl for the report.",
+                + "some of naive, blas, opencl, opencl:N, auto. Default: all for bench, naive blas opencl for "
+                + "the report.",
             valueName: "backend"))
     var backend: [String] = []
-    @Option(parsing: .upToNextOption, help: ArgumentHelp("OpenCL device indices (default: every device).", valueName: "N"))
+    @Option(
+        parsing: .upToNextOption, help: ArgumentHelp("OpenCL device indices (default: every device).", valueName: "N"))
     var device: [String] = []
-    @Option(name: .customLong("repeat"), help: "Timed repetitions per cell (fewer when a cell would exceed its time budget).")
+    @Option(
+        name: .customLong("repeat"),
+        help: "Timed repetitions per cell (fewer when a cell would exceed its time budget).")
     var repetitions: Int = 5
     @Option(help: "Seconds of timed runs per cell at most (at least one run is made).") var cellBudget: Double = 2
-    @Option(help: "Skip a cell whose single run is estimated to exceed this many seconds.") var maxRunSeconds: Double = 20
+    @Option(help: "Skip a cell whose single run is estimated to exceed this many seconds.") var maxRunSeconds: Double =
+        20
 
     func validate() throws {
         if repetitions < 1 { throw ValidationError("--repeat must be >= 1") }
@@ -54,7 +59,10 @@ struct BenchOptions: ParsableArguments {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmark backends on the standard (or given) shapes.",
-        discussion: "Every cell: warm-up, timed repetitions, median and spread, GFLOP/s against the SGEMM roofline measured in the same run, K/V GB/s against memory bandwidth for decode shapes, peak extra memory, max error against the float64 reference of sampled rows."
+        discussion:
+            "Every cell: warm-up, timed repetitions, median and spread, GFLOP/s against the SGEMM roofline "
+            + "measured in the same run, K/V GB/s against memory bandwidth for decode shapes, peak extra "
+            + "memory, max error against the float64 reference of sampled rows."
     )
 
     @OptionGroup var options: BenchOptions
@@ -70,15 +78,18 @@ struct Bench: ParsableCommand {
             names: options.backendNames(default: ["all"]), devices: try options.deviceIndices(), roofline: roofline)
         let rows = runBench(shapes: shapes, backends: backends, options: options, roofline: roofline)
         print(renderTable(rows, roofline: roofline))
-        if let json { try writeJSON(BenchReport(machine: .current(roofline), results: rows, verification: nil), to: json) }
+        if let json {
+            try writeJSON(BenchReport(machine: .current(roofline), results: rows, verification: nil), to: json)
+        }
         if let csv { try writeCSV(rows, to: csv) }
         if let plot { try writeText(svgPlot(rows, roofline: roofline), to: plot) }
     }
 }
 
 func runBench(shapes: [ShapeSpec], backends: [BenchBackend], options: BenchOptions, roofline: Roofline) -> [BenchRow] {
-    let engine = BenchEngine(repetitions: options.repetitions, cellBudget: options.cellBudget,
-                             maxRunSeconds: options.maxRunSeconds, roofline: roofline)
+    let engine = BenchEngine(
+        repetitions: options.repetitions, cellBudget: options.cellBudget,
+        maxRunSeconds: options.maxRunSeconds, roofline: roofline)
     let progress = Progress(total: shapes.count)
     var rows: [BenchRow] = []
     for shape in shapes {
@@ -107,10 +118,12 @@ struct MachineReport: Codable {
 
     static func current(_ roofline: Roofline) -> MachineReport {
         var unavailable: String?
-        if case let .failure(reason) = OpenCLRuntime.devices { unavailable = reason.reason }
-        return MachineReport(cpu: CPUInfo.modelName ?? "unknown", logicalCores: CPUInfo.logicalCores, simd: CPUInfo.simdExtensions,
-                             cpuKernels: CPUInfo.kernelDescription, roofline: roofline, opencl: OpenCLRuntime.availableDevices.map(\.info), openclUnavailable: unavailable,
-                             date: ISO8601DateFormatter().string(from: Date()))
+        if case .failure(let reason) = OpenCLRuntime.devices { unavailable = reason.reason }
+        return MachineReport(
+            cpu: CPUInfo.modelName ?? "unknown", logicalCores: CPUInfo.logicalCores, simd: CPUInfo.simdExtensions,
+            cpuKernels: CPUInfo.kernelDescription, roofline: roofline,
+            opencl: OpenCLRuntime.availableDevices.map(\.info), openclUnavailable: unavailable,
+            date: ISO8601DateFormatter().string(from: Date()))
     }
 }
 
@@ -125,29 +138,43 @@ func renderTable(_ rows: [BenchRow], roofline: Roofline) -> String {
         var shape, backend, ms, gflops, roof, gbps, error, memory, pick, note: String
     }
     let lines = rows.map { r -> Line in
-        let ms = r.medianSeconds.map { format($0 * 1e3) + (r.repetitions > 1 ? " ±\(format(((r.maxSeconds ?? 0) - (r.minSeconds ?? 0)) * 500))" : "") } ?? "-"
-        return Line(shape: r.shape, backend: r.backendName, ms: ms, gflops: r.gflops.map(format) ?? "-",
-                    roof: r.rooflineFraction.map { format($0) } ?? "-",
-                    gbps: r.keyValueGBps.map { "\(format($0)) (\(format(r.bandwidthFraction ?? 0)))" } ?? "",
-                    error: r.maxAbsError.map { format($0) + (r.withinTolerance == false ? " FAIL" : "") } ?? "-",
-                    memory: r.peakExtraBytes.map { format(Double($0) / Double(1 << 20)) } ?? "-",
-                    pick: r.skipped == nil && r.dispatcherPick == r.backendName ? "*" : "",
-                    note: r.skipped.map { "skipped: " + ($0.count > 70 ? $0.prefix(67) + "..." : $0) } ?? (r.kernel ?? ""))
+        let ms =
+            r.medianSeconds.map {
+                format($0 * 1e3)
+                    + (r.repetitions > 1 ? " ±\(format(((r.maxSeconds ?? 0) - (r.minSeconds ?? 0)) * 500))" : "")
+            } ?? "-"
+        return Line(
+            shape: r.shape, backend: r.backendName, ms: ms, gflops: r.gflops.map(format) ?? "-",
+            roof: r.rooflineFraction.map { format($0) } ?? "-",
+            gbps: r.keyValueGBps.map { "\(format($0)) (\(format(r.bandwidthFraction ?? 0)))" } ?? "",
+            error: r.maxAbsError.map { format($0) + (r.withinTolerance == false ? " FAIL" : "") } ?? "-",
+            memory: r.peakExtraBytes.map { format(Double($0) / Double(1 << 20)) } ?? "-",
+            pick: r.skipped == nil && r.dispatcherPick == r.backendName ? "*" : "",
+            note: r.skipped.map { "skipped: " + ($0.count > 70 ? $0.prefix(67) + "..." : $0) } ?? (r.kernel ?? ""))
     }
     let table = TextTable<Line> {
-        [Column(title: "shape", value: $0.shape), Column(title: "backend/device", value: $0.backend),
-         Column(title: "median ms", value: $0.ms, align: .right), Column(title: "GFLOP/s", value: $0.gflops, align: .right),
-         Column(title: "x SGEMM", value: $0.roof, align: .right), Column(title: "K/V GB/s (x bw)", value: $0.gbps, align: .right),
-         Column(title: "max abs err", value: $0.error, align: .right), Column(title: "extra MiB", value: $0.memory, align: .right),
-         Column(title: "auto", value: $0.pick),
-         Column(title: "note", value: $0.note)]
+        [
+            Column(title: "shape", value: $0.shape), Column(title: "backend/device", value: $0.backend),
+            Column(title: "median ms", value: $0.ms, align: .right),
+            Column(title: "GFLOP/s", value: $0.gflops, align: .right),
+            Column(title: "x SGEMM", value: $0.roof, align: .right),
+            Column(title: "K/V GB/s (x bw)", value: $0.gbps, align: .right),
+            Column(title: "max abs err", value: $0.error, align: .right),
+            Column(title: "extra MiB", value: $0.memory, align: .right),
+            Column(title: "auto", value: $0.pick),
+            Column(title: "note", value: $0.note),
+        ]
     }
-    let header = "Roofline measured in this run: OpenBLAS SGEMM \(format(roofline.sgemmGFLOPS)) GFLOP/s (core \(roofline.openBLASCore)"
+    let header =
+        "Roofline measured in this run: OpenBLAS SGEMM \(format(roofline.sgemmGFLOPS)) GFLOP/s (core "
+        + "\(roofline.openBLASCore)"
         + (roofline.openBLASCoreTypeOverride.map { ", forced by OPENBLAS_CORETYPE=\($0)" } ?? "")
-        + "), memory read \(format(roofline.memoryReadGBps)) GB/s. auto: * marks the dispatcher's pick; extra MiB: peak resident memory added by a call."
+        + "), memory read \(format(roofline.memoryReadGBps)) GB/s. auto: * marks the dispatcher's pick; extra "
+        + "MiB: peak resident memory added by a call."
     var devices: [String] = []
-    for r in rows where r.backend == "opencl" && !devices.contains("\(r.backendName) = \(r.device)") { devices.append("\(r.backendName) = \(r.device)") }
+    for r in rows where r.backend == "opencl" && !devices.contains("\(r.backendName) = \(r.device)") {
+        devices.append("\(r.backendName) = \(r.device)")
+    }
     let legend = devices.isEmpty ? "" : "\n" + devices.joined(separator: "; ")
     return header + legend + "\n" + (table.string(for: lines) ?? "")
 }
-

@@ -47,30 +47,32 @@ struct BenchBackend {
 
     /// The row label and family ("blas"; "opencl:1" in "opencl"; "auto").
     var label: String {
-        if case let .backend(backend) = kind { return backend.name }
+        if case .backend(let backend) = kind { return backend.name }
         return "auto"
     }
     var family: String {
-        if case let .backend(backend) = kind { return backend.id.family }
+        if case .backend(let backend) = kind { return backend.id.family }
         return "auto"
     }
 
     func support(for problem: AttentionProblem) -> BackendSupport {
-        if case let .backend(backend) = kind { return backend.support(for: problem) }
+        if case .backend(let backend) = kind { return backend.support(for: problem) }
         return .supported  // the reference supports every valid problem; a forced backend throws from run
     }
 
     /// The kernel or path the backend takes, for the table's note.
     func path(for problem: AttentionProblem) -> String? {
-        guard case let .backend(backend) = kind else { return nil }
+        guard case .backend(let backend) = kind else { return nil }
         let path = backend.plan(for: problem).path
         return path.isEmpty ? nil : path
     }
 
     func run(_ problem: AttentionProblem, _ q: Tensor, _ k: Tensor, _ v: Tensor) throws -> AttentionResult {
         switch kind {
-        case let .backend(backend): return try backend.attention(problem, query: q, key: k, value: v)
-        case .auto: return try BackendSelection.select(.auto, for: problem).backend.attention(problem, query: q, key: k, value: v)
+        case .backend(let backend): return try backend.attention(problem, query: q, key: k, value: v)
+        case .auto:
+            return try BackendSelection.select(.auto, for: problem).backend.attention(
+                problem, query: q, key: k, value: v)
         }
     }
 
@@ -88,11 +90,15 @@ struct BenchBackend {
             switch try BackendID(parsing: name) {
             case .naive:
                 // The reference is for checking: only where a run takes a couple of seconds at most.
-                list.append(BenchBackend(kind: .backend(NaiveBackend()), device: cpu, expectedGFLOPS: 2, maxRunSeconds: 2))
+                list.append(
+                    BenchBackend(kind: .backend(NaiveBackend()), device: cpu, expectedGFLOPS: 2, maxRunSeconds: 2))
             case .blas:
-                list.append(BenchBackend(kind: .backend(BLASBackend()), device: cpu, expectedGFLOPS: 0.5 * roofline.sgemmGFLOPS))
-            case let .opencl(device):
-                let everyDevice = name.lowercased() == BackendID.opencl(device: 0).family  // "opencl" alone: all of them
+                list.append(
+                    BenchBackend(kind: .backend(BLASBackend()), device: cpu, expectedGFLOPS: 0.5 * roofline.sgemmGFLOPS)
+                )
+            case .opencl(let device):
+                // "opencl" alone: all of them.
+                let everyDevice = name.lowercased() == BackendID.opencl(device: 0).family
                 let indices = everyDevice ? devices ?? Array(OpenCLRuntime.availableDevices.indices) : [device]
                 // No OpenCL: one entry whose cells are skipped with the reason.
                 list += (indices.isEmpty ? [0] : indices).map { openCL(device: $0, roofline: roofline) }
@@ -124,8 +130,9 @@ struct BenchEngine {
     /// Every backend on one shape: a row each, skipped ones with the reason.
     func run(_ shape: ShapeSpec, on entries: [BenchBackend]) -> [BenchRow] {
         var rows = entries.map { entry in
-            BenchRow(shape: shape.name, shapeSummary: shape.summary, backend: entry.family, device: entry.device,
-                     repetitions: 0, dispatcherPick: "", backendName: entry.label)
+            BenchRow(
+                shape: shape.name, shapeSummary: shape.summary, backend: entry.family, device: entry.device,
+                repetitions: 0, dispatcherPick: "", backendName: entry.label)
         }
         let problem: AttentionProblem
         let inputs: (query: Tensor, key: Tensor, value: Tensor)
@@ -242,12 +249,15 @@ struct BenchEngine {
 
     /// Why a backend does not run this shape (unsupported, memory, time budget), or nil.
     private func skipReason(_ problem: AttentionProblem, _ entry: BenchBackend) -> String? {
-        if case let .unsupported(reason) = entry.support(for: problem) { return reason }
-        let inputBytes = 4 * (problem.queryShape.reduce(1, *) + problem.keyShape.reduce(1, *) + problem.valueShape.reduce(1, *)
-            + problem.outputShape.reduce(1, *))
+        if case .unsupported(let reason) = entry.support(for: problem) { return reason }
+        let inputBytes =
+            4
+            * (problem.queryShape.reduce(1, *) + problem.keyShape.reduce(1, *) + problem.valueShape.reduce(1, *)
+                + problem.outputShape.reduce(1, *))
         let physical = Int(ProcessInfo.processInfo.physicalMemory)
         if inputBytes > physical / 2 {
-            return "needs \(inputBytes >> 20) MiB of host memory, more than half of this machine's \(physical >> 20) MiB"
+            return
+                "needs \(inputBytes >> 20) MiB of host memory, more than half of this machine's \(physical >> 20) MiB"
         }
         if let expected = entry.expectedGFLOPS {
             let estimate = problem.flops / (expected * 1e9)

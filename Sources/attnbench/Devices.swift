@@ -42,8 +42,12 @@ struct Devices: ParsableCommand {
             model: CPUInfo.modelName ?? "unknown", logicalCores: CPUInfo.logicalCores, simd: CPUInfo.simdExtensions,
             kernels: try? CPUISA.resolve(.process).get().description,
             kernelsSupported: CPUISA.supported.map(\.description),
-            kernelsError: { if case let .failure(e) = CPUISA.resolve(.process) { return e.description }; return nil }(),
-            l2CacheBytes: CPUInfo.l2CacheBytes, openBLASCore: CPUInfo.openBLASCore, openBLASThreads: CPUInfo.openBLASThreads,
+            kernelsError: {
+                if case .failure(let e) = CPUISA.resolve(.process) { return e.description }
+                return nil
+            }(),
+            l2CacheBytes: CPUInfo.l2CacheBytes, openBLASCore: CPUInfo.openBLASCore,
+            openBLASThreads: CPUInfo.openBLASThreads,
             openBLASCoreTypeOverride: ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"])
         if measure {
             cpu.sgemmGFLOPS = MachineProbes.measureSGEMM()
@@ -51,8 +55,8 @@ struct Devices: ParsableCommand {
         }
         var report = Report(cpu: cpu, opencl: [], openclUnavailable: nil, dispatcherProfile: MachineProfile.process)
         switch OpenCLRuntime.devices {
-        case let .success(devices): report.opencl = devices.map(\.info)
-        case let .failure(reason): report.openclUnavailable = reason.reason
+        case .success(let devices): report.opencl = devices.map(\.info)
+        case .failure(let reason): report.openclUnavailable = reason.reason
         }
         if json {
             let encoder = JSONEncoder()
@@ -66,23 +70,41 @@ struct Devices: ParsableCommand {
         }
         for info in report.opencl { print(describe(info)) }
         let profile = report.dispatcherProfile
-        print("Dispatcher profile: \(profile.source)" + (profile.source.hasPrefix("measured") ? " (\(MachineProfile.fileURL()?.path ?? ""))" : "; run `attnbench tune` to measure this machine"))
+        print(
+            "Dispatcher profile: \(profile.source)"
+                + (profile.source.hasPrefix("measured")
+                    ? " (\(MachineProfile.fileURL()?.path ?? ""))" : "; run `attnbench tune` to measure this machine"))
         for b in profile.backends {
-            let g64 = b.gflops(headDim: 64, keyLength: 2048), g128 = b.gflops(headDim: 128, keyLength: 2048)
-            var line = "  \(b.backend): \(format(g64)) GFLOP/s at N=2k D64, \(format(g128)) at D128; decode \(format(b.decodeGBps.value(at: 32768))) GB/s; overhead \(format(b.overheadSeconds * 1e6)) us"
-            if let t = b.blasTilings { line += "; tilings " + t.map { "D\($0.headDim) \($0.value)" }.joined(separator: ", ") }
-            if let c = b.openclConfigs { line += "; kernels " + c.map { "D\($0.headDim) vec\($0.value.vectorWidth) rows\($0.value.rows) wg\($0.value.workGroup)" }.joined(separator: ", ") }
+            let g64 = b.gflops(headDim: 64, keyLength: 2048)
+            let g128 = b.gflops(headDim: 128, keyLength: 2048)
+            var line =
+                "  \(b.backend): \(format(g64)) GFLOP/s at N=2k D64, \(format(g128)) at D128; decode "
+                + "\(format(b.decodeGBps.value(at: 32768))) GB/s; overhead \(format(b.overheadSeconds * 1e6)) us"
+            if let t = b.blasTilings {
+                line += "; tilings " + t.map { "D\($0.headDim) \($0.value)" }.joined(separator: ", ")
+            }
+            if let c = b.openclConfigs {
+                line +=
+                    "; kernels "
+                    + c.map { "D\($0.headDim) vec\($0.value.vectorWidth) rows\($0.value.rows) wg\($0.value.workGroup)" }
+                    .joined(separator: ", ")
+            }
             print(line)
         }
     }
 
     private func describe(_ cpu: CPUReport) -> String {
-        var lines = ["CPU: \(cpu.model)",
-                     "  cores \(cpu.logicalCores), SIMD \(cpu.simd.joined(separator: " ")), L2 \(cpu.l2CacheBytes >> 10) KiB per core",
-                     "  CPU kernels: " + (cpu.kernels ?? "none (\(cpu.kernelsError ?? "unknown"))")
-                        + " (this machine runs: \(cpu.kernelsSupported.joined(separator: ", ")); "
-                        + "\(AttentionConfiguration.cpuISAVariable) forces a narrower one)",
-                     "  OpenBLAS core \(cpu.openBLASCore)\(cpu.openBLASCoreTypeOverride.map { " (forced by OPENBLAS_CORETYPE=\($0))" } ?? ""), \(cpu.openBLASThreads) threads"]
+        var lines = [
+            "CPU: \(cpu.model)",
+            "  cores \(cpu.logicalCores), SIMD \(cpu.simd.joined(separator: " ")), L2 "
+                + "\(cpu.l2CacheBytes >> 10) KiB per core",
+            "  CPU kernels: " + (cpu.kernels ?? "none (\(cpu.kernelsError ?? "unknown"))")
+                + " (this machine runs: \(cpu.kernelsSupported.joined(separator: ", ")); "
+                + "\(AttentionConfiguration.cpuISAVariable) forces a narrower one)",
+            "  OpenBLAS core \(cpu.openBLASCore)"
+                + (cpu.openBLASCoreTypeOverride.map { " (forced by OPENBLAS_CORETYPE=\($0))" } ?? "")
+                + ", \(cpu.openBLASThreads) threads",
+        ]
         if let sgemm = cpu.sgemmGFLOPS, let bandwidth = cpu.memoryReadGBps {
             lines.append("  roofline: SGEMM \(format(sgemm)) GFLOP/s, memory read \(format(bandwidth)) GB/s")
         }
@@ -92,11 +114,14 @@ struct Devices: ParsableCommand {
     private func describe(_ d: OpenCLDeviceInfo) -> String {
         let gib = { (bytes: UInt64) in format(Double(bytes) / Double(1 << 30)) + " GiB" }
         return """
-        OpenCL device \(d.index): \(d.name) [\(d.type)]
-          platform \(d.platformName) (\(d.platformVersion)), vendor \(d.vendor)
-          driver \(d.driverVersion), \(d.deviceVersion), \(d.openCLCVersion)
-          \(d.computeUnits) compute units @ \(d.clockMHz) MHz, global memory \(gib(d.globalMemoryBytes)) (max buffer \(gib(d.maxAllocationBytes))), local memory \(d.localMemoryBytes >> 10) KiB
-          max work-group \(d.maxWorkGroupSize), float vector width preferred \(d.preferredFloatVectorWidth) / native \(d.nativeFloatVectorWidth), cl_khr_fp16 \(d.supportsFP16 ? "yes" : "no"), subgroups \(d.supportsSubgroups ? "yes" : "no"), host-unified memory \(d.hostUnifiedMemory ? "yes" : "no")
-        """
+            OpenCL device \(d.index): \(d.name) [\(d.type)]
+              platform \(d.platformName) (\(d.platformVersion)), vendor \(d.vendor)
+              driver \(d.driverVersion), \(d.deviceVersion), \(d.openCLCVersion)
+              \(d.computeUnits) compute units @ \(d.clockMHz) MHz, global memory \(gib(d.globalMemoryBytes)) (max \
+              buffer \(gib(d.maxAllocationBytes))), local memory \(d.localMemoryBytes >> 10) KiB
+              max work-group \(d.maxWorkGroupSize), float vector width preferred \(d.preferredFloatVectorWidth) / \
+              native \(d.nativeFloatVectorWidth), cl_khr_fp16 \(d.supportsFP16 ? "yes" : "no"), subgroups \
+              \(d.supportsSubgroups ? "yes" : "no"), host-unified memory \(d.hostUnifiedMemory ? "yes" : "no")
+            """
     }
 }

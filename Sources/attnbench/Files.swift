@@ -20,8 +20,8 @@ func loadMask(_ path: String) throws -> AttentionMask {
     let array = try NPYArray.read(contentsOf: path)
     do {
         switch array.storage {
-        case let .bool(values): return try AttentionMask(shape: array.shape, allowed: values)
-        case let .float32(values): return try AttentionMask(shape: array.shape, additive: values)
+        case .bool(let values): return try AttentionMask(shape: array.shape, allowed: values)
+        case .float32(let values): return try AttentionMask(shape: array.shape, additive: values)
         }
     } catch {
         throw CLIError("\(path): \(error)")

@@ -10,8 +10,10 @@ struct Roofline: Codable {
     var openBLASCoreTypeOverride: String?
 
     static func measure() -> Roofline {
-        Roofline(sgemmGFLOPS: MachineProbes.measureSGEMM(), memoryReadGBps: MachineProbes.measureReadBandwidth(),
-                 openBLASCore: CPUInfo.openBLASCore, openBLASCoreTypeOverride: ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"])
+        Roofline(
+            sgemmGFLOPS: MachineProbes.measureSGEMM(), memoryReadGBps: MachineProbes.measureReadBandwidth(),
+            openBLASCore: CPUInfo.openBLASCore,
+            openBLASCoreTypeOverride: ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"])
     }
 }
 
@@ -30,8 +32,8 @@ enum PeakMemory {
     /// A `/proc/self/status` field in bytes.
     private static func status(_ field: String) -> Int? {
         guard let text = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
-              let line = text.split(separator: "\n").first(where: { $0.hasPrefix(field + ":") }),
-              let kib = Int(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "")
+            let line = text.split(separator: "\n").first(where: { $0.hasPrefix(field + ":") }),
+            let kib = Int(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "")
         else { return nil }
         return kib * 1024
     }

@@ -18,21 +18,33 @@ func writeJSON<T: Encodable>(_ value: T, to path: String) throws {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
     encoder.keyEncodingStrategy = .convertToSnakeCase
-    encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+    encoder.nonConformingFloatEncodingStrategy = .convertToString(
+        positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
     try writeData(try encoder.encode(value), to: path)
 }
 
 func writeCSV(_ rows: [BenchRow], to path: String) throws {
-    var text = "shape,backend,device,kernel,median_seconds,min_seconds,max_seconds,repetitions,gflops,roofline_fraction,kv_gbps,bandwidth_fraction,max_abs_error,nmse,peak_extra_bytes,dispatcher_pick,skipped\n"
+    let columns = [
+        "shape", "backend", "device", "kernel", "median_seconds", "min_seconds", "max_seconds", "repetitions", "gflops",
+        "roofline_fraction", "kv_gbps", "bandwidth_fraction", "max_abs_error", "nmse", "peak_extra_bytes",
+        "dispatcher_pick", "skipped",
+    ]
+    var text = columns.joined(separator: ",") + "\n"
     func field(_ s: String?) -> String {
         guard let s else { return "" }
         return s.contains(",") || s.contains("\"") ? "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\"" : s
     }
     func num(_ x: Double?) -> String { x.map { "\($0)" } ?? "" }
     for r in rows {
-        text += [field(r.shape), field(r.backend), field(r.device), field(r.kernel), num(r.medianSeconds), num(r.minSeconds), num(r.maxSeconds),
-                 "\(r.repetitions)", num(r.gflops), num(r.rooflineFraction), num(r.keyValueGBps), num(r.bandwidthFraction),
-                 num(r.maxAbsError), num(r.nmse), r.peakExtraBytes.map(String.init) ?? "", field(r.dispatcherPick), field(r.skipped)].joined(separator: ",") + "\n"
+        text +=
+            [
+                field(r.shape), field(r.backend), field(r.device), field(r.kernel), num(r.medianSeconds),
+                num(r.minSeconds), num(r.maxSeconds),
+                "\(r.repetitions)", num(r.gflops), num(r.rooflineFraction), num(r.keyValueGBps),
+                num(r.bandwidthFraction),
+                num(r.maxAbsError), num(r.nmse), r.peakExtraBytes.map(String.init) ?? "", field(r.dispatcherPick),
+                field(r.skipped),
+            ].joined(separator: ",") + "\n"
     }
     try writeText(text, to: path)
 }

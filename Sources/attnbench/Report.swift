@@ -9,7 +9,9 @@ struct Report: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "report",
         abstract: "Check and time every backend on every device (the default command).",
-        discussion: "Writes report.json, results.csv and throughput.svg to the results folder it names (default: results/<date-time>)."
+        discussion:
+            "Writes report.json, results.csv and throughput.svg to the results folder it names (default: "
+            + "results/<date-time>)."
     )
 
     @OptionGroup var options: BenchOptions
@@ -27,8 +29,12 @@ struct Report: ParsableCommand {
         let devices = OpenCLRuntime.availableDevices.map {
             "\(BackendID.opencl(device: $0.info.index)) \($0.info.name) [\($0.info.type)]"
         }
-        printError("attnbench: CPU \(CPUInfo.modelName ?? "unknown") (\(CPUInfo.logicalCores) cores, \(CPUInfo.simdExtensions.joined(separator: "/")), kernels \(CPUInfo.kernelDescription), OpenBLAS core \(CPUInfo.openBLASCore))")
-        if case let .failure(reason) = OpenCLRuntime.devices {
+        printError(
+            "attnbench: CPU \(CPUInfo.modelName ?? "unknown") (\(CPUInfo.logicalCores) cores, "
+                + "\(CPUInfo.simdExtensions.joined(separator: "/")), kernels \(CPUInfo.kernelDescription), "
+                + "OpenBLAS core \(CPUInfo.openBLASCore))"
+        )
+        if case .failure(let reason) = OpenCLRuntime.devices {
             printError("attnbench: OpenCL unavailable: \(reason)")
         } else {
             printError("attnbench: OpenCL devices: \(devices.joined(separator: "; "))")
@@ -57,7 +63,10 @@ struct Report: ParsableCommand {
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - started) / 1e9
         print("\nResults written to \(folder)/ (report.json, results.csv, throughput.svg) in \(format(seconds)) s.")
         if let verification, !verification.passed {
-            throw CLIError("verification failed: \(verification.failures) of \(verification.cells.count) cells (see \(folder)/report.json)")
+            throw CLIError(
+                "verification failed: \(verification.failures) of \(verification.cells.count) cells (see "
+                    + "\(folder)/report.json)"
+            )
         }
     }
 

@@ -8,10 +8,10 @@ struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Compute attention on .npy files.",
         discussion: """
-        Q [B, Hq, Nq, D], K [B, Hkv, Nk, D], V [B, Hkv, Nk, Dv] as .npy (<f4; <f8 and <f2 are converted).
-        The mask (optional) is |b1 (true = may attend) or float (added to scores), broadcastable to
-        [B, Hq, Nq, Nk]. Causal masking is bottom-right aligned: query i sees key j iff j <= i + Nk - Nq.
-        """
+            Q [B, Hq, Nq, D], K [B, Hkv, Nk, D], V [B, Hkv, Nk, Dv] as .npy (<f4; <f8 and <f2 are converted).
+            The mask (optional) is |b1 (true = may attend) or float (added to scores), broadcastable to
+            [B, Hq, Nq, Nk]. Causal masking is bottom-right aligned: query i sees key j iff j <= i + Nk - Nq.
+            """
     )
 
     @Option(name: .customLong("q"), help: "Query .npy file, [B, Hq, Nq, D].") var queryPath: String
@@ -20,24 +20,32 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("mask"), help: "Mask .npy file (bool or float), broadcastable to [B, Hq, Nq, Nk].")
     var maskPath: String?
     @Flag(help: "Bottom-right aligned causal masking.") var causal = false
-    @Option(help: ArgumentHelp("Sliding window L,R (-1 = unbounded side; write --window=-1,0 when L is negative).", valueName: "L,R"))
+    @Option(
+        help: ArgumentHelp(
+            "Sliding window L,R (-1 = unbounded side; write --window=-1,0 when L is negative).", valueName: "L,R"))
     var window: AttentionWindow?
     @Option(help: "Score scale (default 1/sqrt(D)).") var scale: Float?
     @Option(help: "Softcap c > 0: scores become c*tanh(s/c).") var softcap: Float?
     @Option(help: "Backend: auto, naive, blas, opencl or opencl:N.") var backend: BackendChoice = .auto
     @Option(help: "OpenCL device index with --backend opencl (see `attnbench devices`).") var device: Int?
-    @Option(help: ArgumentHelp("OpenCL kernel configuration, e.g. vec=16,rows=4,wg=4,local=0,decoderows=8,split=256 (omitted keys: the device table).",
-                               valueName: "k=v,..."))
+    @Option(
+        help: ArgumentHelp(
+            "OpenCL kernel configuration, e.g. vec=16,rows=4,wg=4,local=0,decoderows=8,split=256 (omitted "
+                + "keys: the device table).",
+            valueName: "k=v,..."))
     var kernelConfig: String?
     @Flag(help: "OpenCL: never use the split-KV decode kernel.") var noSplitKV = false
     @Flag(help: "OpenCL with --repeat: upload Q, K, V once and time device-resident calls (a KV cache on the device).")
     var resident = false
     @Option(name: .customLong("out"), help: "Output .npy file for O, [B, Hq, Nq, Dv].") var outPath: String
     @Option(name: .customLong("lse"), help: "Output .npy file for the log-sum-exp, [B, Hq, Nq].") var lsePath: String?
-    @Option(name: .customLong("repeat"), help: "Timed repetitions after a warm-up (0.2 s for short calls); prints median time and GFLOP/s to stderr.")
+    @Option(
+        name: .customLong("repeat"),
+        help: "Timed repetitions after a warm-up (0.2 s for short calls); prints median time and GFLOP/s to stderr.")
     var repetitions: Int?
     @Option(help: "Worker threads for the CPU backends (default: all cores).") var threads: Int?
-    @Option(help: ArgumentHelp("BLAS tiling: query rows x key block (default: from the tiling table).", valueName: "RxK"))
+    @Option(
+        help: ArgumentHelp("BLAS tiling: query rows x key block (default: from the tiling table).", valueName: "RxK"))
     var tiling: BLASTiling?
 
     func validate() throws {
@@ -56,7 +64,10 @@ struct Run: ParsableCommand {
         do {
             problem = try AttentionProblem(query: q.shape, key: k.shape, value: v.shape, options: options)
         } catch {
-            throw CLIError("\(error) (query: \(queryPath), key: \(keyPath), value: \(valuePath)\(maskPath.map { ", mask: \($0)" } ?? ""))")
+            throw CLIError(
+                "\(error) (query: \(queryPath), key: \(keyPath), value: "
+                    + "\(valuePath)\(maskPath.map { ", mask: \($0)" } ?? ""))"
+            )
         }
         let selection = try select(problem)
         let result = try selection.backend.attention(problem, query: q, key: k, value: v)
@@ -76,8 +87,9 @@ struct Run: ParsableCommand {
         var choice = backend
         if case .backend(.opencl) = backend, let device { choice = .opencl(device: device) }
         let selection = try BackendSelection.select(choice, for: problem, threads: threads, tiling: tiling)
-        guard case let .opencl(index) = selection.backend.id, kernelConfig != nil || noSplitKV else { return selection }
-        let config = try parseKernelConfig(kernelConfig ?? "", base: OpenCLBackend(device: index).kernelConfig(for: problem))
+        guard case .opencl(let index) = selection.backend.id, kernelConfig != nil || noSplitKV else { return selection }
+        let config = try parseKernelConfig(
+            kernelConfig ?? "", base: OpenCLBackend(device: index).kernelConfig(for: problem))
         let tuned = OpenCLBackend(device: index, config: config, allowSplitKV: !noSplitKV)
         let described = config.map { "\($0)" } ?? "table config"
         return BackendSelection(
@@ -94,7 +106,7 @@ struct Run: ParsableCommand {
                 _ = try backend.attention(problem, query: q, key: k, value: v)
             }
         }
-        guard case let .opencl(index) = backend.id else { throw CLIError("--resident needs --backend opencl") }
+        guard case .opencl(let index) = backend.id else { throw CLIError("--resident needs --backend opencl") }
         let opencl = OpenCLBackend(device: index)
         let (dq, dk, dv) = (try opencl.upload(q), try opencl.upload(k), try opencl.upload(v))
         return try timeCalls(repetitions: repetitions, budget: .infinity) {
@@ -110,14 +122,16 @@ struct Run: ParsableCommand {
         let median = times[times.count / 2]
         let gflops = problem.flops / median / 1e9
         let sgemm = MachineProbes.measureSGEMM()
-        var line = "\(backend.name): median \(format(median * 1e3)) ms over \(repetitions) runs "
+        var line =
+            "\(backend.name): median \(format(median * 1e3)) ms over \(repetitions) runs "
             + "(min \(format((times.first ?? 0) * 1e3)), max \(format((times.last ?? 0) * 1e3))), "
             + "\(format(gflops)) GFLOP/s = \(format(gflops / sgemm)) x SGEMM (\(format(sgemm)) GFLOP/s measured now, "
             + "OpenBLAS core \(CPUInfo.openBLASCore)\(coreTypeNote))"
         if problem.regime == .decodeLike {
             let bandwidth = MachineProbes.measureReadBandwidth()
             let rate = problem.keyValueBytes / median / 1e9
-            line += ", K/V read \(format(rate)) GB/s = \(format(rate / bandwidth)) x memory read bandwidth "
+            line +=
+                ", K/V read \(format(rate)) GB/s = \(format(rate / bandwidth)) x memory read bandwidth "
                 + "(\(format(bandwidth)) GB/s measured now)"
         }
         return line
@@ -127,7 +141,9 @@ struct Run: ParsableCommand {
         guard var config = base else { return nil }
         for item in text.split(separator: ",") where !item.isEmpty {
             let parts = item.split(separator: "=")
-            guard parts.count == 2, let value = Int(parts[1]) else { throw CLIError("--kernel-config: cannot read '\(item)'") }
+            guard parts.count == 2, let value = Int(parts[1]) else {
+                throw CLIError("--kernel-config: cannot read '\(item)'")
+            }
             switch parts[0].lowercased() {
             case "vec":
                 guard [4, 8, 16].contains(value) else { throw CLIError("--kernel-config: vec must be 4, 8 or 16") }
@@ -137,7 +153,8 @@ struct Run: ParsableCommand {
             case "local": config.useLocalMemory = value != 0
             case "decoderows": config.decodeRows = max(1, value)
             case "split": config.minKeysPerSplit = max(16, value)
-            default: throw CLIError("--kernel-config: unknown key '\(parts[0])' (vec, rows, wg, local, decoderows, split)")
+            default:
+                throw CLIError("--kernel-config: unknown key '\(parts[0])' (vec, rows, wg, local, decoderows, split)")
             }
         }
         return config
@@ -147,4 +164,3 @@ struct Run: ParsableCommand {
         ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"].map { ", forced by OPENBLAS_CORETYPE=\($0)" } ?? ""
     }
 }
-

@@ -10,8 +10,17 @@ func svgPlot(_ rows: [BenchRow], roofline: Roofline) -> String {
 }
 
 private struct ThroughputPlot {
-    struct Point { var n: Int; var gflops: Double; var label: String }
-    struct Series { var backend: String; var family: String; var causal: Bool; var points: [Point] }
+    struct Point {
+        var n: Int
+        var gflops: Double
+        var label: String
+    }
+    struct Series {
+        var backend: String
+        var family: String
+        var causal: Bool
+        var points: [Point]
+    }
 
     static let colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     let width = 980.0, height = 580.0
@@ -73,7 +82,8 @@ private struct ThroughputPlot {
             <svg xmlns="http://www.w3.org/2000/svg" width="\(Int(width))" height="\(Int(height))" \
             viewBox="0 0 \(Int(width)) \(Int(height))" font-family="Helvetica, Arial, sans-serif" font-size="13">
             <rect width="100%" height="100%" fill="white"/>
-            <text x="\(left)" y="28" font-size="17" font-weight="bold">Attention throughput vs sequence length (fp32)</text>
+            <text x="\(left)" y="28" font-size="17" font-weight="bold">Attention throughput vs sequence length \
+            (fp32)</text>
             <text x="\(left)" y="47" fill="#555">\(xml(machine)); roofline measured in the same run</text>
 
             """
@@ -83,22 +93,27 @@ private struct ThroughputPlot {
         func tickLabel(_ v: Double) -> String { v == v.rounded() ? String(Int(v)) : format(v) }
         var svg = ""
         for tick in niceTicks(max: yMax) {
-            svg += "<line x1=\"\(left)\" y1=\"\(y(tick))\" x2=\"\(left + plotW)\" y2=\"\(y(tick))\" stroke=\"#e5e5e5\"/>\n"
+            svg +=
+                "<line x1=\"\(left)\" y1=\"\(y(tick))\" x2=\"\(left + plotW)\" y2=\"\(y(tick))\" stroke=\"#e5e5e5\"/>\n"
             svg += "<text x=\"\(left - 8)\" y=\"\(y(tick) + 4)\" text-anchor=\"end\">\(tickLabel(tick))</text>\n"
         }
         for n in lengths {
             let label = n >= 1024 ? "\(n / 1024)k" : "\(n)"
-            svg += "<line x1=\"\(x(n))\" y1=\"\(top + plotH)\" x2=\"\(x(n))\" y2=\"\(top + plotH + 5)\" stroke=\"black\"/>\n"
+            svg +=
+                "<line x1=\"\(x(n))\" y1=\"\(top + plotH)\" x2=\"\(x(n))\" y2=\"\(top + plotH + 5)\" "
+                + "stroke=\"black\"/>\n"
             svg += "<text x=\"\(x(n))\" y=\"\(top + plotH + 20)\" text-anchor=\"middle\">\(label)</text>\n"
         }
         let sgemm = roofline.sgemmGFLOPS
         return svg + """
             <line x1="\(left)" y1="\(top)" x2="\(left)" y2="\(top + plotH)" stroke="black"/>
             <line x1="\(left)" y1="\(top + plotH)" x2="\(left + plotW)" y2="\(top + plotH)" stroke="black"/>
-            <text x="\(left + plotW / 2)" y="\(height - 22)" text-anchor="middle">sequence length N (keys), log scale</text>
+            <text x="\(left + plotW / 2)" y="\(height - 22)" text-anchor="middle">sequence length N (keys), log \
+            scale</text>
             <text transform="translate(22 \(top + plotH / 2)) rotate(-90)" text-anchor="middle">\
             GFLOP/s (causal counts half the FLOPs)</text>
-            <line x1="\(left)" y1="\(y(sgemm))" x2="\(left + plotW)" y2="\(y(sgemm))" stroke="black" stroke-width="1.5" \
+            <line x1="\(left)" y1="\(y(sgemm))" x2="\(left + plotW)" y2="\(y(sgemm))" stroke="black" \
+            stroke-width="1.5" \
             stroke-dasharray="2 4"/>
             <text x="\(left + 6)" y="\(y(sgemm) - 6)">roofline: OpenBLAS SGEMM \(format(sgemm)) GFLOP/s \
             (core \(xml(roofline.openBLASCore)))</text>
@@ -120,7 +135,8 @@ private struct ThroughputPlot {
                 svg += "<polyline points=\"\(path)\" fill=\"none\" stroke=\"\(color)\" stroke-width=\"2.2\"\(dash)/>\n"
             }
             for p in points {
-                svg += "<circle cx=\"\(x(p.n))\" cy=\"\(y(p.gflops))\" r=\"4\" fill=\"\(color)\">"
+                svg +=
+                    "<circle cx=\"\(x(p.n))\" cy=\"\(y(p.gflops))\" r=\"4\" fill=\"\(color)\">"
                     + "<title>\(xml(p.label))</title></circle>\n"
             }
             // Name each family once, next to its last point on the fastest backend's line.
@@ -128,7 +144,8 @@ private struct ThroughputPlot {
             let best = series.filter { $0.family == s.family }.max { peak($0) < peak($1) }
             if let last = points.last, best?.backend == s.backend, !labelled.contains(s.family) {
                 labelled.insert(s.family)
-                svg += "<text x=\"\(x(last.n) + 7)\" y=\"\(y(last.gflops) - 7)\" fill=\"#333\" font-size=\"11\">"
+                svg +=
+                    "<text x=\"\(x(last.n) + 7)\" y=\"\(y(last.gflops) - 7)\" fill=\"#333\" font-size=\"11\">"
                     + "\(xml(s.family))</text>\n"
             }
         }

@@ -9,10 +9,10 @@ struct Tune: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure every backend on this machine and store the dispatcher's profile.",
         discussion: """
-        Per backend and device: the best block sizes for head dimensions 64 and 128, GFLOP/s against sequence \
-        length, decode K/V bandwidth, and per-call overhead. The profile is written to the cache folder \
-        (~/.cache/attentionkit/profile.json) and used automatically by every later process on this machine.
-        """
+            Per backend and device: the best block sizes for head dimensions 64 and 128, GFLOP/s against sequence \
+            length, decode K/V bandwidth, and per-call overhead. The profile is written to the cache folder \
+            (~/.cache/attentionkit/profile.json) and used automatically by every later process on this machine.
+            """
     )
 
     @Flag(help: "Fewer measurement points (about half the time).") var quick = false
@@ -27,7 +27,9 @@ struct Tune: ParsableCommand {
             measured.append(try tuneBackend(base, progress: progress))
         }
         // The naive reference: one point is enough (it is flat and never a contender).
-        guard var naive = defaults.profile(for: .naive) else { throw CLIError("the built-in profile lacks the naive backend") }
+        guard var naive = defaults.profile(for: .naive) else {
+            throw CLIError("the built-in profile lacks the naive backend")
+        }
         let gflops = try measureGFLOPS(NaiveBackend(), shape: .make("t", hq: 2, nq: 256, d: 64), repetitions: 2)
         naive.gflops = [.init(headDim: 64, curve: ThroughputCurve([(1, gflops)]))]
         naive.decodeGBps = ThroughputCurve([(1, gflops / 2)])
@@ -36,12 +38,16 @@ struct Tune: ParsableCommand {
         measured.insert(naive, at: 0)
 
         let formatter = ISO8601DateFormatter()
-        let profile = MachineProfile(identity: MachineProfile.identity(),
-                                     source: "measured by attnbench tune on \(formatter.string(from: Date()))", backends: measured)
+        let profile = MachineProfile(
+            identity: MachineProfile.identity(),
+            source: "measured by attnbench tune on \(formatter.string(from: Date()))", backends: measured)
         print(describe(profile))
         if !dryRun {
             try profile.save()
-            print("\nprofile written to \(MachineProfile.fileURL()?.path ?? "?"); used by every later attnbench and AttentionKit process on this machine")
+            print(
+                "\nprofile written to \(MachineProfile.fileURL()?.path ?? "?"); used by every later attnbench "
+                    + "and AttentionKit process on this machine"
+            )
         }
     }
 
@@ -77,25 +83,40 @@ struct Tune: ParsableCommand {
         let lines = profile.backends.map { b -> Line in
             func curve(_ d: Int) -> String {
                 guard let c = b.gflops.first(where: { $0.headDim == d })?.curve else { return "-" }
-                return c.points.map { "\($0.keyLength >= 1024 ? "\($0.keyLength / 1024)k" : "\($0.keyLength)"):\(format($0.value))" }.joined(separator: " ")
+                return c.points.map {
+                    "\($0.keyLength >= 1024 ? "\($0.keyLength / 1024)k" : "\($0.keyLength)"):\(format($0.value))"
+                }.joined(separator: " ")
             }
-            let blocks = (b.blasTilings?.map { "D\($0.headDim) \($0.value)" } ?? [])
-                + (b.openclConfigs?.map { "D\($0.headDim) vec\($0.value.vectorWidth) rows\($0.value.rows) wg\($0.value.workGroup)\($0.value.useLocalMemory ? " local" : "")" } ?? [])
-            return Line(backend: b.backend.description, blocks: blocks.joined(separator: ", "), d64: curve(64), d128: curve(128),
-                        decode: b.decodeGBps.points.map { "\($0.keyLength >= 1024 ? "\($0.keyLength / 1024)k" : "\($0.keyLength)"):\(format($0.value))" }.joined(separator: " "),
-                        overhead: format(b.overheadSeconds * 1e6))
+            let blocks =
+                (b.blasTilings?.map { "D\($0.headDim) \($0.value)" } ?? [])
+                + (b.openclConfigs?.map {
+                    "D\($0.headDim) vec\($0.value.vectorWidth) rows\($0.value.rows) "
+                        + "wg\($0.value.workGroup)\($0.value.useLocalMemory ? " local" : "")"
+                } ?? [])
+            return Line(
+                backend: b.backend.description, blocks: blocks.joined(separator: ", "), d64: curve(64),
+                d128: curve(128),
+                decode: b.decodeGBps.points.map {
+                    "\($0.keyLength >= 1024 ? "\($0.keyLength / 1024)k" : "\($0.keyLength)"):\(format($0.value))"
+                }.joined(separator: " "),
+                overhead: format(b.overheadSeconds * 1e6))
         }
         let table = TextTable<Line> {
-            [Column(title: "backend", value: $0.backend), Column(title: "block sizes", value: $0.blocks),
-             Column(title: "GFLOP/s by N, D64", value: $0.d64), Column(title: "GFLOP/s by N, D128", value: $0.d128),
-             Column(title: "decode GB/s by Nk", value: $0.decode), Column(title: "overhead us", value: $0.overhead, align: .right)]
+            [
+                Column(title: "backend", value: $0.backend), Column(title: "block sizes", value: $0.blocks),
+                Column(title: "GFLOP/s by N, D64", value: $0.d64), Column(title: "GFLOP/s by N, D128", value: $0.d128),
+                Column(title: "decode GB/s by Nk", value: $0.decode),
+                Column(title: "overhead us", value: $0.overhead, align: .right),
+            ]
         }
         var text = "Profile (\(profile.source)):\n" + (table.string(for: lines) ?? "")
         // Crossovers the profile implies on the standard shapes.
         let dispatcher = Dispatcher(profile: profile)
         var picks: [String] = []
         for shape in ShapeSpec.standard {
-            if let problem = try? shape.problem() { picks.append("\(shape.name) -> \(dispatcher.decide(problem).winner.backend)") }
+            if let problem = try? shape.problem() {
+                picks.append("\(shape.name) -> \(dispatcher.decide(problem).winner.backend)")
+            }
         }
         text += "\n\ndispatcher picks: " + picks.joined(separator: ", ")
         // Crossovers: where the estimated winner changes as the sequence grows.
@@ -114,7 +135,8 @@ struct Tune: ParsableCommand {
             if let current { segments.append("\(current.winner) from N = \(current.from)") }
             return "\(label): " + segments.joined(separator: ", ")
         }
-        text += "\ncrossovers (" + "estimated):\n  "
+        text +=
+            "\ncrossovers (" + "estimated):\n  "
             + crossovers("prefill B1 H8 D64", { .make("p", hq: 8, nq: $0, d: 64) }) + "\n  "
             + crossovers("causal B1 H8 D64", { .make("c", hq: 8, nq: $0, d: 64, causal: true) }) + "\n  "
             + crossovers("decode B1 Hq32 Hkv8 Nq1 D128, by Nk", { .make("d", hq: 32, hkv: 8, nq: 1, nk: $0, d: 128) })
@@ -144,7 +166,7 @@ private struct BackendTuner {
     let quick: Bool
 
     var device: Int? {
-        if case let .opencl(device) = id { return device }
+        if case .opencl(let device) = id { return device }
         return nil
     }
 
@@ -161,7 +183,8 @@ private struct BackendTuner {
         let causalProbe = ShapeSpec.make("probe-causal", hq: 8, nq: 1024, d: d, causal: true)
         let flops = try probe.problem().flops + causalProbe.problem().flops
         func score(_ backend: any AttentionBackend) throws -> Double {
-            let seconds = try measureSeconds(backend, shape: probe, repetitions: 3)
+            let seconds =
+                try measureSeconds(backend, shape: probe, repetitions: 3)
                 + measureSeconds(backend, shape: causalProbe, repetitions: 3)
             return flops / seconds / 1e9
         }
@@ -172,9 +195,12 @@ private struct BackendTuner {
             let scored = try candidates.map { ($0, try score(BLASBackend(tiling: $0))) }
             return (scored.max { $0.1 < $1.1 }?.0, nil)
         }
-        guard let table = OpenCLBackend(device: device).kernelConfig(for: try probe.problem()) else { return (nil, nil) }
+        guard let table = OpenCLBackend(device: device).kernelConfig(for: try probe.problem()) else {
+            return (nil, nil)
+        }
         let gpu = OpenCLRuntime.availableDevices[device].info.isGPU
-        let shapes = gpu
+        let shapes =
+            gpu
             ? [(4, 2, 64, true), (4, 4, 64, true), (8, 2, 64, true), (4, 2, 128, true), (4, 2, 64, false)]
             : [(16, 4, 4, false), (16, 6, 4, false), (16, 8, 4, false), (16, 4, 1, false), (8, 8, 4, false)]
         let variants = shapes.map { vec, rows, group, local in
@@ -194,7 +220,8 @@ private struct BackendTuner {
         var points: [(Int, Double)] = []
         for n in quick ? [128, 1024, 4096] : [128, 512, 1024, 4096] {
             let heads = n >= 4096 ? 4 : (n <= 128 ? 32 : 8)
-            points.append((n, try measureGFLOPS(backend, shape: .make("n\(n)", hq: heads, nq: n, d: d), repetitions: 3)))
+            points.append(
+                (n, try measureGFLOPS(backend, shape: .make("n\(n)", hq: heads, nq: n, d: d), repetitions: 3)))
             if !quick || n == 4096 { progress.step("\(id) D\(d) N\(n)") }
         }
         return ThroughputCurve(points)

@@ -26,12 +26,13 @@ struct Verify: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Check every backend on every device against the float64 reference.",
         discussion: """
-        A grid of shapes and features (odd sizes, GQA/MQA, Nq != Nk, causal, window, bool and float masks with \
-        fully masked rows, softcap, custom scale, large logits) plus seeded random problems. Each cell checks the \
-        tolerance |o - ref| <= 3e-4 + 2e-5 |ref| and the log-sum-exp, NaN where the reference has none, that inputs \
-        padded with NaN past their end give bitwise the same output (no out-of-bounds reads), and that two runs \
-        are bitwise equal. Exits non-zero on any failure.
-        """
+            A grid of shapes and features (odd sizes, GQA/MQA, Nq != Nk, causal, window, bool and float masks with \
+            fully masked rows, softcap, custom scale, large logits) plus seeded random problems. Each cell checks the \
+            tolerance |o - ref| <= 3e-4 + 2e-5 |ref| and the log-sum-exp, NaN where the reference has none, that \
+            inputs \
+            padded with NaN past their end give bitwise the same output (no out-of-bounds reads), and that two runs \
+            are bitwise equal. Exits non-zero on any failure.
+            """
     )
 
     @Flag(help: "A smaller grid (seconds instead of a minute).") var quick = false
@@ -94,15 +95,24 @@ func renderVerification(_ report: VerifyReport) -> String {
     let lines = order.map { key -> Line in
         let cells = groups[key]!
         let failed = cells.filter { !$0.failures.isEmpty }
-        return Line(backend: cells[0].backend, device: cells[0].device, cells: "\(cells.count)",
-                    worstAbs: format(cells.map(\.maxAbsError).max() ?? 0), worstNMSE: format(cells.map(\.nmse).max() ?? 0),
-                    result: failed.isEmpty ? "pass" : "FAIL: " + failed.prefix(3).map { "\($0.problem): \($0.failures.joined(separator: "; "))" }.joined(separator: " | "))
+        return Line(
+            backend: cells[0].backend, device: cells[0].device, cells: "\(cells.count)",
+            worstAbs: format(cells.map(\.maxAbsError).max() ?? 0), worstNMSE: format(cells.map(\.nmse).max() ?? 0),
+            result: failed.isEmpty
+                ? "pass"
+                : "FAIL: "
+                    + failed.prefix(3).map { "\($0.problem): \($0.failures.joined(separator: "; "))" }.joined(
+                        separator: " | "))
     }
     let table = TextTable<Line> {
-        [Column(title: "backend", value: $0.backend), Column(title: "device", value: $0.device),
-         Column(title: "problems", value: $0.cells, align: .right), Column(title: "worst max abs err", value: $0.worstAbs, align: .right),
-         Column(title: "worst NMSE", value: $0.worstNMSE, align: .right), Column(title: "result", value: $0.result)]
+        [
+            Column(title: "backend", value: $0.backend), Column(title: "device", value: $0.device),
+            Column(title: "problems", value: $0.cells, align: .right),
+            Column(title: "worst max abs err", value: $0.worstAbs, align: .right),
+            Column(title: "worst NMSE", value: $0.worstNMSE, align: .right), Column(title: "result", value: $0.result),
+        ]
     }
-    return "Verification against the float64 reference (tolerance 3e-4 + 2e-5|ref|, LSE, NaN, NaN-padding, determinism):\n"
+    return
+        "Verification against the float64 reference (tolerance 3e-4 + 2e-5|ref|, LSE, NaN, NaN-padding, determinism):\n"
         + (table.string(for: lines) ?? "")
 }

@@ -23,10 +23,12 @@ import Testing
 
     @Test func fullyMaskedRowsAreExactlyZero() throws {
         // Rows 0..<3 see nothing through the mask; row 3 sees everything.
-        let nq = 4, nk = 50
+        let nq = 4
+        let nk = 50
         let allowed = (0..<(nq * nk)).map { $0 / nk == 3 }
-        let c = ParityCase(batch: 1, heads: (2, 1), nq: nq, nk: nk, d: 8, dv: 8,
-                           options: .init(mask: try AttentionMask(shape: [nq, nk], allowed: allowed)))
+        let c = ParityCase(
+            batch: 1, heads: (2, 1), nq: nq, nk: nk, d: 8, dv: 8,
+            options: .init(mask: try AttentionMask(shape: [nq, nk], allowed: allowed)))
         let r = try expectParity(blas, c)
         for h in 0..<2 {
             for i in 0..<3 {
@@ -35,20 +37,30 @@ import Testing
             }
         }
         // An empty window on every row: all zero, no NaN.
-        let none = ParityCase(batch: 1, heads: (1, 1), nq: 5, nk: 5, d: 4, dv: 4,
-                              options: .init(causal: true, window: .init(left: -1, right: 0), mask: try AttentionMask(shape: [5, 5], additive: Array(repeating: -.infinity, count: 25))))
+        let none = ParityCase(
+            batch: 1, heads: (1, 1), nq: 5, nk: 5, d: 4, dv: 4,
+            options: .init(
+                causal: true, window: .init(left: -1, right: 0),
+                mask: try AttentionMask(shape: [5, 5], additive: Array(repeating: -.infinity, count: 25))))
         let z = try expectParity(blas, none)
         #expect(z.output.storage.allSatisfy { $0 == 0 })
     }
 
-    @Test(arguments: [BLASTiling(queryRows: 1, keyBlock: 16), BLASTiling(queryRows: 7, keyBlock: 48),
-                      BLASTiling(queryRows: 300, keyBlock: 2048), BLASTiling(queryRows: 64, keyBlock: 33)])
+    @Test(arguments: [
+        BLASTiling(queryRows: 1, keyBlock: 16), BLASTiling(queryRows: 7, keyBlock: 48),
+        BLASTiling(queryRows: 300, keyBlock: 2048), BLASTiling(queryRows: 64, keyBlock: 33),
+    ])
     func anyTilingGivesTheSameContract(_ tiling: BLASTiling) throws {
         let backend = BLASBackend(tiling: tiling)
-        for c in [ParityCase(batch: 2, heads: (8, 2), nq: 130, nk: 777, d: 80, dv: 64, options: .init(causal: true, window: .init(left: 100, right: 2))),
-                  ParityCase(batch: 1, heads: (4, 1), nq: 3, nk: 300, d: 64, dv: 64, options: .init(softcap: 10)),
-                  ParityCase(batch: 1, heads: (2, 2), nq: 65, nk: 65, d: 32, dv: 32,
-                             options: .init(mask: try AttentionMask(shape: [65, 65], allowed: (0..<4225).map { $0 % 3 != 0 })))] {
+        for c in [
+            ParityCase(
+                batch: 2, heads: (8, 2), nq: 130, nk: 777, d: 80, dv: 64,
+                options: .init(causal: true, window: .init(left: 100, right: 2))),
+            ParityCase(batch: 1, heads: (4, 1), nq: 3, nk: 300, d: 64, dv: 64, options: .init(softcap: 10)),
+            ParityCase(
+                batch: 1, heads: (2, 2), nq: 65, nk: 65, d: 32, dv: 32,
+                options: .init(mask: try AttentionMask(shape: [65, 65], allowed: (0..<4225).map { $0 % 3 != 0 }))),
+        ] {
             try expectParity(backend, c)
         }
     }
@@ -56,7 +68,9 @@ import Testing
 
 /// Robustness: poisoned rows stay contained, results are reproducible, buffers are not over-read.
 @Suite struct BLASRobustness {
-    let c = ParityCase(batch: 2, heads: (8, 2), nq: 77, nk: 300, d: 64, dv: 48, options: .init(causal: true, window: .init(left: 90, right: 4)))
+    let c = ParityCase(
+        batch: 2, heads: (8, 2), nq: 77, nk: 300, d: 64, dv: 48,
+        options: .init(causal: true, window: .init(left: 90, right: 4)))
 
     @Test func naNInOneQueryRowLeavesOtherRowsBitwiseUnchanged() throws {
         var (q, k, v) = try c.inputs()
@@ -66,10 +80,10 @@ import Testing
         let dirty = try blas.attention(query: q, key: k, value: v, options: c.options)
         let poisonedRow = (1 * 8 + 3) * 77 + 40
         for row in 0..<clean.logSumExp.count {
-            let a = clean.output.storage[row * 48 ..< (row + 1) * 48].map(\.bitPattern)
-            let b = dirty.output.storage[row * 48 ..< (row + 1) * 48].map(\.bitPattern)
+            let a = clean.output.storage[row * 48..<(row + 1) * 48].map(\.bitPattern)
+            let b = dirty.output.storage[row * 48..<(row + 1) * 48].map(\.bitPattern)
             if row == poisonedRow {
-                #expect(dirty.output.storage[row * 48 ..< (row + 1) * 48].allSatisfy { $0.isNaN })
+                #expect(dirty.output.storage[row * 48..<(row + 1) * 48].allSatisfy { $0.isNaN })
             } else {
                 #expect(a == b, "row \(row) changed")
                 #expect(clean.logSumExp.storage[row].bitPattern == dirty.logSumExp.storage[row].bitPattern)
@@ -79,7 +93,9 @@ import Testing
 
     @Test func repeatedRunsAndThreadCountsAreBitwiseEqual() throws {
         let (q, k, v) = try c.inputs()
-        let runs = try [BLASBackend(threads: 2), BLASBackend(threads: 2), BLASBackend(threads: 1), BLASBackend(threads: 3)].map {
+        let runs = try [
+            BLASBackend(threads: 2), BLASBackend(threads: 2), BLASBackend(threads: 1), BLASBackend(threads: 3),
+        ].map {
             try $0.attention(query: q, key: k, value: v, options: c.options)
         }
         for r in runs.dropFirst() {
@@ -98,10 +114,11 @@ import Testing
             let tiling = BLASTiling.default(headDim: 64, valueDim: 64, queryLength: nq)
             var seen = [Int](repeating: 0, count: 2 * q * nq)
             for item in WorkItem.plan(p, tiling: tiling, threads: 2) {
-                #expect(item.headCount >= 1 && item.head / p.groupSize == (item.head + item.headCount - 1) / p.groupSize)
+                #expect(
+                    item.headCount >= 1 && item.head / p.groupSize == (item.head + item.headCount - 1) / p.groupSize)
                 #expect(item.rows <= tiling.queryRows)
-                for h in item.head ..< item.head + item.headCount {
-                    for i in item.queryStart ..< item.queryEnd { seen[(item.batch * q + h) * nq + i] += 1 }
+                for h in item.head..<item.head + item.headCount {
+                    for i in item.queryStart..<item.queryEnd { seen[(item.batch * q + h) * nq + i] += 1 }
                 }
             }
             #expect(seen.allSatisfy { $0 == 1 })
@@ -124,7 +141,9 @@ import Testing
     @Test(arguments: CPUISA.supported)
     func expEdgeCases(_ isa: CPUISA) throws {
         // 16 lanes plus a 3-element tail, which goes through the padded path.
-        let e = try CPUKernels(isa: isa).exp([-.infinity, -1000, -87.4, .nan, 0, 89, .infinity, -0.0, 1, 2, 3, 4, 5, 6, 7, 8, .nan, 0, -.infinity])
+        let e = try CPUKernels(isa: isa).exp([
+            -.infinity, -1000, -87.4, .nan, 0, 89, .infinity, -0.0, 1, 2, 3, 4, 5, 6, 7, 8, .nan, 0, -.infinity,
+        ])
         #expect(e[0] == 0 && e[1] == 0 && e[2] == 0)
         #expect(e[3].isNaN && e[16].isNaN)
         #expect(e[4] == 1 && e[7] == 1 && e[17] == 1 && e[18] == 0)
@@ -136,7 +155,9 @@ import Testing
     func tanhMatchesLibm(_ isa: CPUISA) throws {
         let kernels = try CPUKernels(isa: isa)
         let x = stride(from: Float(-12), to: 12, by: 0.011).map { $0 }
-        for (xi, t) in zip(x, kernels.tanh(x)) { #expect(abs(Double(t) - tanh(Double(xi))) <= 1e-6, "\(isa) tanh(\(xi))") }
+        for (xi, t) in zip(x, kernels.tanh(x)) {
+            #expect(abs(Double(t) - tanh(Double(xi))) <= 1e-6, "\(isa) tanh(\(xi))")
+        }
         let edges = kernels.tanh([.nan, .infinity, -.infinity, 0, -0.0])
         #expect(edges[0].isNaN && edges[1] == 1 && edges[2] == -1 && edges[3] == 0 && edges[4] == 0)
     }
@@ -151,10 +172,10 @@ import Testing
         #expect(chosen.isa == .best)
         #expect(BLASBackend(isa: nil).isa == (try? CPUISA.resolve(.process).get()))
         #if arch(x86_64)
-        #expect(CPUISA.baseline.isSupported)
-        #expect(!CPUISA.neon.isSupported)
+            #expect(CPUISA.baseline.isSupported)
+            #expect(!CPUISA.neon.isSupported)
         #elseif arch(arm64)
-        #expect(CPUISA.best == .neon)
+            #expect(CPUISA.best == .neon)
         #endif
     }
 
@@ -168,14 +189,14 @@ import Testing
     @Test func unknownAndUnsupportedNamesAreErrorsWithTheReason() throws {
         let variable = AttentionConfiguration.cpuISAVariable
         let unknown = CPUKernels.resolve(AttentionConfiguration(environment: [variable: "sse9"]))
-        guard case let .failure(.invalidConfiguration(setting, value, reason)) = unknown else {
+        guard case .failure(.invalidConfiguration(let setting, let value, let reason)) = unknown else {
             Issue.record("expected a configuration error, got \(unknown)")
             return
         }
         #expect(setting == variable && value == "sse9" && reason.contains("avx512"))
         for isa in CPUISA.allCases where !isa.isSupported {
             let refused = CPUKernels.resolve(AttentionConfiguration(environment: [variable: isa.rawValue]))
-            guard case let .failure(error) = refused else {
+            guard case .failure(let error) = refused else {
                 Issue.record("\(isa) is not supported here but was accepted")
                 continue
             }
@@ -190,14 +211,14 @@ import Testing
     }
 
     #if arch(x86_64)
-    @Test func eachVariantRunsItsOwnCode() throws {
-        // Fused (AVX2, AVX-512) and unfused (baseline) multiply-adds round differently somewhere in
-        // a long range of exp arguments: a variant that silently ran another's code would not.
-        guard CPUISA.avx2.isSupported else { return }
-        let x = stride(from: Float(-80), to: 80, by: 0.0071).map { $0 }
-        let baseline = try CPUKernels(isa: .baseline).exp(x).map(\.bitPattern)
-        let avx2 = try CPUKernels(isa: .avx2).exp(x).map(\.bitPattern)
-        #expect(baseline != avx2)
-    }
+        @Test func eachVariantRunsItsOwnCode() throws {
+            // Fused (AVX2, AVX-512) and unfused (baseline) multiply-adds round differently somewhere in
+            // a long range of exp arguments: a variant that silently ran another's code would not.
+            guard CPUISA.avx2.isSupported else { return }
+            let x = stride(from: Float(-80), to: 80, by: 0.0071).map { $0 }
+            let baseline = try CPUKernels(isa: .baseline).exp(x).map(\.bitPattern)
+            let avx2 = try CPUKernels(isa: .avx2).exp(x).map(\.bitPattern)
+            #expect(baseline != avx2)
+        }
     #endif
 }

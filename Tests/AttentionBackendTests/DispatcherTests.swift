@@ -9,33 +9,48 @@ struct FakeBackend: AttentionBackend {
     /// Bytes of workspace as a function of the problem (e.g. a materialised Nq x Nk matrix).
     var workspace: @Sendable (AttentionProblem) -> Int = { _ in 0 }
 
-    func support(for problem: AttentionProblem) -> BackendSupport { refusal.map { .unsupported(reason: $0) } ?? .supported }
+    func support(for problem: AttentionProblem) -> BackendSupport {
+        refusal.map { .unsupported(reason: $0) } ?? .supported
+    }
     func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {
         throw .backendFailure(backend: id.description, message: "fake backends do not run")
     }
     func workspaceBytes(for problem: AttentionProblem) -> Int { workspace(problem) }
 }
 
-func profile(_ id: BackendID, gflops: Double, decodeGBps: Double = 10, overhead: Double = 0, transfer: Double? = nil,
-             memory: UInt64 = 1 << 40) -> BackendProfile {
-    BackendProfile(backend: id, device: "synthetic", gflops: [.init(headDim: 64, curve: ThroughputCurve([(1, gflops)]))],
-                   decodeGBps: ThroughputCurve([(1, decodeGBps)]), overheadSeconds: overhead, transferGBps: transfer, memoryBytes: memory)
+func profile(
+    _ id: BackendID, gflops: Double, decodeGBps: Double = 10, overhead: Double = 0, transfer: Double? = nil,
+    memory: UInt64 = 1 << 40
+) -> BackendProfile {
+    BackendProfile(
+        backend: id, device: "synthetic", gflops: [.init(headDim: 64, curve: ThroughputCurve([(1, gflops)]))],
+        decodeGBps: ThroughputCurve([(1, decodeGBps)]), overheadSeconds: overhead, transferGBps: transfer,
+        memoryBytes: memory)
 }
 
-func candidate(_ p: BackendProfile, refusal: String? = nil, workspace: @escaping @Sendable (AttentionProblem) -> Int = { _ in 0 }) -> DispatchCandidate {
+func candidate(
+    _ p: BackendProfile, refusal: String? = nil, workspace: @escaping @Sendable (AttentionProblem) -> Int = { _ in 0 }
+) -> DispatchCandidate {
     DispatchCandidate(backend: FakeBackend(id: p.backend, refusal: refusal, workspace: workspace), profile: p)
 }
 
 func dispatcher(_ candidates: [DispatchCandidate], environment: [String: String] = [:]) -> Dispatcher {
-    Dispatcher(profile: MachineProfile(identity: "test", source: "synthetic", backends: candidates.map(\.profile)),
-               candidates: candidates, configuration: AttentionConfiguration(environment: environment))
+    Dispatcher(
+        profile: MachineProfile(identity: "test", source: "synthetic", backends: candidates.map(\.profile)),
+        candidates: candidates, configuration: AttentionConfiguration(environment: environment))
 }
 
 // Synthetic backends take real identities: a fast CPU path, a GPU behind PCIe, a second device.
-let cpuID = BackendID.blas, gpuID = BackendID.opencl(device: 0), otherID = BackendID.opencl(device: 1)
+let cpuID = BackendID.blas
+let gpuID = BackendID.opencl(device: 0)
+let otherID = BackendID.opencl(device: 1)
 
-func problem(b: Int = 1, hq: Int = 8, hkv: Int? = nil, nq: Int, nk: Int? = nil, d: Int = 64, _ options: AttentionOptions = .init()) throws -> AttentionProblem {
-    try AttentionProblem(query: [b, hq, nq, d], key: [b, hkv ?? hq, nk ?? nq, d], value: [b, hkv ?? hq, nk ?? nq, d], options: options)
+func problem(
+    b: Int = 1, hq: Int = 8, hkv: Int? = nil, nq: Int, nk: Int? = nil, d: Int = 64,
+    _ options: AttentionOptions = .init()
+) throws -> AttentionProblem {
+    try AttentionProblem(
+        query: [b, hq, nq, d], key: [b, hkv ?? hq, nk ?? nq, d], value: [b, hkv ?? hq, nk ?? nq, d], options: options)
 }
 
 @Suite struct DispatcherChoice {
@@ -57,13 +72,15 @@ func problem(b: Int = 1, hq: Int = 8, hkv: Int? = nil, nq: Int, nk: Int? = nil, 
     @Test func hugeProblemsAvoidQuadraticMemory() throws {
         // "dense" materialises Nq x Nk scores and is fastest, but only 1 GiB is available to it.
         let dense = profile(otherID, gflops: 1000, memory: 1 << 30)
-        let d = dispatcher([candidate(cpu), candidate(dense) { p in 4 * p.batch * p.queryHeads * p.queryLength * p.keyLength }])
+        let d = dispatcher([
+            candidate(cpu), candidate(dense) { p in 4 * p.batch * p.queryHeads * p.queryLength * p.keyLength },
+        ])
         #expect(d.decide(try problem(nq: 2048)).winner.backend == otherID)  // 128 MiB: fits
-        let huge = try problem(hq: 1, nq: 65536, .init(causal: true))       // 16 GiB: does not
+        let huge = try problem(hq: 1, nq: 65536, .init(causal: true))  // 16 GiB: does not
         let decision = d.decide(huge)
         #expect(decision.winner.backend == cpuID)
         let refused = try #require(decision.options.first { $0.backend == otherID })
-        guard case let .unsupported(reason) = refused.support else {
+        guard case .unsupported(let reason) = refused.support else {
             Issue.record("dense should be refused")
             return
         }
@@ -82,7 +99,8 @@ func problem(b: Int = 1, hq: Int = 8, hkv: Int? = nil, nq: Int, nk: Int? = nil, 
     @Test func missingOpenCLFallsBackToTheCPU() throws {
         // The real candidate list of a machine without OpenCL says why and picks BLAS.
         let p = try problem(nq: 512)
-        let missing = DispatchCandidate(backend: OpenCLBackend(device: 99), profile: profile(.opencl(device: 99), gflops: 5000))
+        let missing = DispatchCandidate(
+            backend: OpenCLBackend(device: 99), profile: profile(.opencl(device: 99), gflops: 5000))
         let blas = DispatchCandidate(backend: BLASBackend(), profile: profile(.blas, gflops: 100))
         let d = dispatcher([candidate(profile(.naive, gflops: 2)), blas, missing])
         let decision = d.decide(p)
@@ -92,7 +110,8 @@ func problem(b: Int = 1, hq: Int = 8, hkv: Int? = nil, nq: Int, nk: Int? = nil, 
 
     @Test func decodeIsMemoryBound() throws {
         // Equal GFLOP/s; one reads K/V twice as fast: it must win decode and tie on prefill.
-        let a = profile(gpuID, gflops: 100, decodeGBps: 10), b = profile(otherID, gflops: 100, decodeGBps: 20)
+        let a = profile(gpuID, gflops: 100, decodeGBps: 10)
+        let b = profile(otherID, gflops: 100, decodeGBps: 20)
         let d = dispatcher([candidate(a), candidate(b)])
         let decode = try problem(hq: 32, hkv: 8, nq: 1, nk: 32768, d: 64)
         #expect(d.decide(decode).winner.backend == otherID)
@@ -107,7 +126,10 @@ func problem(b: Int = 1, hq: Int = 8, hkv: Int? = nil, nq: Int, nk: Int? = nil, 
         #expect(Dispatcher.visiblePairs(full) == 4096 * 4096)
         #expect(Dispatcher.visiblePairs(causal) == 4096 * 4097 / 2)
         #expect(Dispatcher.visiblePairs(window) == Double(256 * 4096 - 255 * 256 / 2))
-        let (tf, tc, tw) = (Dispatcher.estimate(full, profile: cpu), Dispatcher.estimate(causal, profile: cpu), Dispatcher.estimate(window, profile: cpu))
+        let (tf, tc, tw) = (
+            Dispatcher.estimate(full, profile: cpu), Dispatcher.estimate(causal, profile: cpu),
+            Dispatcher.estimate(window, profile: cpu)
+        )
         #expect(abs(tc / tf - 0.5) < 0.01)
         #expect(tw < tc / 7)
     }
@@ -120,8 +142,10 @@ func problem(b: Int = 1, hq: Int = 8, hkv: Int? = nil, nq: Int, nk: Int? = nil, 
 }
 
 @Suite struct DispatcherOverrides {
-    let candidates = [candidate(profile(.naive, gflops: 2)), candidate(profile(.blas, gflops: 100)),
-                      candidate(profile(.opencl(device: 0), gflops: 50), refusal: "needs 3 GiB; device has 2 GiB")]
+    let candidates = [
+        candidate(profile(.naive, gflops: 2)), candidate(profile(.blas, gflops: 100)),
+        candidate(profile(.opencl(device: 0), gflops: 50), refusal: "needs 3 GiB; device has 2 GiB"),
+    ]
     var d: Dispatcher { dispatcher(candidates) }
 
     @Test func apiChoiceForcesABackendEvenWhenSlower() throws {
@@ -130,22 +154,31 @@ func problem(b: Int = 1, hq: Int = 8, hkv: Int? = nil, nq: Int, nk: Int? = nil, 
     }
 
     @Test func forcingAnUnsupportedBackendIsAnErrorWithTheReason() throws {
-        let refusal = AttentionError.unsupported(backend: BackendID.opencl(device: 0).description, reason: "needs 3 GiB; device has 2 GiB")
+        let refusal = AttentionError.unsupported(
+            backend: BackendID.opencl(device: 0).description, reason: "needs 3 GiB; device has 2 GiB")
         #expect(throws: refusal) {
             try BackendSelection.select(.opencl, for: try problem(nq: 64), dispatcher: d)
         }
         #expect(throws: refusal) {
-            try BackendSelection.select(.auto, for: try problem(nq: 64), dispatcher: dispatcher(candidates, environment: ["ATTENTIONKIT_BACKEND": "opencl"]))
+            try BackendSelection.select(
+                .auto, for: try problem(nq: 64),
+                dispatcher: dispatcher(candidates, environment: ["ATTENTIONKIT_BACKEND": "opencl"]))
         }
         #expect(throws: AttentionError.self) {
-            try BackendSelection.select(.auto, for: try problem(nq: 64), dispatcher: dispatcher(candidates, environment: ["ATTENTIONKIT_BACKEND": "tpu"]))
+            try BackendSelection.select(
+                .auto, for: try problem(nq: 64),
+                dispatcher: dispatcher(candidates, environment: ["ATTENTIONKIT_BACKEND": "tpu"]))
         }
     }
 
     @Test func environmentVariableOverridesAuto() throws {
-        let forced = try BackendSelection.select(.auto, for: try problem(nq: 64), dispatcher: dispatcher(candidates, environment: ["ATTENTIONKIT_BACKEND": "naive"]))
+        let forced = try BackendSelection.select(
+            .auto, for: try problem(nq: 64),
+            dispatcher: dispatcher(candidates, environment: ["ATTENTIONKIT_BACKEND": "naive"]))
         #expect(forced.backend.id == .naive && forced.reason.contains("ATTENTIONKIT_BACKEND"))
-        let auto = try BackendSelection.select(.auto, for: try problem(nq: 64), dispatcher: dispatcher(candidates, environment: ["ATTENTIONKIT_BACKEND": "auto"]))
+        let auto = try BackendSelection.select(
+            .auto, for: try problem(nq: 64),
+            dispatcher: dispatcher(candidates, environment: ["ATTENTIONKIT_BACKEND": "auto"]))
         #expect(auto.backend.id == .blas && auto.decision != nil)
     }
 }
@@ -172,10 +205,12 @@ func problem(b: Int = 1, hq: Int = 8, hkv: Int? = nil, nq: Int, nk: Int? = nil, 
         #expect {
             try BackendID(parsing: text)
         } throws: { error in
-            guard case let .unknownBackend(name, _) = error as? AttentionError else { return false }
+            guard case .unknownBackend(let name, _) = error as? AttentionError else { return false }
             return name == text
         }
-        #expect(throws: DecodingError.self) { try JSONDecoder().decode([BackendID].self, from: Data("[\"\(text)\"]".utf8)) }
+        #expect(throws: DecodingError.self) {
+            try JSONDecoder().decode([BackendID].self, from: Data("[\"\(text)\"]".utf8))
+        }
     }
 
     @Test func theRegimeIsDefinedOnce() throws {
@@ -230,7 +265,10 @@ func problem(b: Int = 1, hq: Int = 8, hkv: Int? = nil, nq: Int, nk: Int? = nil, 
 
     @Test func tunedBlockSizesAreApplied() throws {
         var blas = profile(.blas, gflops: 100)
-        blas.blasTilings = [.init(headDim: 64, value: BLASTiling(queryRows: 96, keyBlock: 384)), .init(headDim: 128, value: BLASTiling(queryRows: 48, keyBlock: 256))]
+        blas.blasTilings = [
+            .init(headDim: 64, value: BLASTiling(queryRows: 96, keyBlock: 384)),
+            .init(headDim: 128, value: BLASTiling(queryRows: 48, keyBlock: 256)),
+        ]
         let machine = MachineProfile(identity: MachineProfile.identity(), source: "test", backends: [blas])
         let d = Dispatcher(configuration: AttentionConfiguration(), profile: machine)
         let decision = d.decide(try problem(nq: 512, d: 128))

@@ -8,11 +8,12 @@ import Testing
 /// OpenCL devices of this machine; empty without a loader or platform (then these tests are skipped).
 let openCLDevices = OpenCLRuntime.availableDevices
 let openCLAvailable = !openCLDevices.isEmpty
-let noOpenCLReason: Comment = "no OpenCL: \((try? OpenCLRuntime.devices.get()).map { _ in "" } ?? OpenCLRuntime.devices.failureReason)"
+let noOpenCLReason: Comment =
+    "no OpenCL: \((try? OpenCLRuntime.devices.get()).map { _ in "" } ?? OpenCLRuntime.devices.failureReason)"
 
 extension Result where Failure == OpenCLUnavailable {
     var failureReason: String {
-        if case let .failure(reason) = self { return reason.reason }
+        if case .failure(let reason) = self { return reason.reason }
         return ""
     }
 }
@@ -36,9 +37,12 @@ struct OpenCLParity {
     /// The GPU-shaped variants (local-memory tiles, narrower vectors, several work-items per
     /// group) and the flash kernel on decode shapes, run here so that they are checked on PoCL too.
     @Test(arguments: [
-        OpenCLKernelConfig(vectorWidth: 4, rows: 2, workGroup: 8, useLocalMemory: true, decodeRows: 8, minKeysPerSplit: 32),
-        OpenCLKernelConfig(vectorWidth: 8, rows: 3, workGroup: 2, useLocalMemory: true, decodeRows: 4, minKeysPerSplit: 16),
-        OpenCLKernelConfig(vectorWidth: 8, rows: 1, workGroup: 1, useLocalMemory: false, decodeRows: 16, minKeysPerSplit: 64),
+        OpenCLKernelConfig(
+            vectorWidth: 4, rows: 2, workGroup: 8, useLocalMemory: true, decodeRows: 8, minKeysPerSplit: 32),
+        OpenCLKernelConfig(
+            vectorWidth: 8, rows: 3, workGroup: 2, useLocalMemory: true, decodeRows: 4, minKeysPerSplit: 16),
+        OpenCLKernelConfig(
+            vectorWidth: 8, rows: 1, workGroup: 1, useLocalMemory: false, decodeRows: 16, minKeysPerSplit: 64),
     ])
     func otherKernelConfigurations(_ config: OpenCLKernelConfig) throws {
         let cases = Sweep.cases().enumerated().filter { $0.offset % 4 == 0 }.map(\.element) + Sweep.featureCases
@@ -51,7 +55,9 @@ struct OpenCLParity {
     }
 
     @Test func decodeShapesUseSplitKVAndMatchTheFlashKernel() throws {
-        let c = ParityCase(batch: 2, heads: (8, 2), nq: 1, nk: 3001, d: 128, dv: 96, options: .init(causal: true, window: .init(left: 2500, right: -1)))
+        let c = ParityCase(
+            batch: 2, heads: (8, 2), nq: 1, nk: 3001, d: 128, dv: 96,
+            options: .init(causal: true, window: .init(left: 2500, right: -1)))
         for index in openCLDevices.indices {
             let backend = OpenCLBackend(device: index)
             let problem = try c.problem()
@@ -72,21 +78,27 @@ struct OpenCLRobustness {
     @Test func aMissingKernelProgramIsAnErrorNeverSilence() throws {
         // A build without kernel sources: both kernels must fail with a typed error naming the file
         // (the flash kernel on prefill, split-KV on a long decode), never return unwritten output.
-        let cases = [(ParityCase(heads: (2, 2), nq: 33, nk: 40, d: 16, dv: 16), "attention.cl"),
-                     (ParityCase(heads: (8, 2), nq: 1, nk: 4096, d: 64, dv: 64), "decode.cl")]
+        let cases = [
+            (ParityCase(heads: (2, 2), nq: 33, nk: 40, d: 16, dv: 16), "attention.cl"),
+            (ParityCase(heads: (8, 2), nq: 1, nk: 4096, d: 64, dv: 64), "decode.cl"),
+        ]
         for index in openCLDevices.indices {
-            let backend = OpenCLBackend(device: index, config: nil, tunedConfigs: [], allowSplitKV: true, programs: { _ in nil })
+            let backend = OpenCLBackend(
+                device: index, config: nil, tunedConfigs: [], allowSplitKV: true, programs: { _ in nil })
             for (c, file) in cases {
                 let (q, k, v) = try c.inputs()
                 let expected = AttentionError.backendFailure(
-                    backend: BackendID.opencl(device: index).description, message: "kernel program '\(file)' is missing from this build")
+                    backend: BackendID.opencl(device: index).description,
+                    message: "kernel program '\(file)' is missing from this build")
                 #expect(throws: expected) { try backend.attention(query: q, key: k, value: v) }
             }
         }
     }
 
     let cases = [
-        ParityCase(batch: 2, heads: (8, 2), nq: 77, nk: 300, d: 64, dv: 48, options: .init(causal: true, window: .init(left: 90, right: 4))),
+        ParityCase(
+            batch: 2, heads: (8, 2), nq: 77, nk: 300, d: 64, dv: 48,
+            options: .init(causal: true, window: .init(left: 90, right: 4))),
         ParityCase(batch: 1, heads: (8, 2), nq: 1, nk: 2000, d: 64, dv: 64, label: "split-KV"),
     ]
 
@@ -99,11 +111,13 @@ struct OpenCLRobustness {
                 let dirty = try backend.attention(query: q, key: k, value: v, options: c.options)
                 let poisoned = ((1 % c.batch) * 8 + 3) * c.nq + c.nq / 2
                 for row in 0..<clean.logSumExp.count {
-                    let range = row * c.dv ..< (row + 1) * c.dv
+                    let range = row * c.dv..<(row + 1) * c.dv
                     if row == poisoned {
                         #expect(dirty.output.storage[range].allSatisfy { $0.isNaN })
                     } else {
-                        #expect(clean.output.storage[range].map(\.bitPattern) == dirty.output.storage[range].map(\.bitPattern), "\(c.label) row \(row)")
+                        #expect(
+                            clean.output.storage[range].map(\.bitPattern)
+                                == dirty.output.storage[range].map(\.bitPattern), "\(c.label) row \(row)")
                     }
                 }
             }
@@ -137,10 +151,15 @@ struct OpenCLRobustness {
                 let (dq, dk, dv) = (try backend.upload(q), try backend.upload(k), try backend.upload(v))
                 for _ in 0..<2 {  // the inputs stay on the device across calls
                     let resident = try backend.attention(problem, query: dq, key: dk, value: dv)
-                    #expect(try backend.download(resident.output).storage.map(\.bitPattern) == host.output.storage.map(\.bitPattern))
-                    #expect(try backend.download(resident.logSumExp).storage.map(\.bitPattern) == host.logSumExp.storage.map(\.bitPattern))
+                    #expect(
+                        try backend.download(resident.output).storage.map(\.bitPattern)
+                            == host.output.storage.map(\.bitPattern))
+                    #expect(
+                        try backend.download(resident.logSumExp).storage.map(\.bitPattern)
+                            == host.logSumExp.storage.map(\.bitPattern))
                 }
-                let wrong = try AttentionProblem(query: [c.batch, c.heads.q, c.nq + 1, c.d], key: k.shape, value: v.shape)
+                let wrong = try AttentionProblem(
+                    query: [c.batch, c.heads.q, c.nq + 1, c.d], key: k.shape, value: v.shape)
                 #expect(throws: AttentionError.self) { try backend.attention(wrong, query: dq, key: dk, value: dv) }
             }
         }
@@ -150,7 +169,9 @@ struct OpenCLRobustness {
         let device = try #require(openCLDevices.first)
         do {
             try device.withExecution { (state) throws(OpenCLError) in
-                _ = try state.kernel("broken", source: "__kernel void broken(__global float *x) { x[0] = undefined_name; }", options: "-cl-std=CL1.2")
+                _ = try state.kernel(
+                    "broken", source: "__kernel void broken(__global float *x) { x[0] = undefined_name; }",
+                    options: "-cl-std=CL1.2")
             }
             Issue.record("expected a build failure")
         } catch {
@@ -174,7 +195,7 @@ struct OpenCLRobustness {
 @Suite struct OpenCLAbsence {
     @Test func missingLoaderLibraryIsAReasonNotACrash() {
         let result = OpenCLRuntime.discover(libraryPath: "/nonexistent/libOpenCL.so.1")
-        guard case let .failure(reason) = result else {
+        guard case .failure(let reason) = result else {
             Issue.record("expected failure")
             return
         }
@@ -187,7 +208,7 @@ struct OpenCLRobustness {
         if openCLAvailable {
             #expect(backend.support(for: problem) == .supported)
         } else {
-            guard case let .unsupported(reason) = backend.support(for: problem) else {
+            guard case .unsupported(let reason) = backend.support(for: problem) else {
                 Issue.record("expected unsupported without OpenCL")
                 return
             }
@@ -199,8 +220,12 @@ struct OpenCLRobustness {
             // auto falls back to the CPU and says why (this tiny problem: the naive backend, which has
             // no call overhead; a larger one: BLAS).
             let choice = try BackendSelection.select(.auto, for: problem)
-            #expect(["naive", "blas"].contains(choice.backend.name) && choice.reason.contains("not possible: opencl:0 (no OpenCL"))
-            let larger = try BackendSelection.select(.auto, for: try AttentionProblem(query: [1, 8, 512, 64], key: [1, 8, 512, 64], value: [1, 8, 512, 64]))
+            #expect(
+                ["naive", "blas"].contains(choice.backend.name)
+                    && choice.reason.contains("not possible: opencl:0 (no OpenCL"))
+            let larger = try BackendSelection.select(
+                .auto,
+                for: try AttentionProblem(query: [1, 8, 512, 64], key: [1, 8, 512, 64], value: [1, 8, 512, 64]))
             #expect(larger.backend.name == "blas")
         }
         let missing = OpenCLBackend(device: 99)
@@ -211,6 +236,7 @@ struct OpenCLRobustness {
         #expect(OpenCLError(code: -5, operation: "x").name == "CL_OUT_OF_RESOURCES")
         #expect(OpenCLError(code: -1001, operation: "x").name == "CL_PLATFORM_NOT_FOUND_KHR")
         #expect(OpenCLError(code: -9999, operation: "x").name == "CL_UNKNOWN_ERROR(-9999)")
-        #expect(OpenCLError(code: -11, operation: "clBuildProgram", buildLog: "line 1: oops").description.contains("oops"))
+        #expect(
+            OpenCLError(code: -11, operation: "clBuildProgram", buildLog: "line 1: oops").description.contains("oops"))
     }
 }

@@ -28,7 +28,9 @@ func check() throws -> Bool {
     let reference = try NaiveBackend().attention(problem, query: q, key: k, value: v)
     let selection = try BackendSelection.select(.auto, for: problem)
     var passed = true
-    let runs: [(String, any AttentionBackend)] = [("blas", BLASBackend()), ("auto -> \(selection.backend.name)", selection.backend)]
+    let runs: [(String, any AttentionBackend)] = [
+        ("blas", BLASBackend()), ("auto -> \(selection.backend.name)", selection.backend),
+    ]
     for (label, backend) in runs {
         let result = try backend.attention(problem, query: q, key: k, value: v)
         let (error, ok) = compare(result.output, reference.output)
@@ -45,7 +47,9 @@ func medianMilliseconds(_ backend: BLASBackend, _ shape: (q: [Int], k: [Int]), r
     let v = try Tensor.random(shape: shape.k, seed: 3)
     let problem = try AttentionProblem(query: q.shape, key: k.shape, value: v.shape)
     let warmUpEnd = DispatchTime.now().uptimeNanoseconds + 300_000_000
-    while DispatchTime.now().uptimeNanoseconds < warmUpEnd { _ = try backend.attention(problem, query: q, key: k, value: v) }
+    while DispatchTime.now().uptimeNanoseconds < warmUpEnd {
+        _ = try backend.attention(problem, query: q, key: k, value: v)
+    }
     var times: [Double] = []
     for _ in 0..<runs {
         let start = DispatchTime.now().uptimeNanoseconds
