@@ -170,6 +170,22 @@ def harness_checks(c, q):
         pixels = zlib.decompress(idat)
         ok = png[:8] == b"\x89PNG\r\n\x1a\n" and (width, height) == (q.shape[2], q.shape[2]) and len(pixels) == height * (3 * width + 1)
     c.record(ok, "map draws an SVG heatmap with a valid PNG", r.stderr[-800:])
+    # A boolean mask hides every third key: exactly those cells are grey, every other cell is coloured.
+    n = q.shape[2]
+    allowed = np.array([[j % 3 != 0 for j in range(n)] for i in range(n)])
+    np.save(c.path("map_mask.npy"), allowed)
+    r = run(["map", "--q", c.path("q.npy"), "--k", c.path("k.npy"), "--mask", c.path("map_mask.npy"),
+             "--out", c.path("map_mask.svg")])
+    ok = r.returncode == 0
+    if ok:
+        root = ET.parse(c.path("map_mask.svg")).getroot()
+        href = next(root.iter("{http://www.w3.org/2000/svg}image")).get("{http://www.w3.org/1999/xlink}href")
+        png = base64.b64decode(href.split(",", 1)[1])
+        raw = zlib.decompress(png[png.index(b"IDAT") + 4: png.index(b"IEND") - 8])
+        grey = [[raw[i * (3 * n + 1) + 1 + 3 * j: i * (3 * n + 1) + 4 + 3 * j] == bytes([235, 235, 235])
+                 for j in range(n)] for i in range(n)]
+        ok = all(grey[i][j] == (not allowed[i][j]) for i in range(n) for j in range(n))
+    c.record(ok, "map applies --mask: exactly the hidden keys are grey", r.stderr[-800:])
     r = run(["map", "--q", c.path("q.npy"), "--k", c.path("k.npy"), "--head", "9", "--out", c.path("m.svg")])
     c.record(r.returncode != 0 and "--head 9" in r.stderr, "map refuses a head that does not exist", r.stderr)
 
