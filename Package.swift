@@ -50,7 +50,7 @@ let package = Package(
         .target(
             name: "AttentionKernels",
             path: "Kernels",
-            exclude: ["README.md", "attention.cl", "common.cl", "decode.cl"],
+            exclude: ["README.md", "attention.cl", "common.cl", "convert.cl", "decode.cl"],
             plugins: ["EmbedKernels"]
         ),
         .plugin(

@@ -15,14 +15,30 @@
 #ifndef USE_LOCAL
 #define USE_LOCAL 0
 #endif
+// Storage of the K rows transpose_keys reads (the flash kernel itself reads fp32 only).
+#ifndef K_TYPE
+#define K_TYPE 0
+#endif
+#if K_TYPE == 1
+#define k_t half
+#define K_LOAD1(p, i) vload_half(0, (p) + (i))
+#elif K_TYPE == 2
+#define k_t ushort
+#define K_LOAD1(p, i) as_float((uint)((p)[i]) << 16)
+#else
+#define k_t float
+#define K_LOAD1(p, i) ((p)[i])
+#endif
 
-/// kt[b, h, j / VEC, c, j % VEC] = k[b, h, j, c] for j < Nk, 0 for Nk <= j < NkPad.
-/// Global size (NkPad, D, B*Hkv).
-__kernel void transpose_keys(__global const float *k, __global float *kt, int Nk, int D, int NkPad) {
+/// kt[b, h, j / VEC, c, j % VEC] = k[b, h, j, c] for j < Nk, 0 for Nk <= j < NkPad, reading K through
+/// its strides (sB, sH, sS) and storage type. Global size (NkPad, D, B*Hkv).
+__kernel void transpose_keys(__global const k_t *k, __global float *kt, int Nk, int D, int NkPad, int Hkv,
+                             int sB, int sH, int sS) {
     const int j = get_global_id(0), c = get_global_id(1);
     const long bh = get_global_id(2);
     if (j >= NkPad || c >= D) return;
-    kt[((bh * (NkPad / VEC) + j / VEC) * D + c) * VEC + j % VEC] = j < Nk ? k[(bh * Nk + j) * D + c] : 0.0f;
+    const long source = (bh / Hkv) * sB + (bh % Hkv) * sH + (long)j * sS + c;
+    kt[((bh * (NkPad / VEC) + j / VEC) * D + c) * VEC + j % VEC] = j < Nk ? K_LOAD1(k, source) : 0.0f;
 }
 
 /// Global size (roundUp(ceil(Nq / ROWS), local size), B * Hq); local size (WG, 1).

@@ -4,6 +4,8 @@
 //   VEC       keys processed per step, the float vector width: 4, 8 or 16
 //   ROWS      query rows per work-item
 //   KV_SPACE  address space the K/V tiles are read from: __global, or __local when staged
+//   KV_TYPE   storage of the K/V rows accumulate_pv and the decode kernel read: 0 fp32, 1 fp16
+//             (vload_half, core OpenCL 1.2), 2 bf16 (upper half of an fp32, widened by a shift)
 //
 // Contract (README "The contract"): Q [B,Hq,Nq,D], K [B,Hkv,Nk,D], V [B,Hkv,Nk,Dv], O [B,Hq,Nq,Dv],
 // LSE [B,Hq,Nq]; query i sits at key position i + Nk - Nq (bottom-right causal); window (L, R) with
@@ -19,6 +21,10 @@
 #define KV_SPACE __global
 #endif
 
+#ifndef KV_TYPE
+#define KV_TYPE 0
+#endif
+
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 #define floatV CAT(float, VEC)
@@ -32,6 +38,22 @@
 #define UNROLL _Pragma("unroll")
 /* Helpers must inline: the unrolled loops rely on constant indices into private arrays. */
 #define INLINE inline __attribute__((always_inline))
+
+// Typed K/V element loads, widened to fp32: KV_LOADV reads VEC consecutive elements at index i,
+// KV_LOAD1 one element.
+#if KV_TYPE == 1
+#define kv_t half
+#define KV_LOADV(p, i) CAT(vload_half, VEC)(0, (p) + (i))
+#define KV_LOAD1(p, i) vload_half(0, (p) + (i))
+#elif KV_TYPE == 2
+#define kv_t ushort
+#define KV_LOADV(p, i) as_floatV(CAT(convert_uint, VEC)(vloadV(0, (p) + (i))) << 16)
+#define KV_LOAD1(p, i) as_float((uint)((p)[i]) << 16)
+#else
+#define kv_t float
+#define KV_LOADV(p, i) vloadV(0, (p) + (i))
+#define KV_LOAD1(p, i) ((p)[i])
+#endif
 
 #if VEC == 16
 #define LANE_IDS ((intV)(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))
@@ -53,6 +75,8 @@ typedef struct {
     int winLeft, winRight;   // -1: unbounded
     int maskKind;     // 0 none, 1 additive float, 2 boolean
     int maskBatchStride, maskHeadStride;
+    int kStrideB, kStrideH, kStrideS;   // K element strides (batch, head, sequence) as the decode kernel reads it
+    int vStrideB, vStrideH, vStrideS;   // V likewise
 } Params;
 
 /// Visible key range [lo, hi] of query i under causal and window rules (empty when lo > hi).
@@ -176,19 +200,19 @@ INLINE void scale_row(__global float *out, int n, float factor) {
 /// outStride), with P a private ROWS x VEC array and v rows vStride apart. Full blocks (jn == VEC)
 /// are unrolled so that P and the accumulators stay in registers.
 INLINE void accumulate_pv(__global float *out, int outStride, int nrows, const float *P,
-                          KV_SPACE const float *v, int vStride, int jn, int Dv) {
+                          KV_SPACE const kv_t *v, long vStride, int jn, int Dv) {
     int c = 0;
     for (; c + VEC <= Dv; c += VEC) {
         floatV acc[ROWS];
         UNROLL for (int r = 0; r < ROWS; r++) acc[r] = (r < nrows) ? vloadV(0, out + r * outStride + c) : (floatV)(0.0f);
         if (jn == VEC) {
             UNROLL for (int t = 0; t < VEC; t++) {
-                const floatV vv = vloadV(0, v + t * vStride + c);
+                const floatV vv = KV_LOADV(v, t * vStride + c);
                 UNROLL for (int r = 0; r < ROWS; r++) acc[r] = fma((floatV)(P[r * VEC + t]), vv, acc[r]);
             }
         } else {
             for (int t = 0; t < jn; t++) {
-                const floatV vv = vloadV(0, v + t * vStride + c);
+                const floatV vv = KV_LOADV(v, t * vStride + c);
                 UNROLL for (int r = 0; r < ROWS; r++) acc[r] = fma((floatV)(P[r * VEC + t]), vv, acc[r]);
             }
         }
@@ -198,7 +222,7 @@ INLINE void accumulate_pv(__global float *out, int outStride, int nrows, const f
     for (; c < Dv; c++) {
         for (int r = 0; r < nrows; r++) {
             float acc = out[r * outStride + c];
-            for (int t = 0; t < jn; t++) acc = fma(P[r * VEC + t], v[t * vStride + c], acc);
+            for (int t = 0; t < jn; t++) acc = fma(P[r * VEC + t], KV_LOAD1(v, t * vStride + c), acc);
             out[r * outStride + c] = acc;
         }
     }

@@ -3,11 +3,13 @@
 // Work-item (split, b * Hkv + kvh) takes every query row that reads K/V head kvh: the G = Hq / Hkv
 // heads of the group times Nq queries, at most ROWS rows, contiguous in Q and O. It walks keys
 // [split * splitLen, (split + 1) * splitLen) in K's natural layout (no transposed copy: decode is
-// bound by reading K and V once) and writes a normalised partial O and its log-sum-exp.
+// bound by reading K and V once) and writes a normalised partial O and its log-sum-exp. K and V are
+// read in place through their strides and storage type (KV_TYPE: fp32, fp16, bf16), so a strided or
+// fp16 cache is never copied; Q is dense fp32 (the host converts it first when it is not).
 // decode_merge then combines the splits exactly: O = sum_s e^(lse_s - M) O_s / sum_s e^(lse_s - M).
 
 /// dots[r][t] = q_r . k for every row r (K in natural layout: a dot product over D, reduced).
-INLINE void key_dots(__global const float *kRow, __global const float *qRows, const int *qOffset, int D, float *dots, int t) {
+INLINE void key_dots(__global const kv_t *kRow, __global const float *qRows, const int *qOffset, int D, float *dots, int t) {
     floatV acc[ROWS];
     float tail[ROWS];
     UNROLL for (int r = 0; r < ROWS; r++) {
@@ -16,18 +18,18 @@ INLINE void key_dots(__global const float *kRow, __global const float *qRows, co
     }
     int c = 0;
     for (; c + VEC <= D; c += VEC) {
-        const floatV kv = vloadV(0, kRow + c);
+        const floatV kv = KV_LOADV(kRow, c);
         UNROLL for (int r = 0; r < ROWS; r++) acc[r] = fma(vloadV(0, qRows + qOffset[r] + c), kv, acc[r]);
     }
     for (; c < D; c++) {
-        const float kc = kRow[c];
+        const float kc = KV_LOAD1(kRow, c);
         UNROLL for (int r = 0; r < ROWS; r++) tail[r] = fma(qRows[qOffset[r] + c], kc, tail[r]);
     }
     UNROLL for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = hsum(acc[r]) + tail[r];
 }
 
 /// Global size (numSplits, B * Hkv). oPart: [numSplits, B*Hq*Nq, Dv], lsePart: [numSplits, B*Hq*Nq].
-__kernel void decode_partial(__global const float *q, __global const float *k, __global const float *v,
+__kernel void decode_partial(__global const float *q, __global const kv_t *k, __global const kv_t *v,
                              __global const float *maskF, __global const uchar *maskB,
                              __global float *oPart, __global float *lsePart, const Params p,
                              int splitLen, int numSplits) {
@@ -42,9 +44,8 @@ __kernel void decode_partial(__global const float *q, __global const float *k, _
     __global const float *qRows = q + rowBase * p.D;
     __global float *oRows = oPart + ((long)split * totalRows + rowBase) * p.Dv;
     __global float *lseRows = lsePart + (long)split * totalRows + rowBase;
-    const long kvHead = (long)b * p.Hkv + kvh;
-    __global const float *kHead = k + kvHead * p.Nk * p.D;
-    __global const float *vHead = v + kvHead * p.Nk * p.Dv;
+    __global const kv_t *kHead = k + (long)b * p.kStrideB + (long)kvh * p.kStrideH;
+    __global const kv_t *vHead = v + (long)b * p.vStrideB + (long)kvh * p.vStrideH;
 
     // Rows hold queries 0 .. Nq-1 of each head: the union range is [lo(0), hi(Nq-1)].
     const int2 first = visible_range(p, 0), last = visible_range(p, p.Nq - 1);
@@ -78,17 +79,19 @@ __kernel void decode_partial(__global const float *q, __global const float *k, _
         // hardware prefetcher follows poorly; these independent loads overlap the misses with the
         // dot products. (The sum feeds the NaN check, so the loads are real.)
         {
-            __global const float *vBlock = vHead + (long)j0 * p.Dv;
             float touch = 0.0f;
-            for (int e = 0; e < jn * p.Dv; e += 16) touch += vBlock[e];
+            for (int t = 0; t < jn; t++) {
+                __global const kv_t *vRow = vHead + (long)(j0 + t) * p.vStrideS;
+                for (int e = 0; e < p.Dv; e += 64 / (int)sizeof(kv_t)) touch += KV_LOAD1(vRow, e);
+            }
             if (isnan(touch)) touchedNaN = 1;
         }
         if (jn == VEC) {
-            UNROLL for (int t = 0; t < VEC; t++) key_dots(kHead + (long)(j0 + t) * p.D, qRows, qOffset, p.D, dots, t);
+            UNROLL for (int t = 0; t < VEC; t++) key_dots(kHead + (long)(j0 + t) * p.kStrideS, qRows, qOffset, p.D, dots, t);
         } else {
             for (int t = 0; t < VEC; t++) {
                 if (t < jn) {
-                    key_dots(kHead + (long)(j0 + t) * p.D, qRows, qOffset, p.D, dots, t);
+                    key_dots(kHead + (long)(j0 + t) * p.kStrideS, qRows, qOffset, p.D, dots, t);
                 } else {
                     UNROLL for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = 0.0f;
                 }
@@ -104,7 +107,7 @@ __kernel void decode_partial(__global const float *q, __global const float *k, _
             if (alpha != 1.0f) scale_row(oRows + r * p.Dv, p.Dv, alpha);
             vstoreV(e, 0, P + r * VEC);
         }
-        accumulate_pv(oRows, p.Dv, rows, P, vHead + (long)j0 * p.Dv, p.Dv, jn, p.Dv);
+        accumulate_pv(oRows, p.Dv, rows, P, vHead + (long)j0 * p.vStrideS, p.vStrideS, jn, p.Dv);
     }
     if (touchedNaN && p.B < 0) lseRows[0] = 0.0f;  // never true; keeps the touch loads alive
     for (int r = 0; r < rows; r++) finish_row(oRows + r * p.Dv, p.Dv, lseRows + r, m[r], l[r], poisoned[r]);

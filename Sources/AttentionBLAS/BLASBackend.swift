@@ -67,9 +67,13 @@ public struct BLASBackend: AttentionBackend {
         return .supported
     }
 
-    /// One score tile per worker thread.
+    /// Per worker thread: one score tile, fp32 tiles of its Q and O rows, and (fp16/bf16 K/V) one
+    /// converted K and V block.
     public func workspaceBytes(for problem: AttentionProblem) -> Int {
-        threads * tiling(for: problem).scratchBytesPerThread
+        let tile = tiling(for: problem)
+        return threads
+            * (tile.scratchBytesPerThread
+                + TileKernel.tileBytes(problem, rows: tile.queryRows, keyBlock: tile.keyBlock))
     }
 
     public func plan(for problem: AttentionProblem) -> ExecutionPlan {
@@ -77,7 +81,7 @@ public struct BLASBackend: AttentionBackend {
         let tile = tiling(for: problem)
         let kernels = isa.map { "\($0) kernels" } ?? "no CPU kernels"
         return ExecutionPlan(
-            support: support, workspaceBytes: threads * tile.scratchBytesPerThread, path: "\(kernels), tiles \(tile)")
+            support: support, workspaceBytes: workspaceBytes(for: problem), path: "\(kernels), tiles \(tile)")
     }
 
     /// The tiling a problem runs with, decided here and nowhere else: the fixed `tiling` if one was

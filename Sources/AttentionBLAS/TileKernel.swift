@@ -9,18 +9,53 @@ enum MaskPointer: @unchecked Sendable {
     case additive(UnsafePointer<Float>)
 }
 
-/// One worker thread's view of a call: borrowed inputs and outputs plus its own score tile.
+/// One operand as a tile kernel reads or writes it: typed base address and strides.
+struct Operand {
+    let base: UnsafeMutableRawPointer
+    let type: StorageType
+    let strides: Strides
+
+    init(_ view: TensorView, shape: [Int]) {
+        base = view.address
+        type = view.storage
+        strides = view.strides(for: shape)
+    }
+
+    /// The C kernels' name for the storage type.
+    var dtype: Int32 {
+        switch type {
+        case .f32: return Int32(AK_DTYPE_F32)
+        case .f16: return Int32(AK_DTYPE_F16)
+        case .bf16: return Int32(AK_DTYPE_BF16)
+        }
+    }
+
+    /// The address of element (b, h, n, 0).
+    func row(_ b: Int, _ h: Int, _ n: Int) -> UnsafeMutableRawPointer {
+        base + strides.offset(batch: b, head: h, position: n) * type.byteSize
+    }
+
+    /// The stride between the rows of an item (`heads` heads of `span` positions each, in that
+    /// order) when it is one uniform stride, else nil.
+    func uniformRowStride(heads: Int, span: Int) -> Int? {
+        if heads == 1 { return strides.sequence }
+        if span == 1 { return strides.head }
+        return strides.head == span * strides.sequence ? strides.sequence : nil
+    }
+}
+
+/// One worker thread's view of a call: borrowed inputs and outputs plus its own tiles.
 ///
 /// The loop structure lives here; every pass over scores, O or K/V rows is a call into the CPU
 /// kernel variant chosen at run time (`CPUKernels`), compiled for this machine's instruction set.
+/// Dense fp32 rows are used in place (SGEMM leading dimensions are the sequence strides); rows
+/// stored as fp16/bf16, or spread over heads irregularly, are converted into fp32 tiles: Q once per
+/// item, K and V one key block at a time as they are consumed, O once at the end.
 struct TileKernel {
     let p: AttentionProblem
     let tiling: BLASTiling
     let cpu: ak_cpu_kernels
-    let q: UnsafePointer<Float>
-    let k: UnsafePointer<Float>
-    let v: UnsafePointer<Float>
-    let out: UnsafeMutablePointer<Float>
+    let q: Operand, k: Operand, v: Operand, o: Operand
     let lse: UnsafeMutablePointer<Float>?
     let mask: MaskPointer
     /// Row stride of the score tile: the key block, a multiple of 16 floats (whole kernel vectors).
@@ -28,41 +63,101 @@ struct TileKernel {
     let scores: UnsafeMutablePointer<Float>
     let rowMax: UnsafeMutablePointer<Float>
     let rowSum: UnsafeMutablePointer<Float>
+    /// fp32 tiles for operands that cannot be used in place (allocated only when needed).
+    let qTile: UnsafeMutablePointer<Float>?
+    let oTile: UnsafeMutablePointer<Float>?
+    let kTile: UnsafeMutablePointer<Float>?
+    let vTile: UnsafeMutablePointer<Float>?
 
     init(
         problem: AttentionProblem, tiling: BLASTiling, kernels: CPUKernels, maxRows rows: Int,
-        buffers: AttentionBuffers,
-        mask: MaskPointer
+        buffers: AttentionBuffers, mask: MaskPointer
     ) {
         p = problem
         self.tiling = tiling
         cpu = kernels.table.pointee
-        q = buffers.query.baseAddress!
-        k = buffers.key.baseAddress!
-        v = buffers.value.baseAddress!
-        out = buffers.output.baseAddress!
+        q = Operand(buffers.query, shape: problem.queryShape)
+        k = Operand(buffers.key, shape: problem.keyShape)
+        v = Operand(buffers.value, shape: problem.valueShape)
+        o = Operand(buffers.output, shape: problem.outputShape)
         lse = buffers.logSumExp?.baseAddress
         self.mask = mask
         ld = tiling.keyBlock
         scores = .allocate(capacity: rows * ld)
         rowMax = .allocate(capacity: rows)
         rowSum = .allocate(capacity: rows)
+        qTile = .allocate(capacity: rows * problem.headDim)
+        oTile = .allocate(capacity: rows * problem.valueDim)
+        kTile = k.type == .f32 ? nil : .allocate(capacity: tiling.keyBlock * problem.headDim)
+        vTile = v.type == .f32 ? nil : .allocate(capacity: tiling.keyBlock * problem.valueDim)
     }
 
     func deallocate() {
-        scores.deallocate()
-        rowMax.deallocate()
-        rowSum.deallocate()
+        for tile in [scores, rowMax, rowSum, qTile, oTile, kTile, vTile] { tile?.deallocate() }
+    }
+
+    /// Extra bytes one worker allocates beyond the score tile and row statistics.
+    static func tileBytes(_ p: AttentionProblem, rows: Int, keyBlock: Int) -> Int {
+        var floats = rows * (p.headDim + p.valueDim)
+        if p.storage.keyValue != .f32 { floats += keyBlock * (p.headDim + p.valueDim) }
+        return 4 * floats
+    }
+
+    /// Where the rows of one item live: a pointer and row stride for Q and O (in place, or a tile).
+    private struct ItemRows {
+        var q: UnsafePointer<Float>, ldq: Int
+        var o: UnsafeMutablePointer<Float>, ldo: Int
+        var oInPlace: Bool
+    }
+
+    /// Q rows of the item in fp32 (in place when they can be), and where O accumulates.
+    private func rows(of item: WorkItem, span: Int) -> ItemRows {
+        let (d, dv) = (p.headDim, p.valueDim)
+        let (b, h, start) = (item.batch, item.head, item.queryStart)
+        var result: ItemRows
+        if q.type == .f32, let ldq = q.uniformRowStride(heads: item.headCount, span: span) {
+            result = ItemRows(
+                q: UnsafePointer(q.row(b, h, start).assumingMemoryBound(to: Float.self)), ldq: ldq,
+                o: oTile!, ldo: dv, oInPlace: false)
+        } else {
+            for hh in 0..<item.headCount {
+                cpu.load_rows(q.dtype, q.row(b, h + hh, start), q.strides.sequence, span, d, qTile! + hh * span * d, d)
+            }
+            result = ItemRows(q: UnsafePointer(qTile!), ldq: d, o: oTile!, ldo: dv, oInPlace: false)
+        }
+        if o.type == .f32, let ldo = o.uniformRowStride(heads: item.headCount, span: span) {
+            result.o = o.row(b, h, start).assumingMemoryBound(to: Float.self)
+            result.ldo = ldo
+            result.oInPlace = true
+        }
+        return result
+    }
+
+    /// K and V rows [j0, j0 + width) of K/V head `g` in fp32 (in place when they are fp32).
+    private func keyValueBlock(
+        batch b: Int, group g: Int, start j0: Int, width: Int
+    ) -> (k: UnsafePointer<Float>, ldk: Int, v: UnsafePointer<Float>, ldv: Int) {
+        let (d, dv) = (p.headDim, p.valueDim)
+        let kRows = k.row(b, g, j0)
+        let vRows = v.row(b, g, j0)
+        guard let kTile, let vTile else {
+            return (
+                UnsafePointer(kRows.assumingMemoryBound(to: Float.self)), k.strides.sequence,
+                UnsafePointer(vRows.assumingMemoryBound(to: Float.self)), v.strides.sequence
+            )
+        }
+        cpu.load_rows(k.dtype, kRows, k.strides.sequence, width, d, kTile, d)
+        cpu.load_rows(v.dtype, vRows, v.strides.sequence, width, dv, vTile, dv)
+        return (UnsafePointer(kTile), d, UnsafePointer(vTile), dv)
     }
 
     func process(_ item: WorkItem) {
-        let (d, dv, nq, nk) = (p.headDim, p.valueDim, p.queryLength, p.keyLength)
+        let (d, dv, nq) = (p.headDim, p.valueDim, p.queryLength)
         let span = item.queryEnd - item.queryStart
-        let rows = item.headCount * span
+        let rowCount = item.headCount * span
         let firstRow = (item.batch * p.queryHeads + item.head) * nq + item.queryStart
-        let qBlock = q + firstRow * d
-        let oBlock = out + firstRow * dv
-        let kvFirstRow = (item.batch * p.keyValueHeads + item.head / p.groupSize) * nk
+        let group = item.head / p.groupSize
+        let r = rows(of: item, span: span)
 
         // Visible ranges are monotone in i: the union is [lo(first), hi(last)]; every row sees
         // [lo(last), hi(first)], so blocks inside it need no per-element masking.
@@ -71,39 +166,45 @@ struct TileKernel {
         let hasMask: Bool
         if case .none = mask { hasMask = false } else { hasMask = true }
 
-        oBlock.update(repeating: 0, count: rows * dv)
-        rowMax.update(repeating: -.infinity, count: rows)
-        rowSum.update(repeating: 0, count: rows)
+        for row in 0..<rowCount { (r.o + row * r.ldo).update(repeating: 0, count: dv) }
+        rowMax.update(repeating: -.infinity, count: rowCount)
+        rowSum.update(repeating: 0, count: rowCount)
 
         // Few rows (decode): streaming loops instead of SGEMM, which would pack whole K/V blocks
         // for a handful of rows; here K and V are read once, each row of them used by every query row.
-        let streaming = rows <= Self.streamingRows
+        let streaming = rowCount <= Self.streamingRows
         var j0 = first.lo
         while j0 <= last.hi {
             let j1 = min(last.hi + 1, j0 + tiling.keyBlock)
             let width = j1 - j0
+            let kv = keyValueBlock(batch: item.batch, group: group, start: j0, width: width)
             if streaming {
-                cpu.dot_scores(rows, width, qBlock, d, k + (kvFirstRow + j0) * d, d, d, p.scale, scores, ld)
+                cpu.dot_scores(rowCount, width, r.q, r.ldq, kv.k, kv.ldk, d, p.scale, scores, ld)
             } else {
                 cblas_sgemm(
-                    CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(width), Int32(d),
-                    p.scale, qBlock, Int32(d), k + (kvFirstRow + j0) * d, Int32(d), 0, scores, Int32(ld))
+                    CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rowCount), Int32(width), Int32(d),
+                    p.scale, r.q, Int32(r.ldq), kv.k, Int32(kv.ldk), 0, scores, Int32(ld))
             }
-            if let cap = p.options.softcap { cpu.softcap(scores, ld, rows, width, cap) }
+            if let cap = p.options.softcap { cpu.softcap(scores, ld, rowCount, width, cap) }
             if hasMask || j0 < last.lo || j1 - 1 > first.hi {
-                applyVisibility(item, span: span, rows: rows, keyStart: j0, width: width)
+                applyVisibility(item, span: span, rows: rowCount, keyStart: j0, width: width)
             }
-            cpu.softmax_update(scores, ld, rows, width, rowMax, rowSum, oBlock, dv, dv)
+            cpu.softmax_update(scores, ld, rowCount, width, rowMax, rowSum, r.o, r.ldo, dv)
             if streaming {
-                cpu.accumulate(rows, width, scores, ld, v + (kvFirstRow + j0) * dv, dv, dv, oBlock, dv)
+                cpu.accumulate(rowCount, width, scores, ld, kv.v, kv.ldv, dv, r.o, r.ldo)
             } else {
                 cblas_sgemm(
-                    CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dv), Int32(width),
-                    1, scores, Int32(ld), v + (kvFirstRow + j0) * dv, Int32(dv), 1, oBlock, Int32(dv))
+                    CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rowCount), Int32(dv), Int32(width),
+                    1, scores, Int32(ld), kv.v, Int32(kv.ldv), 1, r.o, Int32(r.ldo))
             }
             j0 = j1
         }
-        cpu.finish(rows, oBlock, dv, dv, rowMax, rowSum, lse.map { $0 + firstRow })
+        cpu.finish(rowCount, r.o, r.ldo, dv, rowMax, rowSum, lse.map { $0 + firstRow })
+        guard !r.oInPlace else { return }
+        for hh in 0..<item.headCount {
+            let out = o.row(item.batch, item.head + hh, item.queryStart)
+            cpu.store_rows(o.dtype, r.o + hh * span * dv, dv, span, dv, out, o.strides.sequence)
+        }
     }
 
     /// Items with at most this many query rows use the streaming products (K and V read once)

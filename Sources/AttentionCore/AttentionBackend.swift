@@ -14,23 +14,25 @@ public enum BackendSupport: Sendable, Equatable, CustomStringConvertible {
 
 /// Borrowed views of one call's host buffers, valid only for the duration of the call.
 ///
-/// `query` [B, Hq, Nq, D], `key` [B, Hkv, Nk, D], `value` [B, Hkv, Nk, Dv] are read;
-/// `output` [B, Hq, Nq, Dv] and `logSumExp` [B, Hq, Nq] (optional) are written completely.
-/// The mask, if any, is read from `problem.options.mask`.
+/// `query` [B, Hq, Nq, D], `key` [B, Hkv, Nk, D], `value` [B, Hkv, Nk, Dv] are read; `output`
+/// [B, Hq, Nq, Dv] and `logSumExp` [B, Hq, Nq] (optional; dense fp32) are written completely. Each
+/// of the four tensors may be strided and stored as fp32, fp16 or bf16 (`TensorView`); the mask, if
+/// any, is read from `problem.options.mask`.
 ///
 /// `@unchecked Sendable`: backends hand these views to their worker threads, which read the inputs
 /// concurrently and write disjoint parts of the outputs; the caller must not touch the outputs
 /// until the call returns.
 public struct AttentionBuffers: @unchecked Sendable {
-    public let query: UnsafeBufferPointer<Float>
-    public let key: UnsafeBufferPointer<Float>
-    public let value: UnsafeBufferPointer<Float>
-    public let output: UnsafeMutableBufferPointer<Float>
+    public let query: TensorView
+    public let key: TensorView
+    public let value: TensorView
+    public let output: TensorView
     public let logSumExp: UnsafeMutableBufferPointer<Float>?
 
+    /// Views of any layout and storage type.
     public init(
-        query: UnsafeBufferPointer<Float>, key: UnsafeBufferPointer<Float>, value: UnsafeBufferPointer<Float>,
-        output: UnsafeMutableBufferPointer<Float>, logSumExp: UnsafeMutableBufferPointer<Float>?
+        query: TensorView, key: TensorView, value: TensorView, output: TensorView,
+        logSumExp: UnsafeMutableBufferPointer<Float>?
     ) {
         self.query = query
         self.key = key
@@ -39,26 +41,102 @@ public struct AttentionBuffers: @unchecked Sendable {
         self.logSumExp = logSumExp
     }
 
-    /// Throws unless every buffer has exactly the element count `problem` requires.
+    /// Dense fp32 buffers in [B, H, N, D] order.
+    public init(
+        query: UnsafeBufferPointer<Float>, key: UnsafeBufferPointer<Float>, value: UnsafeBufferPointer<Float>,
+        output: UnsafeMutableBufferPointer<Float>, logSumExp: UnsafeMutableBufferPointer<Float>?
+    ) {
+        self.init(
+            query: TensorView(query), key: TensorView(key), value: TensorView(value), output: TensorView(output),
+            logSumExp: logSumExp)
+    }
+
+    /// Throws unless every view matches `problem`: storage types as declared, strides that are not
+    /// negative and stay inside each buffer, an output whose elements do not overlap one another or
+    /// any input, and a log-sum-exp buffer of exactly [B, Hq, Nq] elements.
     public func check(against problem: AttentionProblem) throws(AttentionError) {
-        let expected: [(String, Int, Int)] = [
-            ("query", problem.queryShape.reduce(1, *), query.count),
-            ("key", problem.keyShape.reduce(1, *), key.count),
-            ("value", problem.valueShape.reduce(1, *), value.count),
+        let types = problem.storage
+        let operands: [(String, TensorView, [Int], StorageType)] = [
+            ("query", query, problem.queryShape, types.query), ("key", key, problem.keyShape, types.keyValue),
+            ("value", value, problem.valueShape, types.keyValue), ("output", output, problem.outputShape, types.output),
         ]
-        for (name, want, got) in expected where want != got {
+        var extents: [(String, ClosedRange<UInt>)] = []
+        for (name, view, shape, expected) in operands {
+            guard view.storage == expected else {
+                throw .storageTypeMismatch(tensor: name, expected: expected.rawValue, actual: view.storage.rawValue)
+            }
+            let last = try Self.lastElement(of: view, shape: shape, name: name)
+            let start = UInt(bitPattern: view.address)
+            extents.append((name, start...(start + UInt((last + 1) * view.storage.byteSize) - 1)))
+        }
+        try Self.checkNoSelfOverlap(output.strides(for: problem.outputShape), shape: problem.outputShape)
+        let outputExtent = extents[3].1
+        for (name, extent) in extents.prefix(3) where extent.overlaps(outputExtent) {
+            throw .overlappingOutput("the output's memory overlaps the \(name)'s")
+        }
+        if let lse = logSumExp {
+            guard lse.count == problem.lseShape.reduce(1, *) else {
+                throw .outputSizeMismatch(
+                    buffer: "logSumExp", expectedCount: problem.lseShape.reduce(1, *), actualCount: lse.count)
+            }
+            if let base = lse.baseAddress {
+                let start = UInt(bitPattern: base)
+                if (start...(start + UInt(lse.count * 4) - 1)).overlaps(outputExtent) {
+                    throw .overlappingOutput("the log-sum-exp buffer overlaps the output")
+                }
+            }
+        }
+    }
+
+    /// The largest element index `view` addresses for `shape`, once it is within the buffer.
+    private static func lastElement(of view: TensorView, shape: [Int], name: String) throws(AttentionError) -> Int {
+        let s = view.strides(for: shape)
+        guard s.batch >= 0, s.head >= 0, s.sequence >= 0 else {
+            throw .invalidStrides(tensor: name, strides: [s.batch, s.head, s.sequence], reason: "strides must be >= 0")
+        }
+        var last = shape[3] - 1
+        for (extent, stride) in zip(shape.prefix(3), [s.batch, s.head, s.sequence]) {
+            let (step, o1) = (extent - 1).multipliedReportingOverflow(by: stride)
+            let (sum, o2) = last.addingReportingOverflow(step)
+            guard !o1, !o2 else {
+                throw .invalidStrides(tensor: name, strides: [s.batch, s.head, s.sequence], reason: "offsets overflow")
+            }
+            last = sum
+        }
+        if view.strides == nil, view.capacity != shape.reduce(1, *) {
+            // A dense buffer holds exactly its elements.
+            if name == "output" {
+                throw .outputSizeMismatch(buffer: name, expectedCount: shape.reduce(1, *), actualCount: view.capacity)
+            }
             throw .storageSizeMismatch(
-                tensor: name,
-                shape: name == "query" ? problem.queryShape : name == "key" ? problem.keyShape : problem.valueShape,
-                expectedCount: want, actualCount: got)
+                tensor: name, shape: shape, expectedCount: shape.reduce(1, *), actualCount: view.capacity)
         }
-        let outCount = problem.outputShape.reduce(1, *)
-        guard output.count == outCount else {
-            throw .outputSizeMismatch(buffer: "output", expectedCount: outCount, actualCount: output.count)
+        guard last < view.capacity else {
+            throw .invalidStrides(
+                tensor: name, strides: [s.batch, s.head, s.sequence],
+                reason:
+                    "the last element of shape \(shape) is at offset \(last), past the \(view.capacity) "
+                    + "elements of the buffer"
+            )
         }
-        if let lse = logSumExp, lse.count != problem.lseShape.reduce(1, *) {
-            throw .outputSizeMismatch(
-                buffer: "logSumExp", expectedCount: problem.lseShape.reduce(1, *), actualCount: lse.count)
+        return last
+    }
+
+    /// Distinct output elements must have distinct addresses: sorted by stride, each dimension's
+    /// stride must step over everything the smaller ones span.
+    private static func checkNoSelfOverlap(_ s: Strides, shape: [Int]) throws(AttentionError) {
+        var dims = [(stride: 1, extent: shape[3])]
+        for (stride, extent) in zip([s.batch, s.head, s.sequence], shape.prefix(3)) where extent > 1 {
+            dims.append((stride, extent))
+        }
+        dims.sort { $0.stride < $1.stride }
+        // `span`: the largest offset the smaller dimensions reach; the next one must start beyond it.
+        var span = 0
+        for dim in dims {
+            guard dim.stride > span else {
+                throw .overlappingOutput("output strides \(s) make different elements of shape \(shape) share memory")
+            }
+            span += (dim.extent - 1) * dim.stride
         }
     }
 }

@@ -32,6 +32,12 @@ public enum AttentionError: Error, Equatable, Sendable, CustomStringConvertible 
     /// A setting (an environment variable, a backend or instruction-set name) has a value this
     /// machine cannot honour; `reason` says why.
     case invalidConfiguration(setting: String, value: String, reason: String)
+    /// A tensor's storage type differs from the one the problem declares (`AttentionProblem.storage`).
+    case storageTypeMismatch(tensor: String, expected: String, actual: String)
+    /// Strides that are negative, overflow, or reach past the tensor's buffer.
+    case invalidStrides(tensor: String, strides: [Int], reason: String)
+    /// The output would overlap itself or an input.
+    case overlappingOutput(String)
     /// A backend name that is not `naive`, `blas`, `opencl` or `opencl:N`.
     case unknownBackend(name: String, reason: String)
     /// A file AttentionKit keeps (the tuned profile) could not be read or written.
@@ -68,6 +74,12 @@ public enum AttentionError: Error, Equatable, Sendable, CustomStringConvertible 
             return "backend \(backend) failed: \(message)"
         case .invalidConfiguration(let setting, let value, let reason):
             return "\(setting)=\(value) cannot be used: \(reason)"
+        case .storageTypeMismatch(let tensor, let expected, let actual):
+            return "\(tensor) is stored as \(actual), but the problem declares \(expected)"
+        case .invalidStrides(let tensor, let strides, let reason):
+            return "\(tensor) strides (batch, head, sequence) = \(strides) are invalid: \(reason)"
+        case .overlappingOutput(let message):
+            return "overlapping output: \(message)"
         case .unknownBackend(let name, let reason):
             return "unknown backend '\(name)': \(reason)"
         case .fileError(let path, let reason):

@@ -15,9 +15,14 @@ public struct AttentionProblem: Sendable, Equatable {
     public let options: AttentionOptions
     /// Where mask element (b, h, i, 0) lives, when there is a mask.
     public let maskLayout: MaskLayout?
+    /// How Q, K/V and O are stored (fp32 unless declared; arithmetic is fp32 regardless).
+    public let storage: StorageTypes
 
-    /// Validates shapes and options. Q: [B, Hq, Nq, D], K: [B, Hkv, Nk, D], V: [B, Hkv, Nk, Dv].
-    public init(query: [Int], key: [Int], value: [Int], options: AttentionOptions = .init()) throws(AttentionError) {
+    /// Validates shapes and options. Q: [B, Hq, Nq, D], K: [B, Hkv, Nk, D], V: [B, Hkv, Nk, Dv] (logical
+    /// shapes: the buffers may be strided); `storage` declares how the buffers hold their elements.
+    public init(
+        query: [Int], key: [Int], value: [Int], options: AttentionOptions = .init(), storage: StorageTypes = .f32
+    ) throws(AttentionError) {
         for (name, shape) in [("query", query), ("key", key), ("value", value)] {
             guard shape.count == 4 else {
                 throw .invalidRank(tensor: name, expected: "4 ([B, H, N, D])", actual: shape)
@@ -70,6 +75,7 @@ public struct AttentionProblem: Sendable, Equatable {
             maskLayout = nil
         }
         self.options = options
+        self.storage = storage
     }
 
     private static func layout(of shape: [Int], batch: Int, heads: Int, nq: Int, nk: Int) throws(AttentionError)
@@ -146,8 +152,9 @@ public struct AttentionProblem: Sendable, Equatable {
         return options.causal && queryLength == keyLength ? full / 2 : full
     }
 
-    /// Bytes of K and V read once (the floor for memory-bound decode).
+    /// Bytes of K and V read once in their storage type (the floor for memory-bound decode).
     public var keyValueBytes: Double {
-        4.0 * Double(batch) * Double(keyValueHeads) * Double(keyLength) * Double(headDim + valueDim)
+        Double(storage.keyValue.byteSize) * Double(batch) * Double(keyValueHeads) * Double(keyLength)
+            * Double(headDim + valueDim)
     }
 }

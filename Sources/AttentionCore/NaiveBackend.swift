@@ -17,9 +17,38 @@ public struct NaiveBackend: AttentionBackend {
     public func workspaceBytes(for problem: AttentionProblem) -> Int { 9 * problem.keyLength + 8 * problem.valueDim }
 
     public func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {
-        Self.compute(problem, query: buffers.query, key: buffers.key, value: buffers.value) { row, values, lse in
-            for (c, x) in values.enumerated() { buffers.output[row * problem.valueDim + c] = Float(x) }
+        let inputs = Inputs(problem, buffers.query, buffers.key, buffers.value)
+        let o = buffers.output
+        let os = o.strides(for: problem.outputShape)
+        let (nq, hq) = (problem.queryLength, problem.queryHeads)
+        Self.compute(problem, inputs) { row, values, lse in
+            let (i, h, b) = (row % nq, (row / nq) % hq, row / (nq * hq))
+            for (c, x) in values.enumerated() { o.store(Float(x), os, b, h, i, c) }
             buffers.logSumExp?[row] = Float(lse)
+        }
+    }
+
+    /// The three inputs as the reference reads them: any layout and storage type, widened to Double.
+    struct Inputs {
+        let q: TensorView, k: TensorView, v: TensorView
+        let qs: Strides, ks: Strides, vs: Strides
+
+        init(_ p: AttentionProblem, _ q: TensorView, _ k: TensorView, _ v: TensorView) {
+            (self.q, self.k, self.v) = (q, k, v)
+            (qs, ks, vs) = (q.strides(for: p.queryShape), k.strides(for: p.keyShape), v.strides(for: p.valueShape))
+        }
+
+        /// Runs `body` with dense fp32 tensors viewed as inputs.
+        static func withTensors<R>(
+            _ p: AttentionProblem, _ query: Tensor, _ key: Tensor, _ value: Tensor, _ body: (Inputs) -> R
+        ) -> R {
+            query.storage.withUnsafeBufferPointer { q in
+                key.storage.withUnsafeBufferPointer { k in
+                    value.storage.withUnsafeBufferPointer { v in
+                        body(Inputs(p, TensorView(q), TensorView(k), TensorView(v)))
+                    }
+                }
+            }
         }
     }
 
@@ -29,14 +58,10 @@ public struct NaiveBackend: AttentionBackend {
     ) -> (output: [Double], logSumExp: [Double]) {
         var out = [Double](repeating: 0, count: problem.outputShape.reduce(1, *))
         var lses = [Double](repeating: 0, count: problem.lseShape.reduce(1, *))
-        query.storage.withUnsafeBufferPointer { q in
-            key.storage.withUnsafeBufferPointer { k in
-                value.storage.withUnsafeBufferPointer { v in
-                    compute(problem, query: q, key: k, value: v) { row, values, lse in
-                        for (c, x) in values.enumerated() { out[row * problem.valueDim + c] = x }
-                        lses[row] = lse
-                    }
-                }
+        Inputs.withTensors(problem, query, key, value) { inputs in
+            compute(problem, inputs) { row, values, lse in
+                for (c, x) in values.enumerated() { out[row * problem.valueDim + c] = x }
+                lses[row] = lse
             }
         }
         return (out, lses)
@@ -47,28 +72,20 @@ public struct NaiveBackend: AttentionBackend {
     public static func reference(
         _ problem: AttentionProblem, query: Tensor, key: Tensor, value: Tensor, rows: [Int]
     ) -> [(row: Int, output: [Double], logSumExp: Double)] {
-        query.storage.withUnsafeBufferPointer { q in
-            key.storage.withUnsafeBufferPointer { k in
-                value.storage.withUnsafeBufferPointer { v in
-                    var scratch = RowScratch(problem)
-                    return rows.map { row in
-                        let (o, lse) = computeRow(problem, row: row, query: q, key: k, value: v, scratch: &scratch)
-                        return (row, o, lse)
-                    }
-                }
+        Inputs.withTensors(problem, query, key, value) { inputs in
+            var scratch = RowScratch(problem)
+            return rows.map { row in
+                let (o, lse) = computeRow(problem, row: row, inputs, scratch: &scratch)
+                return (row, o, lse)
             }
         }
     }
 
     /// Calls `emit(rowIndex, o_row, lse)` for each query row in [B, Hq, Nq] order.
-    static func compute(
-        _ p: AttentionProblem,
-        query: UnsafeBufferPointer<Float>, key: UnsafeBufferPointer<Float>, value: UnsafeBufferPointer<Float>,
-        emit: (Int, [Double], Double) -> Void
-    ) {
+    static func compute(_ p: AttentionProblem, _ inputs: Inputs, emit: (Int, [Double], Double) -> Void) {
         var scratch = RowScratch(p)
         for row in 0..<(p.batch * p.queryHeads * p.queryLength) {
-            let (o, lse) = computeRow(p, row: row, query: query, key: key, value: value, scratch: &scratch)
+            let (o, lse) = computeRow(p, row: row, inputs, scratch: &scratch)
             emit(row, o, lse)
         }
     }
@@ -86,14 +103,13 @@ public struct NaiveBackend: AttentionBackend {
     /// Scores and visibility of query `i` of head `h`, batch `b`, into `scratch`: the largest visible
     /// score, and whether a visible score is NaN.
     static func scoreRow(
-        _ p: AttentionProblem, batch b: Int, head h: Int, query i: Int,
-        query: UnsafeBufferPointer<Float>, key: UnsafeBufferPointer<Float>, scratch: inout RowScratch
+        _ p: AttentionProblem, batch b: Int, head h: Int, query i: Int, _ inputs: Inputs, scratch: inout RowScratch
     ) -> (rowMax: Double, poisoned: Bool) {
         let (d, nk) = (p.headDim, p.keyLength)
         let scale = Double(p.scale)
         let softcap = p.options.softcap.map(Double.init)
-        let kvBase = (b * p.keyValueHeads + h / p.groupSize) * nk
-        let qBase = ((b * p.queryHeads + h) * p.queryLength + i) * d
+        let g = h / p.groupSize
+        let query = (0..<d).map { Double(inputs.q.load(inputs.qs, b, h, i, $0)) }
         let (lo, hi) = p.visibleKeys(forQuery: i)
         var rowMax = -Double.infinity
         var poisoned = false
@@ -101,7 +117,7 @@ public struct NaiveBackend: AttentionBackend {
             // Visibility: causal/window range AND mask.
             var visible = j >= lo && j <= hi
             var s = 0.0
-            for c in 0..<d { s += Double(query[qBase + c]) * Double(key[(kvBase + j) * d + c]) }
+            for c in 0..<d { s += query[c] * Double(inputs.k.load(inputs.ks, b, g, j, c)) }
             s *= scale
             if let cap = softcap { s = cap * tanh(s / cap) }
             if let mask = p.options.mask, let layout = p.maskLayout {
@@ -123,27 +139,24 @@ public struct NaiveBackend: AttentionBackend {
 
     /// Output and log-sum-exp of one query row (flat index into [B, Hq, Nq]), in Double.
     static func computeRow(
-        _ p: AttentionProblem, row: Int,
-        query: UnsafeBufferPointer<Float>, key: UnsafeBufferPointer<Float>, value: UnsafeBufferPointer<Float>,
-        scratch: inout RowScratch
+        _ p: AttentionProblem, row: Int, _ inputs: Inputs, scratch: inout RowScratch
     ) -> ([Double], Double) {
         let (dv, nq, nk) = (p.valueDim, p.queryLength, p.keyLength)
         let (i, h, b) = (row % nq, (row / nq) % p.queryHeads, row / (nq * p.queryHeads))
-        let (rowMax, poisoned) = scoreRow(p, batch: b, head: h, query: i, query: query, key: key, scratch: &scratch)
+        let (rowMax, poisoned) = scoreRow(p, batch: b, head: h, query: i, inputs, scratch: &scratch)
         if poisoned || rowMax == .infinity {  // NaN, or exp(inf - inf): undefined
             return ([Double](repeating: .nan, count: dv), .nan)
         }
         if rowMax == -.infinity {  // no visible key
             return ([Double](repeating: 0, count: dv), -.infinity)
         }
-        let kvBase = (b * p.keyValueHeads + h / p.groupSize) * nk
+        let g = h / p.groupSize
         var sum = 0.0
         var out = [Double](repeating: 0, count: dv)
         for j in 0..<nk where scratch.visible[j] {
             let pj = exp(scratch.scores[j] - rowMax)
             sum += pj
-            let vBase = (kvBase + j) * dv
-            for c in 0..<dv { out[c] += pj * Double(value[vBase + c]) }
+            for c in 0..<dv { out[c] += pj * Double(inputs.v.load(inputs.vs, b, g, j, c)) }
         }
         for c in 0..<dv { out[c] /= sum }
         return (out, rowMax + log(sum))
@@ -157,18 +170,17 @@ public struct NaiveBackend: AttentionBackend {
     ) -> [Double?] {
         let (nq, nk) = (problem.queryLength, problem.keyLength)
         var result = [Double?](repeating: nil, count: nq * nk)
-        query.storage.withUnsafeBufferPointer { q in
-            key.storage.withUnsafeBufferPointer { k in
-                var scratch = RowScratch(problem)
-                for i in 0..<nq {
-                    let (rowMax, poisoned) = scoreRow(
-                        problem, batch: batch, head: head, query: i, query: q, key: k, scratch: &scratch)
-                    guard !poisoned, rowMax.isFinite else { continue }
-                    var sum = 0.0
-                    for j in 0..<nk where scratch.visible[j] { sum += exp(scratch.scores[j] - rowMax) }
-                    for j in 0..<nk where scratch.visible[j] {
-                        result[i * nk + j] = exp(scratch.scores[j] - rowMax) / sum
-                    }
+        // V is not read for probabilities; K stands in for it (same B, Hkv, Nk).
+        Inputs.withTensors(problem, query, key, key) { inputs in
+            var scratch = RowScratch(problem)
+            for i in 0..<nq {
+                let (rowMax, poisoned) = scoreRow(
+                    problem, batch: batch, head: head, query: i, inputs, scratch: &scratch)
+                guard !poisoned, rowMax.isFinite else { continue }
+                var sum = 0.0
+                for j in 0..<nk where scratch.visible[j] { sum += exp(scratch.scores[j] - rowMax) }
+                for j in 0..<nk where scratch.visible[j] {
+                    result[i * nk + j] = exp(scratch.scores[j] - rowMax) / sum
                 }
             }
         }

@@ -138,7 +138,17 @@ public struct OpenCLBackend: AttentionBackend {
 
     /// Bytes of every device buffer a call allocates (inputs, outputs, mask, temporaries).
     private func bufferBytes(_ p: AttentionProblem, choice: OpenCLKernelChoice) -> [Int] {
-        var sizes = [p.queryShape, p.keyShape, p.valueShape, p.outputShape, p.lseShape].map { 4 * $0.reduce(1, *) }
+        let types = p.storage
+        var sizes = [
+            types.query.byteSize * p.queryShape.reduce(1, *), types.keyValue.byteSize * p.keyShape.reduce(1, *),
+            types.keyValue.byteSize * p.valueShape.reduce(1, *), types.output.byteSize * p.outputShape.reduce(1, *),
+            4 * p.lseShape.reduce(1, *),
+        ]
+        // Dense fp32 copies of operands stored otherwise (strided fp32 views need them too; their
+        // layout is only known per call).
+        if types.query != .f32 { sizes.append(4 * p.queryShape.reduce(1, *)) }
+        if types.output != .f32 { sizes.append(4 * p.outputShape.reduce(1, *)) }
+        if types.keyValue != .f32, choice == .flash { sizes.append(4 * p.valueShape.reduce(1, *)) }
         if let mask = p.options.mask {
             switch mask.values {
             case .boolean(let values): sizes.append(values.count)
@@ -162,38 +172,38 @@ public struct OpenCLBackend: AttentionBackend {
     public func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {
         guard let device else { throw .unsupported(backend: name, reason: unavailableReason ?? "no OpenCL device") }
         let launch = try prepare(problem)
+        let q = try DeviceOperand(buffers.query, shape: problem.queryShape, name: "query", backend: name)
+        let k = try DeviceOperand(buffers.key, shape: problem.keyShape, name: "key", backend: name)
+        let v = try DeviceOperand(buffers.value, shape: problem.valueShape, name: "value", backend: name)
+        let o = try DeviceOperand(buffers.output, shape: problem.outputShape, name: "output", backend: name)
         let zeroCopy = device.info.isCPU || device.info.hostUnifiedMemory
         do {
             try device.withExecution { (state) throws(OpenCLError) in
                 let readOnly = Int32(CL_MEM_READ_ONLY)
-                let q = try state.buffer(
-                    bytes: buffers.query.count * 4, flags: readOnly, host: buffers.query.baseAddress,
-                    useHostMemory: zeroCopy)
-                let k = try state.buffer(
-                    bytes: buffers.key.count * 4, flags: readOnly, host: buffers.key.baseAddress,
-                    useHostMemory: zeroCopy)
-                let v = try state.buffer(
-                    bytes: buffers.value.count * 4, flags: readOnly, host: buffers.value.baseAddress,
-                    useHostMemory: zeroCopy)
+                func input(_ operand: DeviceOperand, _ view: TensorView) throws(OpenCLError) -> CLBuffer {
+                    try state.buffer(bytes: operand.bytes, flags: readOnly, host: view.address, useHostMemory: zeroCopy)
+                }
                 // The flash kernel accumulates in O, so outputs are read and written.
                 let readWrite = Int32(CL_MEM_READ_WRITE)
-                let o = try state.buffer(
-                    bytes: buffers.output.count * 4, flags: readWrite,
-                    host: zeroCopy ? UnsafeRawPointer(buffers.output.baseAddress) : nil, useHostMemory: zeroCopy)
+                let oHost = try state.buffer(
+                    bytes: o.bytes, flags: readWrite, host: zeroCopy ? UnsafeRawPointer(buffers.output.address) : nil,
+                    useHostMemory: zeroCopy)
                 let lseCount = problem.lseShape.reduce(1, *)
                 let lseHost = buffers.logSumExp.flatMap { zeroCopy ? UnsafeRawPointer($0.baseAddress) : nil }
                 let lse = try state.buffer(
                     bytes: lseCount * 4, flags: readWrite, host: lseHost, useHostMemory: lseHost != nil)
-                try execute(problem, launch, state: state, q: q, k: k, v: v, o: o, lse: lse)
+                let call = DeviceCall(
+                    q: (try input(q, buffers.query), q), k: (try input(k, buffers.key), k),
+                    v: (try input(v, buffers.value), v), o: (oHost, o), lse: lse)
+                try execute(problem, launch, call, state: state)
                 if zeroCopy {
-                    try state.synchronizeHostMemory(o)
+                    try state.synchronizeHostMemory(oHost)
                     if lseHost != nil { try state.synchronizeHostMemory(lse) }
                 } else {
-                    try state.read(
-                        o, into: UnsafeMutableRawPointer(buffers.output.baseAddress!), bytes: buffers.output.count * 4)
+                    try state.read(oHost, into: buffers.output.address, bytes: o.bytes)
                 }
-                if let host = buffers.logSumExp, lseHost == nil {
-                    try state.read(lse, into: UnsafeMutableRawPointer(host.baseAddress!), bytes: lseCount * 4)
+                if let host = buffers.logSumExp, let base = host.baseAddress, lseHost == nil {
+                    try state.read(lse, into: UnsafeMutableRawPointer(base), bytes: lseCount * 4)
                 }
             }
         } catch {
@@ -251,13 +261,19 @@ public struct OpenCLBackend: AttentionBackend {
                     backend: name, reason: "\(label) lives on another device (\(tensor.device.info.name))")
             }
         }
+        guard problem.storage == .f32 else {
+            throw .unsupported(
+                backend: name, reason: "device-resident tensors are fp32; this problem declares \(problem.storage)")
+        }
         let launch = try prepare(problem)
         do {
             return try device.withExecution { (state) throws(OpenCLError) in
                 let o = try state.buffer(bytes: 4 * problem.outputShape.reduce(1, *), flags: Int32(CL_MEM_READ_WRITE))
                 let lse = try state.buffer(bytes: 4 * problem.lseShape.reduce(1, *), flags: Int32(CL_MEM_READ_WRITE))
-                try execute(
-                    problem, launch, state: state, q: query.buffer, k: key.buffer, v: value.buffer, o: o, lse: lse)
+                let call = DeviceCall(
+                    q: (query.buffer, .dense(problem.queryShape)), k: (key.buffer, .dense(problem.keyShape)),
+                    v: (value.buffer, .dense(problem.valueShape)), o: (o, .dense(problem.outputShape)), lse: lse)
+                try execute(problem, launch, call, state: state)
                 return (
                     OpenCLTensor(shape: problem.outputShape, buffer: o, device: device),
                     OpenCLTensor(shape: problem.lseShape, buffer: lse, device: device)
@@ -275,6 +291,8 @@ public struct OpenCLBackend: AttentionBackend {
         var config: OpenCLKernelConfig
         var choice: OpenCLKernelChoice
         var source: String
+        /// Gather/scatter kernels for operands that are strided or not fp32.
+        var convertSource: String
     }
 
     /// Resolves configuration and program source before any device work; a build that lacks a kernel
@@ -292,10 +310,14 @@ public struct OpenCLBackend: AttentionBackend {
         guard let source = programs(file) else {
             throw .backendFailure(backend: name, message: "kernel program '\(file).cl' is missing from this build")
         }
-        return Launch(config: config, choice: choice, source: source)
+        guard let convertSource = programs("convert") else {
+            throw .backendFailure(backend: name, message: "kernel program 'convert.cl' is missing from this build")
+        }
+        return Launch(config: config, choice: choice, source: source, convertSource: convertSource)
     }
 
-    /// The buffers of one call: inputs, outputs, and the mask in whichever form it has.
+    /// The buffers of one call as the attention kernels see them: dense fp32 Q (and V for the flash
+    /// kernel), K and V as stored, a dense fp32 O, and the mask in whichever form it has.
     private struct CallBuffers {
         var q, k, v, o, lse: CLBuffer
         var additiveMask: CLBuffer
@@ -303,13 +325,19 @@ public struct OpenCLBackend: AttentionBackend {
     }
 
     private func execute(
-        _ p: AttentionProblem, _ launch: Launch, state: ExecutionState,
-        q: CLBuffer, k: CLBuffer, v: CLBuffer, o: CLBuffer, lse: CLBuffer
+        _ p: AttentionProblem, _ launch: Launch, _ call: DeviceCall, state: ExecutionState
     ) throws(OpenCLError) {
         var params = Self.parameters(p, keyPadding: launch.config.vectorWidth)
+        let (ks, vs) = (call.k.layout.strides, call.v.layout.strides)
+        (params.kStrideB, params.kStrideH, params.kStrideS) = (Int32(ks.batch), Int32(ks.head), Int32(ks.sequence))
+        (params.vStrideB, params.vStrideH, params.vStrideS) = (Int32(vs.batch), Int32(vs.head), Int32(vs.sequence))
+        let readWrite = Int32(CL_MEM_READ_WRITE)
+        let oDense =
+            call.o.layout.isDenseF32
+            ? call.o.buffer : try state.buffer(bytes: 4 * p.outputShape.reduce(1, *), flags: readWrite)
         var buffers = CallBuffers(
-            q: q, k: k, v: v, o: o, lse: lse, additiveMask: state.placeholder,
-            booleanMask: state.placeholder)
+            q: try denseF32(call.q, launch, state: state), k: call.k.buffer, v: call.v.buffer, o: oDense,
+            lse: call.lse, additiveMask: state.placeholder, booleanMask: state.placeholder)
         switch p.options.mask?.values {
         case nil:
             params.maskKind = 0
@@ -326,11 +354,57 @@ public struct OpenCLBackend: AttentionBackend {
         }
         switch launch.choice {
         case .flash:
-            try launchFlash(p, params, launch, buffers, state: state)
+            buffers.v = try denseF32(call.v, launch, state: state)
+            try launchFlash(p, params, launch, buffers, key: call.k.layout, state: state)
         case .splitKV(let splits, let keysPerSplit):
-            try launchSplitKV(p, params, launch, buffers, splits: splits, keysPerSplit: keysPerSplit, state: state)
+            try launchSplitKV(
+                p, params, launch, buffers, keyValueType: call.k.layout.type, splits: splits,
+                keysPerSplit: keysPerSplit, state: state)
         }
+        if !call.o.layout.isDenseF32 { try scatter(oDense, into: call.o, launch, state: state) }
         try state.finish()
+    }
+
+    /// The operand as dense fp32 [B, H, N, D]: itself, or a gathered copy.
+    private func denseF32(
+        _ operand: (buffer: CLBuffer, layout: DeviceOperand), _ launch: Launch, state: ExecutionState
+    ) throws(OpenCLError) -> CLBuffer {
+        let layout = operand.layout
+        guard !layout.isDenseF32 else { return operand.buffer }
+        let shape = layout.shape
+        let dense = try state.buffer(bytes: 4 * shape.reduce(1, *), flags: Int32(CL_MEM_READ_WRITE))
+        let options = "-cl-std=CL1.2 -w -DSRC_TYPE=\(layout.type.kernelCode)"
+        let gather = try state.kernel("gather_rows", source: launch.convertSource, options: options)
+        try gather.set(0, operand.buffer)
+        try gather.set(1, dense)
+        try setShapeArguments(gather, from: 2, layout)
+        try state.enqueue(gather, global: [shape[3], shape[2], shape[0] * shape[1]], local: nil)
+        return dense
+    }
+
+    /// Writes dense fp32 `source` into the operand's layout and storage type (rounded to nearest even).
+    private func scatter(
+        _ source: CLBuffer, into operand: (buffer: CLBuffer, layout: DeviceOperand), _ launch: Launch,
+        state: ExecutionState
+    ) throws(OpenCLError) {
+        let layout = operand.layout
+        let shape = layout.shape
+        let options = "-cl-std=CL1.2 -w -DDST_TYPE=\(layout.type.kernelCode)"
+        let scatter = try state.kernel("scatter_rows", source: launch.convertSource, options: options)
+        try scatter.set(0, source)
+        try scatter.set(1, operand.buffer)
+        try setShapeArguments(scatter, from: 2, layout)
+        try state.enqueue(scatter, global: [shape[3], shape[2], shape[0] * shape[1]], local: nil)
+    }
+
+    /// Arguments H, N, D and the strides (batch, head, sequence) of a conversion kernel.
+    private func setShapeArguments(_ kernel: CLKernel, from index: Int, _ layout: DeviceOperand) throws(OpenCLError) {
+        let s = layout.strides
+        for (offset, value) in [layout.shape[1], layout.shape[2], layout.shape[3], s.batch, s.head, s.sequence]
+            .enumerated()
+        {
+            try kernel.set(index + offset, value: Int32(value))
+        }
     }
 
     /// The kernels' parameter block (`AKParams` in common.cl); K padded to a multiple of `keyPadding`.
@@ -356,21 +430,27 @@ public struct OpenCLBackend: AttentionBackend {
 
     /// K re-laid in key blocks, then the flash kernel over row blocks.
     private func launchFlash(
-        _ p: AttentionProblem, _ params: AKParams, _ launch: Launch, _ b: CallBuffers, state: ExecutionState
+        _ p: AttentionProblem, _ params: AKParams, _ launch: Launch, _ b: CallBuffers, key: DeviceOperand,
+        state: ExecutionState
     ) throws(OpenCLError) {
         let cfg = launch.config
         let (vec, nkPad) = (cfg.vectorWidth, Int(params.NkPad))
         let kt = try state.buffer(
             bytes: 4 * p.batch * p.keyValueHeads * p.headDim * nkPad, flags: Int32(CL_MEM_READ_WRITE))
-        let transpose = try state.kernel("transpose_keys", source: launch.source, options: cfg.flashOptions)
+        // One program per K storage type: transpose_keys reads K as stored (the flash kernel is fp32).
+        let options = cfg.flashOptions + " -DK_TYPE=\(key.type.kernelCode)"
+        let transpose = try state.kernel("transpose_keys", source: launch.source, options: options)
         try transpose.set(0, b.k)
         try transpose.set(1, kt)
-        try transpose.set(2, value: Int32(p.keyLength))
-        try transpose.set(3, value: Int32(p.headDim))
-        try transpose.set(4, value: Int32(nkPad))
+        let ks = key.strides
+        for (index, value) in [p.keyLength, p.headDim, nkPad, p.keyValueHeads, ks.batch, ks.head, ks.sequence]
+            .enumerated()
+        {
+            try transpose.set(2 + index, value: Int32(value))
+        }
         try state.enqueue(transpose, global: [nkPad, p.headDim, p.batch * p.keyValueHeads], local: nil)
 
-        let flash = try state.kernel("flash_attention", source: launch.source, options: cfg.flashOptions)
+        let flash = try state.kernel("flash_attention", source: launch.source, options: options)
         for (i, buffer) in [b.q, kt, b.v, b.additiveMask, b.booleanMask, b.o, b.lse].enumerated() {
             try flash.set(i, buffer)
         }
@@ -387,13 +467,16 @@ public struct OpenCLBackend: AttentionBackend {
 
     /// Partial O and LSE per key slice, then the exact merge.
     private func launchSplitKV(
-        _ p: AttentionProblem, _ params: AKParams, _ launch: Launch, _ b: CallBuffers, splits: Int, keysPerSplit: Int,
-        state: ExecutionState
+        _ p: AttentionProblem, _ params: AKParams, _ launch: Launch, _ b: CallBuffers, keyValueType: StorageType,
+        splits: Int, keysPerSplit: Int, state: ExecutionState
     ) throws(OpenCLError) {
         let totalRows = p.batch * p.queryHeads * p.queryLength
         let oPart = try state.buffer(bytes: 4 * splits * totalRows * p.valueDim, flags: Int32(CL_MEM_READ_WRITE))
         let lsePart = try state.buffer(bytes: 4 * splits * totalRows, flags: Int32(CL_MEM_READ_WRITE))
-        let options = launch.config.decodeOptions(rows: p.groupSize * p.queryLength)
+        // K and V are read in place, as stored: one program per storage type.
+        let options =
+            launch.config.decodeOptions(rows: p.groupSize * p.queryLength)
+            + " -DKV_TYPE=\(keyValueType.kernelCode)"
         let partial = try state.kernel("decode_partial", source: launch.source, options: options)
         for (i, buffer) in [b.q, b.k, b.v, b.additiveMask, b.booleanMask, oPart, lsePart].enumerated() {
             try partial.set(i, buffer)
@@ -443,5 +526,54 @@ extension String {
     /// Decodes a NUL-terminated C string held in an array.
     init(cChars: [CChar]) {
         self = String(decoding: cChars.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}
+
+/// How one operand lies in a device buffer: storage type, strides, and the bytes it spans.
+struct DeviceOperand {
+    let type: StorageType
+    let strides: Strides
+    let shape: [Int]
+    /// Bytes from the first element to the end of the last.
+    let bytes: Int
+
+    var isDenseF32: Bool { type == .f32 && strides == .bhsd(shape) }
+
+    /// Dense fp32 [B, H, N, D] (device-resident tensors).
+    static func dense(_ shape: [Int]) -> DeviceOperand {
+        DeviceOperand(type: .f32, strides: .bhsd(shape), shape: shape, bytes: 4 * shape.reduce(1, *))
+    }
+
+    private init(type: StorageType, strides: Strides, shape: [Int], bytes: Int) {
+        (self.type, self.strides, self.shape, self.bytes) = (type, strides, shape, bytes)
+    }
+
+    /// A validated view (bounds and overlap are checked by `AttentionBuffers.check`); the kernels
+    /// take 32-bit strides, so larger ones are refused here.
+    init(_ view: TensorView, shape: [Int], name: String, backend: String) throws(AttentionError) {
+        let s = view.strides(for: shape)
+        guard [s.batch, s.head, s.sequence].allSatisfy({ $0 < Int(Int32.max) }) else {
+            throw .unsupported(
+                backend: backend, reason: "\(name) strides \(s) exceed the kernels' 32-bit index range")
+        }
+        let last = zip(shape.prefix(3), [s.batch, s.head, s.sequence]).reduce(shape[3] - 1) { $0 + ($1.0 - 1) * $1.1 }
+        self.init(type: view.storage, strides: s, shape: shape, bytes: (last + 1) * view.storage.byteSize)
+    }
+}
+
+/// The device buffers of one call with their layouts.
+struct DeviceCall {
+    var q, k, v, o: (buffer: CLBuffer, layout: DeviceOperand)
+    var lse: CLBuffer
+}
+
+extension StorageType {
+    /// The kernels' name for the storage type (KV_TYPE, K_TYPE, SRC_TYPE, DST_TYPE).
+    var kernelCode: Int {
+        switch self {
+        case .f32: return 0
+        case .f16: return 1
+        case .bf16: return 2
+        }
     }
 }

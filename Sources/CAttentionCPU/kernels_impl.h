@@ -280,6 +280,127 @@ static inline __attribute__((always_inline)) void map16(v16f (*f)(v16f), const f
     }
 }
 
+// ---- Storage-type conversions ----
+
+/// fp16 bits -> fp32, exact (portable bit manipulation; the vector paths use F16C where present).
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    const uint32_t exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+    uint32_t bits;
+    if (exponent == 0x1F) {
+        bits = sign | 0x7F800000u | mantissa << 13;
+    } else if (exponent == 0) {
+        float magnitude = (float)mantissa * 0x1p-24f;
+        return sign ? -magnitude : magnitude;
+    } else {
+        bits = sign | (exponent + 112) << 23 | mantissa << 13;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/// fp32 -> fp16 bits, round to nearest even; overflow to Inf; NaN quiet with its top payload bits.
+static inline uint16_t float_to_half(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    const uint16_t sign = (uint16_t)((bits >> 16) & 0x8000);
+    const int exponent = (int)((bits >> 23) & 0xFF);
+    const uint32_t mantissa = bits & 0x7FFFFF;
+    if (exponent == 0xFF) return sign | (mantissa ? (uint16_t)(0x7E00 | (mantissa >> 13)) : 0x7C00);
+    const int e = exponent - 112;
+    if (e >= 0x1F) return sign | 0x7C00;
+    if (e <= 0) {
+        if (e < -10) return sign;
+        const uint32_t significand = mantissa | 0x800000, shift = (uint32_t)(14 - e);
+        const uint32_t kept = significand >> shift, half = 1u << (shift - 1), rest = significand & ((1u << shift) - 1);
+        return sign | (uint16_t)((rest > half || (rest == half && (kept & 1))) ? kept + 1 : kept);
+    }
+    const uint32_t combined = (uint32_t)e << 10 | mantissa >> 13, rest = mantissa & 0x1FFF;
+    return sign | (uint16_t)((rest > 0x1000 || (rest == 0x1000 && (combined & 1))) ? combined + 1 : combined);
+}
+
+static inline float bf16_to_float(uint16_t b) {
+    const uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+typedef uint16_t v16u16_u __attribute__((vector_size(32), aligned(2), may_alias));
+typedef uint32_t v16u32 __attribute__((vector_size(64)));
+#if AK_HAS_F16C
+typedef _Float16 v16h_u __attribute__((vector_size(32), aligned(2), may_alias));
+#endif
+
+static inline void load_row_f16(const uint16_t *src, float *dst, ptrdiff_t cols) {
+    ptrdiff_t c = 0;
+#if AK_HAS_F16C
+    for (; c + 16 <= cols; c += 16) store16(dst + c, __builtin_convertvector(*(const v16h_u *)(src + c), v16f));
+#endif
+    for (; c < cols; c++) dst[c] = half_to_float(src[c]);
+}
+
+static inline void load_row_bf16(const uint16_t *src, float *dst, ptrdiff_t cols) {
+    ptrdiff_t c = 0;
+    for (; c + 16 <= cols; c += 16) {
+        v16u32 wide = __builtin_convertvector(*(const v16u16_u *)(src + c), v16u32) << 16;
+        store16(dst + c, (v16f)wide);
+    }
+    for (; c < cols; c++) dst[c] = bf16_to_float(src[c]);
+}
+
+static inline void store_row_f16(const float *src, uint16_t *dst, ptrdiff_t cols) {
+    ptrdiff_t c = 0;
+#if AK_HAS_F16C
+    for (; c + 16 <= cols; c += 16) *(v16h_u *)(dst + c) = __builtin_convertvector(load16(src + c), v16h_u);
+#endif
+    for (; c < cols; c++) dst[c] = float_to_half(src[c]);
+}
+
+static inline void store_row_bf16(const float *src, uint16_t *dst, ptrdiff_t cols) {
+    ptrdiff_t c = 0;
+    for (; c + 16 <= cols; c += 16) {
+        v16u32 bits = (v16u32)load16(src + c);
+        v16u32 rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+        v16u32 quiet = (bits >> 16) | 0x40;
+        v16u32 is_nan = (v16u32)((bits & 0x7FFFFFFF) > 0x7F800000);
+        *(v16u16_u *)(dst + c) = __builtin_convertvector((is_nan & quiet) | (~is_nan & rounded), v16u16_u);
+    }
+    for (; c < cols; c++) dst[c] = float_to_bf16(src[c]);
+}
+
+static void AK_FN(load_rows)(int dtype, const void *src, ptrdiff_t ld_src, ptrdiff_t rows, ptrdiff_t cols,
+                             float *dst, ptrdiff_t ld_dst) {
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        float *out = dst + r * ld_dst;
+        switch (dtype) {
+        case AK_DTYPE_F16: load_row_f16((const uint16_t *)src + r * ld_src, out, cols); break;
+        case AK_DTYPE_BF16: load_row_bf16((const uint16_t *)src + r * ld_src, out, cols); break;
+        default: memcpy(out, (const float *)src + r * ld_src, (size_t)cols * sizeof(float)); break;
+        }
+    }
+}
+
+static void AK_FN(store_rows)(int dtype, const float *src, ptrdiff_t ld_src, ptrdiff_t rows, ptrdiff_t cols,
+                              void *dst, ptrdiff_t ld_dst) {
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const float *in = src + r * ld_src;
+        switch (dtype) {
+        case AK_DTYPE_F16: store_row_f16(in, (uint16_t *)dst + r * ld_dst, cols); break;
+        case AK_DTYPE_BF16: store_row_bf16(in, (uint16_t *)dst + r * ld_dst, cols); break;
+        default: memcpy((float *)dst + r * ld_dst, in, (size_t)cols * sizeof(float)); break;
+        }
+    }
+}
+
 static void AK_FN(exp)(const float *x, float *y, ptrdiff_t count) { map16(exp16, x, y, count); }
 static void AK_FN(tanh)(const float *x, float *y, ptrdiff_t count) { map16(tanh16, x, y, count); }
 
@@ -294,6 +415,8 @@ const ak_cpu_kernels AK_CAT(ak_kernels, AK_SUFFIX) = {
     .dot_scores = AK_FN(dot_scores),
     .accumulate = AK_FN(accumulate),
     .finish = AK_FN(finish),
+    .load_rows = AK_FN(load_rows),
+    .store_rows = AK_FN(store_rows),
     .read_sum = AK_FN(read_sum),
     .exp = AK_FN(exp),
     .tanh = AK_FN(tanh),

@@ -28,6 +28,13 @@ enum {
     AK_ISA_NEON = 3,      ///< aarch64 Advanced SIMD (the aarch64 baseline)
 };
 
+/// Storage types of rows the conversion kernels read and write. The numeric values are stable.
+enum {
+    AK_DTYPE_F32 = 0,   ///< IEEE binary32
+    AK_DTYPE_F16 = 1,   ///< IEEE binary16
+    AK_DTYPE_BF16 = 2,  ///< bfloat16 (upper half of binary32)
+};
+
 typedef struct ak_cpu_kernels {
     /// One of AK_ISA_*.
     int isa;
@@ -65,6 +72,15 @@ typedef struct ak_cpu_kernels {
     /// key get zero O and -inf LSE, poisoned rows NaN. `lse` may be NULL.
     void (*finish)(ptrdiff_t rows, float *out, ptrdiff_t ldo, ptrdiff_t dv, const float *row_max,
                    const float *row_sum, float *_Nullable lse);
+
+    /// dst[r][c] = src row r, element c, widened to fp32, for r < rows and c < cols; source rows
+    /// are `ld_src` elements apart and stored as `dtype` (AK_DTYPE_*), destination rows `ld_dst`.
+    void (*load_rows)(int dtype, const void *src, ptrdiff_t ld_src, ptrdiff_t rows, ptrdiff_t cols, float *dst,
+                      ptrdiff_t ld_dst);
+
+    /// dst row r, element c = src[r][c] rounded to `dtype` (nearest, ties to even), r < rows, c < cols.
+    void (*store_rows)(int dtype, const float *src, ptrdiff_t ld_src, ptrdiff_t rows, ptrdiff_t cols, void *dst,
+                       ptrdiff_t ld_dst);
 
     /// The sum of `count` floats (a multiple of 64), read with the widest loads: a memory probe.
     float (*read_sum)(const float *data, ptrdiff_t count);

@@ -51,6 +51,8 @@ typedef struct AKParams {
     cl_int winLeft, winRight;
     cl_int maskKind;
     cl_int maskBatchStride, maskHeadStride;
+    cl_int kStrideB, kStrideH, kStrideS;
+    cl_int vStrideB, vStrideH, vStrideS;
 } AKParams;
 
 /// Opens the OpenCL ICD loader at `path` (NULL: "libOpenCL.so.1", then "libOpenCL.so") and fills
