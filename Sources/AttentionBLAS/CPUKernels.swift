@@ -33,6 +33,34 @@ public struct CPUKernels: @unchecked Sendable {
     /// tanh(x) with the kernels' approximation.
     public func tanh(_ x: [Float]) -> [Float] { map(x, table.pointee.tanh) }
 
+    /// `x` rounded to the 16-bit `type` by the kernels' store path (F16C/AVX-512 where present).
+    public func encode(_ x: [Float], as type: StorageType) -> [UInt16] {
+        var bits = [UInt16](repeating: 0, count: x.count)
+        let code = Int32(type == .bf16 ? AK_DTYPE_BF16 : AK_DTYPE_F16)
+        x.withUnsafeBufferPointer { src in
+            bits.withUnsafeMutableBytes { dst in
+                if let from = src.baseAddress, let to = dst.baseAddress {
+                    table.pointee.store_rows(code, from, 0, 1, x.count, to, 0)
+                }
+            }
+        }
+        return bits
+    }
+
+    /// 16-bit `type` values widened to fp32 by the kernels' load path.
+    public func decode(_ bits: [UInt16], as type: StorageType) -> [Float] {
+        var x = [Float](repeating: 0, count: bits.count)
+        let code = Int32(type == .bf16 ? AK_DTYPE_BF16 : AK_DTYPE_F16)
+        bits.withUnsafeBytes { src in
+            x.withUnsafeMutableBufferPointer { dst in
+                if let from = src.baseAddress, let to = dst.baseAddress {
+                    table.pointee.load_rows(code, from, 0, 1, bits.count, to, 0)
+                }
+            }
+        }
+        return x
+    }
+
     private func map(
         _ x: [Float], _ f: @convention(c) (UnsafePointer<Float>, UnsafeMutablePointer<Float>, Int) -> Void
     ) -> [Float] {
