@@ -177,25 +177,31 @@ struct TileKernel {
         while j0 <= last.hi {
             let j1 = min(last.hi + 1, j0 + tiling.keyBlock)
             let width = j1 - j0
-            let kv = keyValueBlock(batch: item.batch, group: group, start: j0, width: width)
-            if streaming {
-                cpu.dot_scores(rowCount, width, r.q, r.ldq, kv.k, kv.ldk, d, p.scale, scores, ld)
-            } else {
+            // Streaming products read K and V as stored (widened in registers); SGEMM needs fp32 rows.
+            let kv: (k: UnsafePointer<Float>, ldk: Int, v: UnsafePointer<Float>, ldv: Int)? =
+                streaming ? nil : keyValueBlock(batch: item.batch, group: group, start: j0, width: width)
+            if let kv {
                 cblas_sgemm(
                     CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rowCount), Int32(width), Int32(d),
                     p.scale, r.q, Int32(r.ldq), kv.k, Int32(kv.ldk), 0, scores, Int32(ld))
+            } else {
+                cpu.dot_scores(
+                    rowCount, width, r.q, r.ldq, k.dtype, k.row(item.batch, group, j0), k.strides.sequence, d, p.scale,
+                    scores, ld)
             }
             if let cap = p.options.softcap { cpu.softcap(scores, ld, rowCount, width, cap) }
             if hasMask || j0 < last.lo || j1 - 1 > first.hi {
                 applyVisibility(item, span: span, rows: rowCount, keyStart: j0, width: width)
             }
             cpu.softmax_update(scores, ld, rowCount, width, rowMax, rowSum, r.o, r.ldo, dv)
-            if streaming {
-                cpu.accumulate(rowCount, width, scores, ld, kv.v, kv.ldv, dv, r.o, r.ldo)
-            } else {
+            if let kv {
                 cblas_sgemm(
                     CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rowCount), Int32(dv), Int32(width),
                     1, scores, Int32(ld), kv.v, Int32(kv.ldv), 1, r.o, Int32(r.ldo))
+            } else {
+                cpu.accumulate(
+                    rowCount, width, scores, ld, v.dtype, v.row(item.batch, group, j0), v.strides.sequence, dv, r.o,
+                    r.ldo)
             }
             j0 = j1
         }

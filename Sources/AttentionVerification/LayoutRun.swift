@@ -44,7 +44,7 @@ public struct LayoutRun {
             try q.rounded(to: storage.query), try k.rounded(to: storage.keyValue), try v.rounded(to: storage.keyValue)
         )
         let reference = NaiveBackend.reference(base, query: rounded.0, key: rounded.1, value: rounded.2)
-        let memory = try LaidOutOperands(problem, layout: layout, q: rounded.0, k: rounded.1, v: rounded.2)
+        let memory = try OperandMemory(problem, layout: layout, q: rounded.0, k: rounded.1, v: rounded.2)
         defer { memory.deallocate() }
         var lse = [Float](repeating: .nan, count: problem.lseShape.reduce(1, *))
         var failure: AttentionError?
@@ -76,8 +76,9 @@ extension Tensor {
     }
 }
 
-/// The four operands of one call written into freshly allocated, NaN-filled memory in a layout.
-struct LaidOutOperands {
+/// The four operands of one call written into freshly allocated, NaN-filled memory in a layout and
+/// in the problem's storage types; `deallocate()` when done.
+public struct OperandMemory: @unchecked Sendable {
     struct Region {
         let memory: UnsafeMutableRawPointer
         let bytes: Int
@@ -85,11 +86,13 @@ struct LaidOutOperands {
         func deallocate() { memory.deallocate() }
     }
 
-    let problem: AttentionProblem
+    public let problem: AttentionProblem
     let regions: [Region]
-    let q: TensorView, k: TensorView, v: TensorView, o: TensorView
+    public let q: TensorView, k: TensorView, v: TensorView, o: TensorView
 
-    init(_ p: AttentionProblem, layout: OperandLayout, q: Tensor, k: Tensor, v: Tensor) throws(AttentionError) {
+    /// Lays out Q, K, V (logical [B, H, N, D] fp32 tensors, rounded to the problem's storage types as
+    /// they are written) and an output buffer.
+    public init(_ p: AttentionProblem, layout: OperandLayout, q: Tensor, k: Tensor, v: Tensor) throws(AttentionError) {
         problem = p
         let t = p.storage
         let (qs, ks, vs, os) = (p.queryShape, p.keyShape, p.valueShape, p.outputShape)
@@ -153,9 +156,9 @@ struct LaidOutOperands {
         write(v, into: self.v, shape: vs)
     }
 
-    func deallocate() { for r in regions { r.deallocate() } }
+    public func deallocate() { for r in regions { r.deallocate() } }
 
-    func buffers(logSumExp: UnsafeMutableBufferPointer<Float>) -> AttentionBuffers {
+    public func buffers(logSumExp: UnsafeMutableBufferPointer<Float>?) -> AttentionBuffers {
         AttentionBuffers(query: q, key: k, value: v, output: o, logSumExp: logSumExp)
     }
 
@@ -175,7 +178,7 @@ struct LaidOutOperands {
     }
 
     /// O in logical order, widened to fp32.
-    func readOutput() -> [Float] {
+    public func readOutput() -> [Float] {
         let shape = problem.outputShape
         let s = o.strides(for: shape)
         var out: [Float] = []
@@ -191,7 +194,7 @@ struct LaidOutOperands {
     }
 
     /// Whether the output region still holds NaN everywhere outside O's elements.
-    func outputPaddingIntact() -> Bool {
+    public func outputPaddingIntact() -> Bool {
         guard let region = regions.last(where: { $0.memory == o.address }) else { return true }
         let shape = problem.outputShape
         let s = o.strides(for: shape)
@@ -209,7 +212,7 @@ struct LaidOutOperands {
     }
 }
 
-extension LaidOutOperands.Region {
+extension OperandMemory.Region {
     /// The pattern a region starts with: NaN in its storage type.
     static func nanBits(_ type: StorageType) -> UInt32 {
         switch type {

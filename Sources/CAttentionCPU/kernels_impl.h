@@ -187,99 +187,6 @@ static void AK_FN(softmax_update)(float *scores, ptrdiff_t ld, ptrdiff_t rows, p
     }
 }
 
-static void AK_FN(dot_scores)(ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq, const float *k,
-                              ptrdiff_t ldk, ptrdiff_t d, float scale, float *scores, ptrdiff_t ld) {
-    const ptrdiff_t vector_end = d & ~(ptrdiff_t)15;
-    for (ptrdiff_t j = 0; j < width; j++) {
-        const float *k_row = k + j * ldk;
-        for (ptrdiff_t r = 0; r < rows; r++) {
-            const float *q_row = q + r * ldq;
-            v16f acc = splat(0.0f);
-            ptrdiff_t c = 0;
-            for (; c < vector_end; c += 16) acc = AK_FMA(load16(q_row + c), load16(k_row + c), acc);
-            float dot = hsum16(acc);
-            for (; c < d; c++) dot += q_row[c] * k_row[c];
-            scores[r * ld + j] = dot * scale;
-        }
-    }
-}
-
-static void AK_FN(accumulate)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, const float *v,
-                              ptrdiff_t ldv, ptrdiff_t dv, float *out, ptrdiff_t ldo) {
-    const ptrdiff_t vector_end = dv & ~(ptrdiff_t)15;
-    ptrdiff_t j = 0;
-    // Four keys at a time: each output vector is loaded and stored once per four V rows.
-    for (; j + 4 <= width; j += 4) {
-        const float *v0 = v + j * ldv, *v1 = v0 + ldv, *v2 = v1 + ldv, *v3 = v2 + ldv;
-        for (ptrdiff_t r = 0; r < rows; r++) {
-            const float *w = p + r * ld + j;
-            const float p0 = w[0], p1 = w[1], p2 = w[2], p3 = w[3];
-            float *o = out + r * ldo;
-            ptrdiff_t c = 0;
-            for (; c < vector_end; c += 16) {
-                v16f acc = load16(o + c);
-                acc = AK_FMA(splat(p0), load16(v0 + c), acc);
-                acc = AK_FMA(splat(p1), load16(v1 + c), acc);
-                acc = AK_FMA(splat(p2), load16(v2 + c), acc);
-                acc = AK_FMA(splat(p3), load16(v3 + c), acc);
-                store16(o + c, acc);
-            }
-            for (; c < dv; c++) o[c] += p0 * v0[c] + p1 * v1[c] + p2 * v2[c] + p3 * v3[c];
-        }
-    }
-    for (; j < width; j++) {
-        const float *v_row = v + j * ldv;
-        for (ptrdiff_t r = 0; r < rows; r++) {
-            const float weight = p[r * ld + j];
-            float *o = out + r * ldo;
-            ptrdiff_t c = 0;
-            for (; c < vector_end; c += 16) store16(o + c, AK_FMA(splat(weight), load16(v_row + c), load16(o + c)));
-            for (; c < dv; c++) o[c] += weight * v_row[c];
-        }
-    }
-}
-
-static void AK_FN(finish)(ptrdiff_t rows, float *out, ptrdiff_t ldo, ptrdiff_t dv, const float *row_max,
-                          const float *row_sum, float *lse) {
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        const float m = row_max[r], l = row_sum[r];
-        float *o = out + r * ldo;
-        if (m == -INFINITY && !isnan(l)) {
-            // No visible key: exactly zero output and -inf log-sum-exp.
-            memset(o, 0, (size_t)dv * sizeof(float));
-            if (lse) lse[r] = -INFINITY;
-        } else if (m == -INFINITY) {
-            for (ptrdiff_t c = 0; c < dv; c++) o[c] = NAN;
-            if (lse) lse[r] = NAN;
-        } else {
-            scale_row(o, dv, 1.0f / l);
-            if (lse) lse[r] = m + logf(l);
-        }
-    }
-}
-
-static float AK_FN(read_sum)(const float *data, ptrdiff_t count) {
-    v16f a = splat(0.0f), b = a, c = a, d = a;
-    for (ptrdiff_t i = 0; i + 64 <= count; i += 64) {
-        a += load16(data + i);
-        b += load16(data + i + 16);
-        c += load16(data + i + 32);
-        d += load16(data + i + 48);
-    }
-    return hsum16(a + b + c + d);
-}
-
-static inline __attribute__((always_inline)) void map16(v16f (*f)(v16f), const float *x, float *y, ptrdiff_t count) {
-    ptrdiff_t i = 0;
-    for (; i + 16 <= count; i += 16) store16(y + i, f(load16(x + i)));
-    if (i < count) {
-        float tail[16] = {0};
-        memcpy(tail, x + i, (size_t)(count - i) * sizeof(float));
-        store16(tail, f(load16(tail)));
-        memcpy(y + i, tail, (size_t)(count - i) * sizeof(float));
-    }
-}
-
 // ---- Storage-type conversions ----
 
 /// fp16 bits -> fp32, exact (portable bit manipulation; the vector paths use F16C where present).
@@ -375,6 +282,150 @@ static inline void store_row_bf16(const float *src, uint16_t *dst, ptrdiff_t col
         *(v16u16_u *)(dst + c) = __builtin_convertvector((is_nan & quiet) | (~is_nan & rounded), v16u16_u);
     }
     for (; c < cols; c++) dst[c] = float_to_bf16(src[c]);
+}
+
+/// 16 consecutive elements at index i of a row stored as `dtype`, widened to fp32. With a constant
+/// `dtype` (the always-inline bodies below) each case compiles to its own loop.
+static inline __attribute__((always_inline)) v16f load16_as(int dtype, const void *row, ptrdiff_t i) {
+    if (dtype == AK_DTYPE_F16) {
+#if AK_HAS_F16C
+        return __builtin_convertvector(*(const v16h_u *)((const uint16_t *)row + i), v16f);
+#else
+        float tmp[16];
+        for (int l = 0; l < 16; l++) tmp[l] = half_to_float(((const uint16_t *)row)[i + l]);
+        return load16(tmp);
+#endif
+    }
+    if (dtype == AK_DTYPE_BF16) {
+        return (v16f)(__builtin_convertvector(*(const v16u16_u *)((const uint16_t *)row + i), v16u32) << 16);
+    }
+    return load16((const float *)row + i);
+}
+
+static inline __attribute__((always_inline)) float load1_as(int dtype, const void *row, ptrdiff_t i) {
+    if (dtype == AK_DTYPE_F16) return half_to_float(((const uint16_t *)row)[i]);
+    if (dtype == AK_DTYPE_BF16) return bf16_to_float(((const uint16_t *)row)[i]);
+    return ((const float *)row)[i];
+}
+
+static inline ptrdiff_t dtype_size(int dtype) { return dtype == AK_DTYPE_F32 ? 4 : 2; }
+
+static inline __attribute__((always_inline)) void dot_scores_body(
+    int dtype, ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq, const void *k, ptrdiff_t ldk,
+    ptrdiff_t d, float scale, float *scores, ptrdiff_t ld) {
+    const ptrdiff_t vector_end = d & ~(ptrdiff_t)15;
+    for (ptrdiff_t j = 0; j < width; j++) {
+        const char *k_row = (const char *)k + j * ldk * dtype_size(dtype);
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            const float *q_row = q + r * ldq;
+            v16f acc = splat(0.0f);
+            ptrdiff_t c = 0;
+            for (; c < vector_end; c += 16) acc = AK_FMA(load16(q_row + c), load16_as(dtype, k_row, c), acc);
+            float dot = hsum16(acc);
+            for (; c < d; c++) dot += q_row[c] * load1_as(dtype, k_row, c);
+            scores[r * ld + j] = dot * scale;
+        }
+    }
+}
+
+static void AK_FN(dot_scores)(ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq, int k_dtype,
+                              const void *k, ptrdiff_t ldk, ptrdiff_t d, float scale, float *scores, ptrdiff_t ld) {
+    switch (k_dtype) {
+    case AK_DTYPE_F16: dot_scores_body(AK_DTYPE_F16, rows, width, q, ldq, k, ldk, d, scale, scores, ld); break;
+    case AK_DTYPE_BF16: dot_scores_body(AK_DTYPE_BF16, rows, width, q, ldq, k, ldk, d, scale, scores, ld); break;
+    default: dot_scores_body(AK_DTYPE_F32, rows, width, q, ldq, k, ldk, d, scale, scores, ld); break;
+    }
+}
+
+static inline __attribute__((always_inline)) void accumulate_body(
+    int dtype, ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, const void *v, ptrdiff_t ldv,
+    ptrdiff_t dv, float *out, ptrdiff_t ldo) {
+    const ptrdiff_t vector_end = dv & ~(ptrdiff_t)15;
+    const ptrdiff_t row_bytes = ldv * dtype_size(dtype);
+    ptrdiff_t j = 0;
+    // Four keys at a time: each output vector is loaded and stored once per four V rows.
+    for (; j + 4 <= width; j += 4) {
+        const char *v0 = (const char *)v + j * row_bytes, *v1 = v0 + row_bytes, *v2 = v1 + row_bytes,
+                   *v3 = v2 + row_bytes;
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            const float *w = p + r * ld + j;
+            const float p0 = w[0], p1 = w[1], p2 = w[2], p3 = w[3];
+            float *o = out + r * ldo;
+            ptrdiff_t c = 0;
+            for (; c < vector_end; c += 16) {
+                v16f acc = load16(o + c);
+                acc = AK_FMA(splat(p0), load16_as(dtype, v0, c), acc);
+                acc = AK_FMA(splat(p1), load16_as(dtype, v1, c), acc);
+                acc = AK_FMA(splat(p2), load16_as(dtype, v2, c), acc);
+                acc = AK_FMA(splat(p3), load16_as(dtype, v3, c), acc);
+                store16(o + c, acc);
+            }
+            for (; c < dv; c++) {
+                o[c] += p0 * load1_as(dtype, v0, c) + p1 * load1_as(dtype, v1, c) + p2 * load1_as(dtype, v2, c) +
+                        p3 * load1_as(dtype, v3, c);
+            }
+        }
+    }
+    for (; j < width; j++) {
+        const char *v_row = (const char *)v + j * row_bytes;
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            const float weight = p[r * ld + j];
+            float *o = out + r * ldo;
+            ptrdiff_t c = 0;
+            for (; c < vector_end; c += 16) store16(o + c, AK_FMA(splat(weight), load16_as(dtype, v_row, c), load16(o + c)));
+            for (; c < dv; c++) o[c] += weight * load1_as(dtype, v_row, c);
+        }
+    }
+}
+
+static void AK_FN(accumulate)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, int v_dtype,
+                              const void *v, ptrdiff_t ldv, ptrdiff_t dv, float *out, ptrdiff_t ldo) {
+    switch (v_dtype) {
+    case AK_DTYPE_F16: accumulate_body(AK_DTYPE_F16, rows, width, p, ld, v, ldv, dv, out, ldo); break;
+    case AK_DTYPE_BF16: accumulate_body(AK_DTYPE_BF16, rows, width, p, ld, v, ldv, dv, out, ldo); break;
+    default: accumulate_body(AK_DTYPE_F32, rows, width, p, ld, v, ldv, dv, out, ldo); break;
+    }
+}
+
+static void AK_FN(finish)(ptrdiff_t rows, float *out, ptrdiff_t ldo, ptrdiff_t dv, const float *row_max,
+                          const float *row_sum, float *lse) {
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const float m = row_max[r], l = row_sum[r];
+        float *o = out + r * ldo;
+        if (m == -INFINITY && !isnan(l)) {
+            // No visible key: exactly zero output and -inf log-sum-exp.
+            memset(o, 0, (size_t)dv * sizeof(float));
+            if (lse) lse[r] = -INFINITY;
+        } else if (m == -INFINITY) {
+            for (ptrdiff_t c = 0; c < dv; c++) o[c] = NAN;
+            if (lse) lse[r] = NAN;
+        } else {
+            scale_row(o, dv, 1.0f / l);
+            if (lse) lse[r] = m + logf(l);
+        }
+    }
+}
+
+static float AK_FN(read_sum)(const float *data, ptrdiff_t count) {
+    v16f a = splat(0.0f), b = a, c = a, d = a;
+    for (ptrdiff_t i = 0; i + 64 <= count; i += 64) {
+        a += load16(data + i);
+        b += load16(data + i + 16);
+        c += load16(data + i + 32);
+        d += load16(data + i + 48);
+    }
+    return hsum16(a + b + c + d);
+}
+
+static inline __attribute__((always_inline)) void map16(v16f (*f)(v16f), const float *x, float *y, ptrdiff_t count) {
+    ptrdiff_t i = 0;
+    for (; i + 16 <= count; i += 16) store16(y + i, f(load16(x + i)));
+    if (i < count) {
+        float tail[16] = {0};
+        memcpy(tail, x + i, (size_t)(count - i) * sizeof(float));
+        store16(tail, f(load16(tail)));
+        memcpy(y + i, tail, (size_t)(count - i) * sizeof(float));
+    }
 }
 
 static void AK_FN(load_rows)(int dtype, const void *src, ptrdiff_t ld_src, ptrdiff_t rows, ptrdiff_t cols,

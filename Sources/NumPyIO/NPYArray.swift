@@ -9,6 +9,8 @@ import Foundation
 public struct NPYArray: Sendable, Equatable {
     public enum Storage: Sendable, Equatable {
         case float32([Float])
+        /// IEEE binary16 bits, as a `<f2` file holds them (never widened unless asked).
+        case float16([UInt16])
         case bool([Bool])
     }
 
@@ -43,6 +45,14 @@ public struct NPYArray: Sendable, Equatable {
         self.fileDType = .float32
     }
 
+    /// An array of fp16 values given by their bits (written as `<f2`).
+    public init(shape: [Int], halfBits: [UInt16]) {
+        precondition(shape.reduce(1, *) == halfBits.count, "shape \(shape) does not match \(halfBits.count) values")
+        self.shape = shape
+        self.storage = .float16(halfBits)
+        self.fileDType = .float16
+    }
+
     public init(shape: [Int], bools: [Bool]) {
         precondition(shape.reduce(1, *) == bools.count, "shape \(shape) does not match \(bools.count) values")
         self.shape = shape
@@ -56,8 +66,18 @@ public struct NPYArray: Sendable, Equatable {
         self.fileDType = fileDType
     }
 
+    /// The values as fp32 (fp16 files widened exactly); nil for boolean arrays.
     public var floats: [Float]? {
-        if case .float32(let values) = storage { return values }
+        switch storage {
+        case .float32(let values): return values
+        case .float16(let bits): return bits.map(Float.init(halfBits:))
+        case .bool: return nil
+        }
+    }
+
+    /// The fp16 bits of a `<f2` file, as stored; nil for other dtypes.
+    public var halfBits: [UInt16]? {
+        if case .float16(let bits) = storage { return bits }
         return nil
     }
 
@@ -169,7 +189,7 @@ public struct NPYArray: Sendable, Equatable {
             case .float64:
                 return .float32((0..<count).map { Float(Double(bitPattern: word($0, UInt64.self))) })
             case .float16:
-                return .float32((0..<count).map { Float(halfBits: word($0, UInt16.self)) })
+                return .float16((0..<count).map { word($0, UInt16.self) })
             case .bool, .uint8:
                 return .bool((0..<count).map { bytes[$0] != 0 })
             }
@@ -187,11 +207,12 @@ public struct NPYArray: Sendable, Equatable {
 
     // MARK: Writing
 
-    /// The bytes of a version 1.0 file (`<f4` or `|b1`), header padded to 64 bytes as NumPy does.
+    /// The bytes of a version 1.0 file (`<f4`, `<f2` or `|b1`), header padded to 64 bytes as NumPy does.
     public func encoded() -> Data {
         let descr: String
         switch storage {
         case .float32: descr = "<f4"
+        case .float16: descr = "<f2"
         case .bool: descr = "|b1"
         }
         let shapeText = shape.count == 1 ? "(\(shape[0]),)" : "(" + shape.map(String.init).joined(separator: ", ") + ")"
@@ -211,6 +232,8 @@ public struct NPYArray: Sendable, Equatable {
                 for i in 0..<buffer.count { le[i] = buffer[i].bitPattern.littleEndian }
                 le.withUnsafeBytes { data.append(contentsOf: $0) }
             }
+        case .float16(let bits):
+            for b in bits { data.append(contentsOf: [UInt8(b & 0xFF), UInt8(b >> 8)]) }
         case .bool(let values):
             data.append(contentsOf: values.map { $0 ? UInt8(1) : 0 })
         }

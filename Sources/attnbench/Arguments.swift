@@ -53,3 +53,7 @@ func listValues(_ words: [String]) -> [String] {
     }
     return items
 }
+
+extension TensorLayout: ExpressibleByArgument {}
+extension StorageType: ExpressibleByArgument {}
+extension OperandLayout: ExpressibleByArgument {}

@@ -1,5 +1,6 @@
 import ArgumentParser
 import AttentionKit
+import AttentionVerification
 import Dispatch
 import Foundation
 import NumPyIO
@@ -8,8 +9,9 @@ struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Compute attention on .npy files.",
         discussion: """
-            Q [B, Hq, Nq, D], K [B, Hkv, Nk, D], V [B, Hkv, Nk, Dv] as .npy (<f4; <f8 and <f2 are converted).
-            The mask (optional) is |b1 (true = may attend) or float (added to scores), broadcastable to
+            Q [B, Hq, Nq, D], K [B, Hkv, Nk, D], V [B, Hkv, Nk, Dv] as .npy (<f4 or <f2; <f8 is converted), or
+            with --layout bshd [B, N, H, D] files (O is written in the same layout). A <f2 file stays fp16 for
+            the call unless --dtype/--kv-dtype say otherwise. The mask (optional) is |b1 (true = may attend) or float (added to scores), broadcastable to
             [B, Hq, Nq, Nk]. Causal masking is bottom-right aligned: query i sees key j iff j <= i + Nk - Nq.
             """
     )
@@ -44,6 +46,15 @@ struct Run: ParsableCommand {
         help: "Timed repetitions after a warm-up (0.2 s for short calls); prints median time and GFLOP/s to stderr.")
     var repetitions: Int?
     @Option(help: "Worker threads for the CPU backends (default: all cores).") var threads: Int?
+    @Option(help: "How the .npy files are laid out: bhsd ([B, H, N, D]) or bshd ([B, N, H, D]).")
+    var layout: TensorLayout = .bhsd
+    @Option(
+        help: ArgumentHelp(
+            "Storage of Q, K and V for the call: f32, f16 or bf16 (inputs rounded to nearest even first; "
+                + "default: f16 for <f2 files, else f32)."))
+    var dtype: StorageType?
+    @Option(help: "Storage of K and V for the call (overrides --dtype for them).") var kvDtype: StorageType?
+    @Option(help: "Storage of O: f32 (written as <f4) or f16 (written as <f2).") var outDtype: StorageType = .f32
     @Option(
         help: ArgumentHelp("BLAS tiling: query rows x key block (default: from the tiling table).", valueName: "RxK"))
     var tiling: BLASTiling?
@@ -51,18 +62,26 @@ struct Run: ParsableCommand {
     func validate() throws {
         if let repetitions, repetitions < 1 { throw ValidationError("--repeat must be >= 1") }
         if let threads, threads < 1 { throw ValidationError("--threads must be >= 1") }
+        if outDtype == .bf16 { throw ValidationError("--out-dtype: .npy has no bf16; use f32 or f16") }
+        if resident && (layout != .bhsd || dtype != nil || kvDtype != nil || outDtype != .f32) {
+            throw ValidationError("--resident times fp32 [B, H, N, D] tensors only")
+        }
     }
 
     func run() throws {
-        let q = try loadFloats(queryPath, role: "query")
-        let k = try loadFloats(keyPath, role: "key")
-        let v = try loadFloats(valuePath, role: "value")
+        let (q, qHalf) = try loadOperand(queryPath, role: "query", layout: layout)
+        let (k, kHalf) = try loadOperand(keyPath, role: "key", layout: layout)
+        let (v, vHalf) = try loadOperand(valuePath, role: "value", layout: layout)
         var options = AttentionOptions(scale: scale, softcap: softcap, causal: causal, window: window)
         if let maskPath { options.mask = try loadMask(maskPath) }
+        let storage = StorageTypes(
+            query: dtype ?? (qHalf ? .f16 : .f32), keyValue: kvDtype ?? dtype ?? (kHalf || vHalf ? .f16 : .f32),
+            output: outDtype)
 
         let problem: AttentionProblem
         do {
-            problem = try AttentionProblem(query: q.shape, key: k.shape, value: v.shape, options: options)
+            problem = try AttentionProblem(
+                query: q.shape, key: k.shape, value: v.shape, options: options, storage: storage)
         } catch {
             throw CLIError(
                 "\(error) (query: \(queryPath), key: \(keyPath), value: "
@@ -70,15 +89,32 @@ struct Run: ParsableCommand {
             )
         }
         let selection = try select(problem)
-        let result = try selection.backend.attention(problem, query: q, key: k, value: v)
-
-        try write(result.output, to: outPath)
-        if let lsePath { try write(result.logSumExp, to: lsePath) }
-        printError("\(selection.backend.name) (\(selection.reason)): O \(problem.outputShape) written to \(outPath)")
+        let memory = try OperandMemory(problem, layout: layout == .bhsd ? .bhsd : .bshd, q: q, k: k, v: v)
+        defer { memory.deallocate() }
+        var lse = [Float](repeating: 0, count: problem.lseShape.reduce(1, *))
+        try lse.withUnsafeMutableBufferPointer { buffer in
+            try selection.backend.forward(problem, memory.buffers(logSumExp: buffer))
+        }
+        try writeOutput(memory.readOutput(), problem.outputShape)
+        if let lsePath { try NPYArray(shape: problem.lseShape, floats: lse).write(to: lsePath) }
+        printError(
+            "\(selection.backend.name) (\(selection.reason)): O \(problem.outputShape) [\(storage), \(layout)] "
+                + "written to \(outPath)")
 
         if let repetitions {
-            let times = try time(selection.backend, problem, q, k, v, repetitions: repetitions)
+            let times = try time(selection.backend, problem, memory, (q, k, v), repetitions: repetitions)
             printError(describeTimes(times, backend: selection.backend, problem, repetitions: repetitions))
+        }
+    }
+
+    /// O (logical order, fp32) to `--out` in the files' layout and `--out-dtype`.
+    private func writeOutput(_ values: [Float], _ shape: [Int]) throws {
+        let stored = layout == .bhsd ? values : permuteHeadsAndPositions(values, shape)
+        let fileShape = layout.storedShape(shape)
+        if outDtype == .f16 {
+            try NPYArray(shape: fileShape, halfBits: stored.map(StorageType.encodeHalf)).write(to: outPath)
+        } else {
+            try NPYArray(shape: fileShape, floats: stored).write(to: outPath)
         }
     }
 
@@ -96,19 +132,19 @@ struct Run: ParsableCommand {
             backend: tuned, reason: "requested, \(described), \(tuned.kernelChoice(for: problem).choice)")
     }
 
-    /// Sorted seconds of `repetitions` timed calls (device-resident with `--resident`).
+    /// Sorted seconds of `repetitions` timed calls on the laid-out operands (device-resident fp32
+    /// tensors with `--resident`).
     private func time(
-        _ backend: any AttentionBackend, _ problem: AttentionProblem, _ q: Tensor, _ k: Tensor, _ v: Tensor,
-        repetitions: Int
+        _ backend: any AttentionBackend, _ problem: AttentionProblem, _ memory: OperandMemory,
+        _ tensors: (Tensor, Tensor, Tensor), repetitions: Int
     ) throws -> [Double] {
         guard resident else {
-            return try timeCalls(repetitions: repetitions, budget: .infinity) {
-                _ = try backend.attention(problem, query: q, key: k, value: v)
-            }
+            let buffers = memory.buffers(logSumExp: nil)
+            return try timeCalls(repetitions: repetitions, budget: .infinity) { try backend.forward(problem, buffers) }
         }
         guard case .opencl(let index) = backend.id else { throw CLIError("--resident needs --backend opencl") }
         let opencl = OpenCLBackend(device: index)
-        let (dq, dk, dv) = (try opencl.upload(q), try opencl.upload(k), try opencl.upload(v))
+        let (dq, dk, dv) = (try opencl.upload(tensors.0), try opencl.upload(tensors.1), try opencl.upload(tensors.2))
         return try timeCalls(repetitions: repetitions, budget: .infinity) {
             _ = try opencl.attention(problem, query: dq, key: dk, value: dv)
         }

@@ -59,13 +59,15 @@ typedef struct ak_cpu_kernels {
     void (*softmax_update)(float *scores, ptrdiff_t ld, ptrdiff_t rows, ptrdiff_t width, float *row_max,
                            float *row_sum, float *out, ptrdiff_t ldo, ptrdiff_t dv);
 
-    /// scores[r][j] = scale * dot(q[r], k[j]) for r < rows, j < width (d elements each):
-    /// K is read once, each of its rows used by every query row (few-row decode products).
-    void (*dot_scores)(ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq, const float *k,
+    /// scores[r][j] = scale * dot(q[r], k[j]) for r < rows, j < width (d elements each): K, stored
+    /// as `k_dtype` (AK_DTYPE_*) with rows `ldk` elements apart, is read once and widened in
+    /// registers, each of its rows used by every query row (few-row decode products).
+    void (*dot_scores)(ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq, int k_dtype, const void *k,
                        ptrdiff_t ldk, ptrdiff_t d, float scale, float *scores, ptrdiff_t ld);
 
-    /// out[r] += sum over j < width of p[r][j] * v[j] (dv elements each): V read once.
-    void (*accumulate)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, const float *v,
+    /// out[r] += sum over j < width of p[r][j] * v[j] (dv elements each): V, stored as `v_dtype`
+    /// with rows `ldv` elements apart, read once and widened in registers.
+    void (*accumulate)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, int v_dtype, const void *v,
                        ptrdiff_t ldv, ptrdiff_t dv, float *out, ptrdiff_t ldo);
 
     /// The end of the online softmax: O /= sum and lse = max + log(sum) per row; rows that saw no
