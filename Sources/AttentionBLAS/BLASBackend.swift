@@ -99,10 +99,42 @@ public struct BLASBackend: AttentionBackend {
 
     public func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) {
         let cpu = try kernels.get()
+        if let plan = KeySplitPlan.make(problem), KeySplitPlan.pays(problem, buffers, threads: threads) {
+            runKeySplit(problem, buffers, cpu, plan)
+            return
+        }
         let tile = tiling(for: problem)
         let items = WorkItem.plan(problem, tiling: tile, threads: threads)
-        let workers = min(threads, items.count)
         let maxRows = items.map(\.rows).max() ?? 1
+        parallel(items.count, problem, buffers, cpu, tile, maxRows: maxRows) { kernel, index in
+            kernel.process(items[index])
+        }
+    }
+
+    /// Decode-like problems: key ranges over all heads (see `KeySplitPlan`), then the exact merge.
+    private func runKeySplit(
+        _ problem: AttentionProblem, _ buffers: AttentionBuffers, _ cpu: CPUKernels, _ plan: KeySplitPlan
+    ) {
+        let partials = SplitPartials(problem, plan)
+        defer { partials.deallocate() }
+        let ranges = plan.ranges
+        parallel(problem.batch * ranges, problem, buffers, cpu, plan.tiling, maxRows: plan.rowsPerGroup) { kernel, i in
+            kernel.processKeyRange(batch: i / ranges, range: i % ranges, plan: plan, partials: partials)
+        }
+        parallel(problem.batch, problem, buffers, cpu, plan.tiling, maxRows: plan.rowsPerGroup) { kernel, b in
+            let row = UnsafeMutablePointer<Float>.allocate(capacity: problem.valueDim)
+            defer { row.deallocate() }
+            kernel.mergeKeyRanges(batch: b, plan: plan, partials: partials, row: row)
+        }
+    }
+
+    /// Runs `body(kernel, index)` for index 0..<count on the worker threads (dynamic scheduling, one
+    /// tile kernel per thread), with OpenBLAS single-threaded for the duration.
+    private func parallel(
+        _ count: Int, _ problem: AttentionProblem, _ buffers: AttentionBuffers, _ cpu: CPUKernels, _ tile: BLASTiling,
+        maxRows: Int, _ body: @escaping @Sendable (TileKernel, Int) -> Void
+    ) {
+        let workers = min(threads, count)
         let next = WorkCounter()
         withMaskPointer(problem.options.mask) { mask in
             openBLASSerialiser.withLock { _ in
@@ -115,8 +147,8 @@ public struct BLASBackend: AttentionBackend {
                     defer { kernel.deallocate() }
                     while true {
                         let index = next.value.add(1, ordering: .relaxed).oldValue
-                        guard index < items.count else { break }
-                        kernel.process(items[index])
+                        guard index < count else { break }
+                        body(kernel, index)
                     }
                 }
             }

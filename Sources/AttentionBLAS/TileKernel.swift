@@ -218,7 +218,7 @@ struct TileKernel {
     static let streamingRows = 8
 
     /// Sets invisible scores to -inf (causal/window bounds of each row) and applies the mask.
-    private func applyVisibility(_ item: WorkItem, span: Int, rows: Int, keyStart j0: Int, width: Int) {
+    func applyVisibility(_ item: WorkItem, span: Int, rows: Int, keyStart j0: Int, width: Int) {
         for r in 0..<rows {
             let i = item.queryStart + r % span
             let head = item.head + r / span

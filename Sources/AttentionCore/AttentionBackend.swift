@@ -148,6 +148,11 @@ public struct AttentionResult: Sendable, Equatable {
     /// [B, Hq, Nq]: m + log(l) per query, `-infinity` for rows with no visible key. Lets results over
     /// disjoint key ranges be merged exactly.
     public var logSumExp: Tensor
+
+    public init(output: Tensor, logSumExp: Tensor) {
+        self.output = output
+        self.logSumExp = logSumExp
+    }
 }
 
 /// What a backend would do with a problem: everything the dispatcher needs from it, in one call.

@@ -129,7 +129,7 @@ public struct AccuracyReport: Sendable, Equatable, CustomStringConvertible {
     /// reference. The log-sum-exp is not judged here.
     public static func sampled(
         _ problem: AttentionProblem, query q: Tensor, key k: Tensor, value v: Tensor, result: AttentionResult,
-        count: Int = 32
+        count: Int = 32, outputType: StorageType = .f32
     ) -> AccuracyReport {
         let total = problem.batch * problem.queryHeads * problem.queryLength
         let n = min(count, total)
@@ -145,7 +145,7 @@ public struct AccuracyReport: Sendable, Equatable, CustomStringConvertible {
         var report = output.withUnsafeBufferPointer { out in
             AccuracyReport(
                 output: out, logSumExp: nil, reference: reference, referenceLSE: referenceLSE,
-                valueDim: problem.valueDim)
+                valueDim: problem.valueDim, outputType: outputType)
         }
         report.rowsChecked = picks.count
         return report

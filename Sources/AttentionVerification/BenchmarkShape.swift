@@ -15,10 +15,10 @@ public struct ShapeSpec: Codable, Hashable, Sendable {
 
     public var regime: AttentionProblem.Regime { AttentionProblem.regime(queryLength: queryLength) }
 
-    public func problem() throws(AttentionError) -> AttentionProblem {
+    public func problem(storage: StorageTypes = .f32) throws(AttentionError) -> AttentionProblem {
         try AttentionProblem(
             query: [batch, queryHeads, queryLength, headDim], key: [batch, keyValueHeads, keyLength, headDim],
-            value: [batch, keyValueHeads, keyLength, valueDim], options: .init(causal: causal))
+            value: [batch, keyValueHeads, keyLength, valueDim], options: .init(causal: causal), storage: storage)
     }
 
     /// Reproducible inputs: Q, K, V uniform in [-1, 1] from seeds 1, 2, 3.

@@ -81,5 +81,11 @@ public enum ParitySweep {
             nq: 33, nk: 1500, d: 512, dv: 512,
             options: .init(softcap: 30, causal: true, window: .init(left: 700, right: 0)), label: "D 512 sliding window"
         ),
+        .init(
+            batch: 2, heads: (8, 2), nq: 3, nk: 5000, d: 64, dv: 48,
+            options: .init(causal: true, window: .init(left: 2500, right: -1)), label: "decode over several key ranges"),
+        .init(
+            heads: (4, 1), nq: 1, nk: 6000, d: 32, dv: 32,
+            options: .init(softcap: 20, window: .init(left: 100, right: 0)), label: "key ranges that see nothing"),
     ]
 }

@@ -61,6 +61,14 @@ public struct VerificationCase: Sendable, CustomStringConvertible {
         )
     }
 
+    /// The case of a benchmark shape (its inputs as `ShapeSpec.inputs()` makes them).
+    public init(_ shape: ShapeSpec) throws(AttentionError) {
+        self.init(
+            batch: shape.batch, heads: (shape.queryHeads, shape.keyValueHeads), nq: shape.queryLength,
+            nk: shape.keyLength, d: shape.headDim, dv: shape.valueDim, options: .init(causal: shape.causal),
+            label: shape.name)
+    }
+
     /// Naive work in multiply-adds, to keep sweeps affordable.
     public var work: Int { batch * heads.q * nq * nk * (d + dv) }
 }

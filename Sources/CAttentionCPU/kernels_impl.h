@@ -310,20 +310,42 @@ static inline __attribute__((always_inline)) float load1_as(int dtype, const voi
 
 static inline ptrdiff_t dtype_size(int dtype) { return dtype == AK_DTYPE_F32 ? 4 : 2; }
 
+/// Rows this far ahead are prefetched by the streaming kernels. Rows of one head that are far apart
+/// ([B, N, H, D] caches put H·D elements between them) each start a new page, where the hardware
+/// prefetcher stops; explicit prefetches keep the stream going.
+enum { AK_PREFETCH_ROWS = 8 };
+
+static inline __attribute__((always_inline)) void prefetch_row(const char *row, ptrdiff_t bytes) {
+    for (ptrdiff_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 0);
+}
+
+/// Query rows the streaming kernels keep in registers at once (larger row counts run in chunks).
+enum { AK_STREAM_ROWS = 8 };
+
 static inline __attribute__((always_inline)) void dot_scores_body(
     int dtype, ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq, const void *k, ptrdiff_t ldk,
     ptrdiff_t d, float scale, float *scores, ptrdiff_t ld) {
     const ptrdiff_t vector_end = d & ~(ptrdiff_t)15;
-    for (ptrdiff_t j = 0; j < width; j++) {
-        const char *k_row = (const char *)k + j * ldk * dtype_size(dtype);
-        for (ptrdiff_t r = 0; r < rows; r++) {
-            const float *q_row = q + r * ldq;
-            v16f acc = splat(0.0f);
+    const ptrdiff_t row_bytes = ldk * dtype_size(dtype), used_bytes = d * dtype_size(dtype);
+    for (ptrdiff_t r0 = 0; r0 < rows; r0 += AK_STREAM_ROWS) {
+        const ptrdiff_t n = rows - r0 < AK_STREAM_ROWS ? rows - r0 : AK_STREAM_ROWS;
+        const float *qs = q + r0 * ldq;
+        for (ptrdiff_t j = 0; j < width; j++) {
+            const char *k_row = (const char *)k + j * row_bytes;
+            if (j + AK_PREFETCH_ROWS < width) prefetch_row(k_row + AK_PREFETCH_ROWS * row_bytes, used_bytes);
+            // Each K element is loaded (and widened) once and used by every query row.
+            v16f acc[AK_STREAM_ROWS];
+            for (ptrdiff_t r = 0; r < n; r++) acc[r] = splat(0.0f);
             ptrdiff_t c = 0;
-            for (; c < vector_end; c += 16) acc = AK_FMA(load16(q_row + c), load16_as(dtype, k_row, c), acc);
-            float dot = hsum16(acc);
-            for (; c < d; c++) dot += q_row[c] * load1_as(dtype, k_row, c);
-            scores[r * ld + j] = dot * scale;
+            for (; c < vector_end; c += 16) {
+                const v16f kv = load16_as(dtype, k_row, c);
+                for (ptrdiff_t r = 0; r < n; r++) acc[r] = AK_FMA(load16(qs + r * ldq + c), kv, acc[r]);
+            }
+            for (ptrdiff_t r = 0; r < n; r++) {
+                float dot = hsum16(acc[r]);
+                for (ptrdiff_t t = c; t < d; t++) dot += qs[r * ldq + t] * load1_as(dtype, k_row, t);
+                scores[(r0 + r) * ld + j] = dot * scale;
+            }
         }
     }
 }
@@ -341,39 +363,52 @@ static inline __attribute__((always_inline)) void accumulate_body(
     int dtype, ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, const void *v, ptrdiff_t ldv,
     ptrdiff_t dv, float *out, ptrdiff_t ldo) {
     const ptrdiff_t vector_end = dv & ~(ptrdiff_t)15;
-    const ptrdiff_t row_bytes = ldv * dtype_size(dtype);
+    const ptrdiff_t row_bytes = ldv * dtype_size(dtype), used_bytes = dv * dtype_size(dtype);
     ptrdiff_t j = 0;
-    // Four keys at a time: each output vector is loaded and stored once per four V rows.
+    // Four keys at a time, each V chunk loaded (and widened) once: every output vector is loaded and
+    // stored once per four V rows.
     for (; j + 4 <= width; j += 4) {
         const char *v0 = (const char *)v + j * row_bytes, *v1 = v0 + row_bytes, *v2 = v1 + row_bytes,
                    *v3 = v2 + row_bytes;
-        for (ptrdiff_t r = 0; r < rows; r++) {
-            const float *w = p + r * ld + j;
-            const float p0 = w[0], p1 = w[1], p2 = w[2], p3 = w[3];
-            float *o = out + r * ldo;
-            ptrdiff_t c = 0;
-            for (; c < vector_end; c += 16) {
-                v16f acc = load16(o + c);
-                acc = AK_FMA(splat(p0), load16_as(dtype, v0, c), acc);
-                acc = AK_FMA(splat(p1), load16_as(dtype, v1, c), acc);
-                acc = AK_FMA(splat(p2), load16_as(dtype, v2, c), acc);
-                acc = AK_FMA(splat(p3), load16_as(dtype, v3, c), acc);
-                store16(o + c, acc);
+        for (ptrdiff_t a = AK_PREFETCH_ROWS; a < AK_PREFETCH_ROWS + 4 && j + a < width; a++)
+            prefetch_row(v0 + a * row_bytes, used_bytes);
+        ptrdiff_t c = 0;
+        for (; c < vector_end; c += 16) {
+            const v16f x0 = load16_as(dtype, v0, c), x1 = load16_as(dtype, v1, c), x2 = load16_as(dtype, v2, c),
+                       x3 = load16_as(dtype, v3, c);
+            for (ptrdiff_t r = 0; r < rows; r++) {
+                const float *w = p + r * ld + j;
+                float *o = out + r * ldo + c;
+                v16f acc = load16(o);
+                acc = AK_FMA(splat(w[0]), x0, acc);
+                acc = AK_FMA(splat(w[1]), x1, acc);
+                acc = AK_FMA(splat(w[2]), x2, acc);
+                acc = AK_FMA(splat(w[3]), x3, acc);
+                store16(o, acc);
             }
-            for (; c < dv; c++) {
-                o[c] += p0 * load1_as(dtype, v0, c) + p1 * load1_as(dtype, v1, c) + p2 * load1_as(dtype, v2, c) +
-                        p3 * load1_as(dtype, v3, c);
+        }
+        for (; c < dv; c++) {
+            const float x0 = load1_as(dtype, v0, c), x1 = load1_as(dtype, v1, c), x2 = load1_as(dtype, v2, c),
+                        x3 = load1_as(dtype, v3, c);
+            for (ptrdiff_t r = 0; r < rows; r++) {
+                const float *w = p + r * ld + j;
+                out[r * ldo + c] += w[0] * x0 + w[1] * x1 + w[2] * x2 + w[3] * x3;
             }
         }
     }
     for (; j < width; j++) {
         const char *v_row = (const char *)v + j * row_bytes;
-        for (ptrdiff_t r = 0; r < rows; r++) {
-            const float weight = p[r * ld + j];
-            float *o = out + r * ldo;
-            ptrdiff_t c = 0;
-            for (; c < vector_end; c += 16) store16(o + c, AK_FMA(splat(weight), load16_as(dtype, v_row, c), load16(o + c)));
-            for (; c < dv; c++) o[c] += weight * load1_as(dtype, v_row, c);
+        ptrdiff_t c = 0;
+        for (; c < vector_end; c += 16) {
+            const v16f x = load16_as(dtype, v_row, c);
+            for (ptrdiff_t r = 0; r < rows; r++) {
+                float *o = out + r * ldo + c;
+                store16(o, AK_FMA(splat(p[r * ld + j]), x, load16(o)));
+            }
+        }
+        for (; c < dv; c++) {
+            const float x = load1_as(dtype, v_row, c);
+            for (ptrdiff_t r = 0; r < rows; r++) out[r * ldo + c] += p[r * ld + j] * x;
         }
     }
 }

@@ -23,6 +23,13 @@ struct BenchOptions: ParsableArguments {
     @Option(
         parsing: .upToNextOption, help: ArgumentHelp("OpenCL device indices (default: every device).", valueName: "N"))
     var device: [String] = []
+    @Option(help: "Storage of Q, K, V and O for every shape: f32, f16 or bf16.") var dtype: StorageType?
+    @Option(help: "Storage of K and V for every shape (overrides --dtype for them).") var kvDtype: StorageType?
+    @Option(
+        help: ArgumentHelp(
+            "Operand layout for every shape: bhsd, bshd, cacheView (K/V as the first Nk rows of a larger cache), "
+                + "packedQKV (Q, K, V as views of one fused buffer; Nq = Nk shapes)."))
+    var layout: OperandLayout = .bhsd
     @Option(
         name: .customLong("repeat"),
         help: "Timed repetitions per cell (fewer when a cell would exceed its time budget).")
@@ -34,6 +41,11 @@ struct BenchOptions: ParsableArguments {
     func validate() throws {
         if repetitions < 1 { throw ValidationError("--repeat must be >= 1") }
         if cellBudget <= 0 || maxRunSeconds <= 0 { throw ValidationError("budgets must be > 0") }
+    }
+
+    /// The storage types every cell uses.
+    var storage: StorageTypes {
+        StorageTypes(query: dtype ?? .f32, keyValue: kvDtype ?? dtype ?? .f32, output: dtype ?? .f32)
     }
 
     func shapeSpecs() throws -> [ShapeSpec] { try listValues(shapes).map(ShapeSpec.parse) }
@@ -86,10 +98,15 @@ struct Bench: ParsableCommand {
     }
 }
 
-func runBench(shapes: [ShapeSpec], backends: [BenchBackend], options: BenchOptions, roofline: Roofline) -> [BenchRow] {
-    let engine = BenchEngine(
+func runBench(
+    shapes: [ShapeSpec], backends: [BenchBackend], options: BenchOptions, roofline: Roofline,
+    storage: StorageTypes? = nil
+) -> [BenchRow] {
+    var engine = BenchEngine(
         repetitions: options.repetitions, cellBudget: options.cellBudget,
         maxRunSeconds: options.maxRunSeconds, roofline: roofline)
+    engine.storage = storage ?? options.storage
+    engine.layout = options.layout
     let progress = Progress(total: shapes.count)
     var rows: [BenchRow] = []
     for shape in shapes {
@@ -97,7 +114,7 @@ func runBench(shapes: [ShapeSpec], backends: [BenchBackend], options: BenchOptio
         let summary = shapeRows.map { row in
             "\(row.backendName) " + (row.skipped != nil ? "skipped" : "\(format((row.medianSeconds ?? 0) * 1e3)) ms")
         }.joined(separator: ", ")
-        progress.step("\(shape.name): \(summary)")
+        progress.step("\(engine.label(shape)): \(summary)")
         rows += shapeRows
     }
     progress.finish()
@@ -144,7 +161,7 @@ func renderTable(_ rows: [BenchRow], roofline: Roofline) -> String {
                     + (r.repetitions > 1 ? " ±\(format(((r.maxSeconds ?? 0) - (r.minSeconds ?? 0)) * 500))" : "")
             } ?? "-"
         return Line(
-            shape: r.shape, backend: r.backendName, ms: ms, gflops: r.gflops.map(format) ?? "-",
+            shape: r.label, backend: r.backendName, ms: ms, gflops: r.gflops.map(format) ?? "-",
             roof: r.rooflineFraction.map { format($0) } ?? "-",
             gbps: r.keyValueGBps.map { "\(format($0)) (\(format(r.bandwidthFraction ?? 0)))" } ?? "",
             error: r.maxAbsError.map { format($0) + (r.withinTolerance == false ? " FAIL" : "") } ?? "-",

@@ -7,6 +7,10 @@ import Foundation
 struct BenchRow: Codable {
     var shape: String
     var shapeSummary: String
+    /// Storage of Q, K/V and O ("f32", or "q f16, kv f16, o f16").
+    var storage: String = StorageTypes.f32.description
+    /// How the operands were laid out (bhsd, bshd, cacheView, packedQKV).
+    var layout: String = OperandLayout.bhsd.description
     var backend: String
     var device: String
     var kernel: String?
@@ -28,6 +32,14 @@ struct BenchRow: Codable {
     var skipped: String?
     /// The row's label: a backend name ("naive", "blas", "opencl:N") or "auto".
     var backendName: String
+
+    /// The shape with its storage and layout when they are not the defaults ("decode-32k [kv f16]").
+    var label: String {
+        var label = shape
+        if storage != StorageTypes.f32.description { label += " [\(storage)]" }
+        if layout != OperandLayout.bhsd.description { label += " [\(layout)]" }
+        return label
+    }
 }
 
 /// One row source of a benchmark: a backend on its device, or the dispatcher's pick per call.
@@ -67,12 +79,11 @@ struct BenchBackend {
         return path.isEmpty ? nil : path
     }
 
-    func run(_ problem: AttentionProblem, _ q: Tensor, _ k: Tensor, _ v: Tensor) throws -> AttentionResult {
+    /// One call on laid-out operands.
+    func forward(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws {
         switch kind {
-        case .backend(let backend): return try backend.attention(problem, query: q, key: k, value: v)
-        case .auto:
-            return try BackendSelection.select(.auto, for: problem).backend.attention(
-                problem, query: q, key: k, value: v)
+        case .backend(let backend): try backend.forward(problem, buffers)
+        case .auto: try BackendSelection.select(.auto, for: problem).backend.forward(problem, buffers)
         }
     }
 
@@ -127,35 +138,70 @@ struct BenchEngine {
     var maxRunSeconds: Double
     var roofline: Roofline
 
+    /// How the operands of every cell are stored and laid out.
+    var storage = StorageTypes.f32
+    var layout = OperandLayout.bhsd
+
+    /// One shape's operands: the problem (with its storage types), the inputs as rounded to those
+    /// types (for the error against the reference), and the laid-out memory the calls use.
+    struct Inputs {
+        let problem: AttentionProblem
+        let rounded: (Tensor, Tensor, Tensor)
+        let memory: OperandMemory
+        let buffers: AttentionBuffers
+    }
+
+    /// The row label of a shape under this engine's storage and layout.
+    func label(_ shape: ShapeSpec) -> String {
+        var label = shape.name
+        if storage != .f32 { label += " [\(storage)]" }
+        if layout != .bhsd { label += " [\(layout)]" }
+        return label
+    }
+
     /// Every backend on one shape: a row each, skipped ones with the reason.
     func run(_ shape: ShapeSpec, on entries: [BenchBackend]) -> [BenchRow] {
         var rows = entries.map { entry in
             BenchRow(
-                shape: shape.name, shapeSummary: shape.summary, backend: entry.family, device: entry.device,
+                shape: shape.name, shapeSummary: shape.summary, storage: storage.description,
+                layout: layout.description, backend: entry.family, device: entry.device,
                 repetitions: 0, dispatcherPick: "", backendName: entry.label)
         }
         let problem: AttentionProblem
-        let inputs: (query: Tensor, key: Tensor, value: Tensor)
         do {
-            problem = try shape.problem()
+            problem = try shape.problem(storage: storage)
+            guard layout.fits(try VerificationCase(shape), storage) else {
+                throw CLIError("layout \(layout) needs Nq = Nk and one storage type for Q and K/V")
+            }
         } catch {
             for index in rows.indices { rows[index].skipped = "\(error)" }
             return rows
         }
         let active = admit(problem, entries, &rows)
         guard !active.isEmpty else { return rows }
+        let inputs: Inputs
         do {
-            inputs = try shape.inputs()
+            inputs = try makeInputs(shape, problem)
         } catch {
             for index in active { rows[index].skipped = "failed: \(error)" }
             return rows
         }
-        let running = firstCalls(problem, inputs, entries, active, &rows)
-        let times = timedRounds(problem, inputs, entries, running, &rows)
+        defer { inputs.memory.deallocate() }
+        let running = firstCalls(inputs, entries, active, &rows)
+        let times = timedRounds(inputs, entries, running, &rows)
         for index in running where rows[index].skipped == nil {
             record(times[index] ?? [], problem, shape, into: &rows[index])
         }
         return rows
+    }
+
+    private func makeInputs(_ shape: ShapeSpec, _ problem: AttentionProblem) throws -> Inputs {
+        let (q, k, v) = try shape.inputs()
+        let rounded = (
+            try q.rounded(to: storage.query), try k.rounded(to: storage.keyValue), try v.rounded(to: storage.keyValue)
+        )
+        let memory = try OperandMemory(problem, layout: layout, q: rounded.0, k: rounded.1, v: rounded.2)
+        return Inputs(problem: problem, rounded: rounded, memory: memory, buffers: memory.buffers(logSumExp: nil))
     }
 
     /// The dispatcher's pick, skip reasons and kernel notes; the indices of the entries that run.
@@ -177,25 +223,26 @@ struct BenchEngine {
     /// Per entry: one measured call (peak memory, error against the reference of sampled rows),
     /// then warm-up. Returns the entries that ran.
     private func firstCalls(
-        _ problem: AttentionProblem, _ inputs: (query: Tensor, key: Tensor, value: Tensor), _ entries: [BenchBackend],
-        _ active: [Int], _ rows: inout [BenchRow]
+        _ inputs: Inputs, _ entries: [BenchBackend], _ active: [Int], _ rows: inout [BenchRow]
     ) -> [Int] {
-        let (q, k, v) = inputs
+        let problem = inputs.problem
         var running: [Int] = []
         for index in active {
             let entry = entries[index]
             do {
-                var result: AttentionResult?
-                rows[index].peakExtraBytes = try PeakMemory.measure { result = try entry.run(problem, q, k, v) }
-                if let result {
-                    let error = AccuracyReport.sampled(problem, query: q, key: k, value: v, result: result)
-                    rows[index].maxAbsError = error.maxAbsError
-                    rows[index].maxRelError = error.maxRelError
-                    rows[index].nmse = error.nmse
-                    rows[index].errorRowsChecked = error.rowsChecked
-                    rows[index].withinTolerance = error.violations == 0
-                }
-                _ = try timeCalls(repetitions: 0, budget: 0) { _ = try entry.run(problem, q, k, v) }
+                rows[index].peakExtraBytes = try PeakMemory.measure { try entry.forward(problem, inputs.buffers) }
+                let output = try Tensor(shape: problem.outputShape, storage: inputs.memory.readOutput())
+                let lse = try Tensor(shape: problem.lseShape)
+                let (q, k, v) = inputs.rounded
+                let error = AccuracyReport.sampled(
+                    problem, query: q, key: k, value: v, result: AttentionResult(output: output, logSumExp: lse),
+                    outputType: storage.output)
+                rows[index].maxAbsError = error.maxAbsError
+                rows[index].maxRelError = error.maxRelError
+                rows[index].nmse = error.nmse
+                rows[index].errorRowsChecked = error.rowsChecked
+                rows[index].withinTolerance = error.violations == 0
+                _ = try timeCalls(repetitions: 0, budget: 0) { try entry.forward(problem, inputs.buffers) }
                 running.append(index)
             } catch {
                 rows[index].skipped = "failed: \(error)"
@@ -206,8 +253,7 @@ struct BenchEngine {
 
     /// Round-robin timed calls until each entry has `repetitions` or has spent its budget.
     private func timedRounds(
-        _ problem: AttentionProblem, _ inputs: (query: Tensor, key: Tensor, value: Tensor), _ entries: [BenchBackend],
-        _ running: [Int], _ rows: inout [BenchRow]
+        _ inputs: Inputs, _ entries: [BenchBackend], _ running: [Int], _ rows: inout [BenchRow]
     ) -> [Int: [Double]] {
         var times: [Int: [Double]] = [:]
         var spent: [Int: Double] = [:]
@@ -217,7 +263,7 @@ struct BenchEngine {
                 guard round == 0 || (spent[index] ?? 0) + last <= cellBudget else { continue }
                 let start = DispatchTime.now().uptimeNanoseconds
                 do {
-                    _ = try entries[index].run(problem, inputs.query, inputs.key, inputs.value)
+                    try entries[index].forward(inputs.problem, inputs.buffers)
                 } catch {
                     rows[index].skipped = "failed: \(error)"
                     continue

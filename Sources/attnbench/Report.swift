@@ -52,7 +52,15 @@ struct Report: ParsableCommand {
         let backends = try BenchBackend.all(
             names: options.backendNames(default: ["naive", "blas", "opencl"]), devices: try options.deviceIndices(),
             roofline: roofline)
-        let rows = runBench(shapes: shapes, backends: backends, options: options, roofline: roofline)
+        var rows = runBench(shapes: shapes, backends: backends, options: options, roofline: roofline)
+        // Inference keeps K/V caches in fp16: the decode shapes again with fp16 K/V.
+        let decodeShapes = shapes.filter { $0.regime == .decodeLike }
+        if options.storage.keyValue == .f32, !decodeShapes.isEmpty {
+            var fp16 = options.storage
+            fp16.keyValue = .f16
+            rows += runBench(
+                shapes: decodeShapes, backends: backends, options: options, roofline: roofline, storage: fp16)
+        }
 
         if let verification { print(renderVerification(verification) + "\n") }
         print(renderTable(rows, roofline: roofline))

@@ -11,7 +11,8 @@ struct Run: ParsableCommand {
         discussion: """
             Q [B, Hq, Nq, D], K [B, Hkv, Nk, D], V [B, Hkv, Nk, Dv] as .npy (<f4 or <f2; <f8 is converted), or
             with --layout bshd [B, N, H, D] files (O is written in the same layout). A <f2 file stays fp16 for
-            the call unless --dtype/--kv-dtype say otherwise. The mask (optional) is |b1 (true = may attend) or float (added to scores), broadcastable to
+            the call unless --dtype/--kv-dtype say otherwise. The mask (optional) is |b1 (true = may attend) or \
+            float (added to scores), broadcastable to
             [B, Hq, Nq, Nk]. Causal masking is bottom-right aligned: query i sees key j iff j <= i + Nk - Nq.
             """
     )

@@ -30,6 +30,8 @@ enum StorageSweep {
             VerificationCase(
                 heads: (4, 1), nq: 3, nk: 600, d: 32, dv: 32, options: .init(softcap: 10), label: "MQA short"),
             VerificationCase(
+                heads: (4, 2), nq: 1, nk: 4500, d: 32, dv: 16, options: .init(causal: true), label: "key ranges"),
+            VerificationCase(
                 heads: (2, 2), nq: 70, nk: 7, d: 16, dv: 16, options: .init(causal: true), label: "empty rows"),
             VerificationCase(
                 heads: (2, 2), nq: 130, nk: 130, d: 64, dv: 64, options: .init(causal: true), amplitude: 5,

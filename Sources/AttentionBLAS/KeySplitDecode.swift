@@ -1,0 +1,173 @@
+import AttentionCore
+import CAttentionCPU
+import Foundation
+
+/// Decode by key ranges: the CPU's split-KV.
+///
+/// Decode reads every K and V row once, so the order of the reads decides the speed. Splitting the
+/// work by K/V head (one item per head) makes each item walk rows that are H·D elements apart in a
+/// [B, N, H, D] cache, every row on a new page; and with one K/V head (MQA, batch 1) there is one item
+/// for all the cores. Here an item is a range of keys of one batch entry instead: it walks its keys in
+/// small blocks and, for each block, every K/V head in turn (adjacent memory in any layout), keeping
+/// one online softmax per query row of all heads. Each range ends in a normalised partial O and its
+/// log-sum-exp; the ranges are merged exactly through the LSEs. The number of ranges depends on Nk
+/// only, so results do not depend on the thread count.
+struct KeySplitPlan {
+    /// Key ranges per batch entry, and keys per range.
+    let ranges: Int
+    let rangeLength: Int
+    /// Keys per inner block (the score tile's width).
+    let block: Int
+    /// Query rows per K/V head: G · Nq.
+    let rowsPerGroup: Int
+
+    /// Keys per inner block: small enough that one block of every head stays in cache while the
+    /// heads are walked.
+    static let blockKeys = 128
+    /// Most query rows per K/V head the plan takes (the streaming kernels handle them 8 at a time).
+    static let maxRowsPerGroup = 32
+
+    /// The plan for a decode-like problem, or nil when the problem should be tiled by query blocks.
+    static func make(_ p: AttentionProblem) -> KeySplitPlan? {
+        let rows = p.groupSize * p.queryLength
+        guard p.regime == .decodeLike, rows <= maxRowsPerGroup else { return nil }
+        let ranges = min(16, max(1, (p.keyLength + 2047) / 2048))
+        let length = (p.keyLength + ranges - 1) / ranges
+        return KeySplitPlan(ranges: ranges, rangeLength: length, block: blockKeys, rowsPerGroup: rows)
+    }
+
+    /// Whether key ranges pay for this call: when a head's K or V rows are not adjacent in memory
+    /// ([B, N, H, D] caches, packed QKV views), or when there are fewer (batch, K/V head) items than
+    /// two per thread (MQA, batch 1). Otherwise one item per K/V head streams longer contiguous runs
+    /// (measured 11-13 ms against 15-17 ms on decode-32k fp32 [B, H, N, D] here).
+    static func pays(_ p: AttentionProblem, _ buffers: AttentionBuffers, threads: Int) -> Bool {
+        let ks = buffers.key.strides(for: p.keyShape)
+        let vs = buffers.value.strides(for: p.valueShape)
+        let contiguous = ks.sequence == p.headDim && vs.sequence == p.valueDim
+        return !contiguous || p.batch * p.keyValueHeads < 2 * threads
+    }
+
+    /// The tiling of the per-thread tiles: one score tile of a head's rows by a block of keys.
+    var tiling: BLASTiling { BLASTiling(queryRows: rowsPerGroup, keyBlock: block) }
+
+    /// Query rows of one batch entry (all heads), the unit of the partial buffers.
+    func rowsPerBatch(_ p: AttentionProblem) -> Int { p.queryHeads * p.queryLength }
+}
+
+/// Partial results of every key range: O rows [B, ranges, Hq·Nq, Dv] and LSEs [B, ranges, Hq·Nq].
+struct SplitPartials: @unchecked Sendable {
+    let output: UnsafeMutablePointer<Float>
+    let logSumExp: UnsafeMutablePointer<Float>
+    let rowMax: UnsafeMutablePointer<Float>
+    let rowSum: UnsafeMutablePointer<Float>
+
+    init(_ p: AttentionProblem, _ plan: KeySplitPlan) {
+        let rows = p.batch * plan.ranges * plan.rowsPerBatch(p)
+        output = .allocate(capacity: rows * p.valueDim)
+        logSumExp = .allocate(capacity: rows)
+        rowMax = .allocate(capacity: rows)
+        rowSum = .allocate(capacity: rows)
+    }
+
+    func deallocate() {
+        output.deallocate()
+        logSumExp.deallocate()
+        rowMax.deallocate()
+        rowSum.deallocate()
+    }
+}
+
+extension TileKernel {
+    /// Keys of range `range` of batch entry `b`, for every query row of the batch entry: writes the
+    /// range's normalised partial O and LSE.
+    func processKeyRange(batch b: Int, range: Int, plan: KeySplitPlan, partials: SplitPartials) {
+        let (d, dv, nq, g) = (p.headDim, p.valueDim, p.queryLength, p.groupSize)
+        let rowsPerBatch = plan.rowsPerBatch(p)
+        let firstPartialRow = (b * plan.ranges + range) * rowsPerBatch
+        let out = partials.output + firstPartialRow * dv
+        let rowMax = partials.rowMax + firstPartialRow
+        let rowSum = partials.rowSum + firstPartialRow
+        out.update(repeating: 0, count: rowsPerBatch * dv)
+        rowMax.update(repeating: -.infinity, count: rowsPerBatch)
+        rowSum.update(repeating: 0, count: rowsPerBatch)
+
+        // Keys any row can see within this range; rows of a head see [lo(last), hi(first)] entirely.
+        let first = p.visibleKeys(forQuery: 0)
+        let last = p.visibleKeys(forQuery: nq - 1)
+        let lo = max(range * plan.rangeLength, first.lo)
+        let hi = min((range + 1) * plan.rangeLength, p.keyLength, last.hi + 1)
+        let hasMask: Bool
+        if case .none = mask { hasMask = false } else { hasMask = true }
+        var j0 = lo
+        while j0 < hi {
+            let width = min(plan.block, hi - j0)
+            let needsVisibility = hasMask || j0 < last.lo || j0 + width - 1 > first.hi
+            for group in 0..<p.keyValueHeads {
+                let item = WorkItem(batch: b, head: group * g, headCount: g, queryStart: 0, queryEnd: nq, cost: 0)
+                let rows = plan.rowsPerGroup
+                let (query, ldq) = queryRows(of: item)
+                let o = out + group * rows * dv
+                cpu.dot_scores(
+                    rows, width, query, ldq, k.dtype, k.row(b, group, j0), k.strides.sequence, d, p.scale, scores, ld)
+                if let cap = p.options.softcap { cpu.softcap(scores, ld, rows, width, cap) }
+                if needsVisibility { applyVisibility(item, span: nq, rows: rows, keyStart: j0, width: width) }
+                cpu.softmax_update(scores, ld, rows, width, rowMax + group * rows, rowSum + group * rows, o, dv, dv)
+                cpu.accumulate(rows, width, scores, ld, v.dtype, v.row(b, group, j0), v.strides.sequence, dv, o, dv)
+            }
+            j0 += width
+        }
+        cpu.finish(rowsPerBatch, out, dv, dv, rowMax, rowSum, partials.logSumExp + firstPartialRow)
+    }
+
+    /// The fp32 query rows of an item's stacked heads: in place when uniformly strided, else gathered.
+    private func queryRows(of item: WorkItem) -> (UnsafePointer<Float>, Int) {
+        let (d, span) = (p.headDim, item.queryEnd - item.queryStart)
+        if q.type == .f32, let ldq = q.uniformRowStride(heads: item.headCount, span: span) {
+            return (
+                UnsafePointer(q.row(item.batch, item.head, item.queryStart).assumingMemoryBound(to: Float.self)), ldq
+            )
+        }
+        for hh in 0..<item.headCount {
+            cpu.load_rows(
+                q.dtype, q.row(item.batch, item.head + hh, item.queryStart), q.strides.sequence, span, d,
+                qTile! + hh * span * d, d)
+        }
+        return (UnsafePointer(qTile!), d)
+    }
+
+    /// The exact merge of the ranges of batch entry `b`: O = Σ e^(lse_r - M) O_r / Σ e^(lse_r - M),
+    /// LSE = M + log Σ e^(lse_r - M); rows that saw no key stay 0 / -inf, NaN rows stay NaN.
+    func mergeKeyRanges(
+        batch b: Int, plan: KeySplitPlan, partials: SplitPartials, row buffer: UnsafeMutablePointer<Float>
+    ) {
+        let (dv, nq) = (p.valueDim, p.queryLength)
+        let rowsPerBatch = plan.rowsPerBatch(p)
+        for row in 0..<rowsPerBatch {
+            var m = -Float.infinity
+            var poisoned = false
+            for r in 0..<plan.ranges {
+                let x = partials.logSumExp[(b * plan.ranges + r) * rowsPerBatch + row]
+                if x.isNaN { poisoned = true } else if x > m { m = x }
+            }
+            buffer.update(repeating: poisoned ? .nan : 0, count: dv)
+            var total: Float = 0
+            if !poisoned && m != -.infinity {
+                for r in 0..<plan.ranges {
+                    let partial = (b * plan.ranges + r) * rowsPerBatch + row
+                    let weight = expf(partials.logSumExp[partial] - m)
+                    guard weight > 0 else { continue }
+                    total += weight
+                    let source = partials.output + partial * dv
+                    for c in 0..<dv { buffer[c] += weight * source[c] }
+                }
+                let inverse = 1 / total
+                for c in 0..<dv { buffer[c] *= inverse }
+            }
+            let (h, n) = (row / nq, row % nq)
+            cpu.store_rows(o.dtype, buffer, dv, 1, dv, o.row(b, h, n), o.strides.sequence)
+            if let lse {
+                lse[b * rowsPerBatch + row] = poisoned ? .nan : m == -.infinity ? -.infinity : m + logf(total)
+            }
+        }
+    }
+}
