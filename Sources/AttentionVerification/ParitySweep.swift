@@ -83,7 +83,8 @@ public enum ParitySweep {
         ),
         .init(
             batch: 2, heads: (8, 2), nq: 3, nk: 5000, d: 64, dv: 48,
-            options: .init(causal: true, window: .init(left: 2500, right: -1)), label: "decode over several key ranges"),
+            options: .init(causal: true, window: .init(left: 2500, right: -1)),
+            label: "decode over several key ranges"),
         .init(
             heads: (4, 1), nq: 1, nk: 6000, d: 32, dv: 32,
             options: .init(softcap: 20, window: .init(left: 100, right: 0)), label: "key ranges that see nothing"),
