@@ -106,6 +106,43 @@ class Checker:
         self.record(ok, f"error: {name}", f"exit {r.returncode}, stderr {r.stderr.strip()!r}")
 
 
+def to_bf16(x):
+    """float32 -> bfloat16 (round to nearest even), widened back to float32."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint32) << 16
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def rounded(x, dtype):
+    x = np.asarray(x, np.float32)
+    return {"f32": x, "f16": x.astype(np.float16).astype(np.float32), "bf16": to_bf16(x)}[dtype]
+
+
+UNIT = {"f32": 0.0, "f16": 2.0**-11, "bf16": 2.0**-8}
+
+
+def typed_parity(c, name, q, k, v, layout="bhsd", qtype="f32", kvtype="f32", otype="f32", flags=(), **ref_kwargs):
+    """run with --layout/--dtype/--kv-dtype/--out-dtype against the reference of the rounded inputs."""
+    store = (lambda a: a) if layout == "bhsd" else (lambda a: np.ascontiguousarray(a.transpose(0, 2, 1, 3)))
+    for t, arr in (("q", q), ("k", k), ("v", v)):
+        np.save(c.path(f"{name}-{t}.npy"), store(arr))
+    args = ["--q", c.path(f"{name}-q.npy"), "--k", c.path(f"{name}-k.npy"), "--v", c.path(f"{name}-v.npy"),
+            "--out", c.path(f"{name}-o.npy"), "--layout", layout, "--dtype", qtype, "--kv-dtype", kvtype,
+            "--out-dtype", otype, *flags]
+    ro, _ = reference(rounded(q, qtype), rounded(k, kvtype), rounded(v, kvtype), **ref_kwargs)
+    ro = store(ro)
+    for backend in BACKENDS:
+        r = c.run(args + ["--backend", backend])
+        if r.returncode != 0:
+            c.record(False, f"{name} [{backend}]", r.stderr.strip())
+            continue
+        o = np.load(c.path(f"{name}-o.npy"))
+        want = np.float16 if otype == "f16" else np.float32
+        err = np.abs(o.astype(np.float64) - ro)
+        ok = o.dtype == want and o.shape == ro.shape and np.all(err <= ATOL + (RTOL + UNIT[otype]) * np.abs(ro))
+        c.record(ok, f"{name} [{backend}]", f"dtype {o.dtype}, shape {o.shape}, max err {err.max() if o.shape == ro.shape else '-'}")
+
+
 NO_OPENCL = os.environ.get("ATTNBENCH_EXPECT_NO_OPENCL") == "1"
 BACKENDS = ("naive", "blas", "auto") if NO_OPENCL else ("naive", "blas", "opencl", "auto")
 
@@ -218,6 +255,15 @@ def main():
         c.parity("float64-inputs", rng.standard_normal((1, 2, 7, 5)), rng.standard_normal((1, 2, 7, 5)), rng.standard_normal((1, 2, 7, 5)))
         c.parity("float16-inputs", f32(1, 2, 7, 5).astype(np.float16), f32(1, 2, 7, 5).astype(np.float16), f32(1, 2, 7, 5).astype(np.float16))
 
+        # Layouts and storage types: files in [B, N, H, D], inputs rounded to fp16/bf16, fp16 output.
+        typed_parity(c, "bshd-causal", f32(2, 4, 21, 16), f32(2, 2, 21, 16), f32(2, 2, 21, 8), layout="bshd",
+                     flags=["--causal"], causal=True)
+        typed_parity(c, "f16-io", f32(1, 4, 19, 32), f32(1, 4, 19, 32), f32(1, 4, 19, 32), qtype="f16", kvtype="f16",
+                     otype="f16", flags=["--window", "5,1"], window=(5, 1))
+        typed_parity(c, "bf16-kv-decode", f32(1, 8, 1, 64), f32(1, 2, 2500, 64), f32(1, 2, 2500, 64), kvtype="bf16")
+        typed_parity(c, "bshd-f16-kv-decode", f32(2, 8, 2, 32), f32(2, 2, 3000, 32), f32(2, 2, 3000, 32),
+                     layout="bshd", kvtype="f16", flags=["--causal"], causal=True)
+
         # Bad inputs: one line on stderr naming the problem, non-zero exit.
         q = f32(1, 2, 4, 8)
         np.save(c.path("q.npy"), q)
@@ -234,6 +280,11 @@ def main():
         with open(c.path("garbage.npy"), "wb") as f:
             f.write(b"not a numpy file at all")
         base = ["--q", c.path("q.npy"), "--k", c.path("k.npy"), "--v", c.path("v.npy"), "--out", c.path("o.npy")]
+
+        c.failure("bf16 .npy output", base + ["--out-dtype", "bf16"], "bf16")
+        np.save(c.path("q3.npy"), f32(2, 4, 8))
+        c.failure("bshd file of rank 3", ["--q", c.path("q3.npy"), "--k", c.path("k.npy"), "--v", c.path("v.npy"),
+                                          "--out", c.path("o.npy"), "--layout", "bshd"], "q3.npy")
 
         def swap(flag, name):
             args = list(base)

@@ -3,6 +3,42 @@ import AttentionCore
 /// The problems of `attnbench verify`: a fixed grid of shapes and features, then (unless `quick`)
 /// more fixed cases and seeded random problems.
 public enum VerificationGrid {
+    /// Storage combinations every layout is checked with: each of Q, K/V and O meets each type
+    /// somewhere, and the types of Q and K/V vary independently.
+    public static let storageCombinations: [StorageTypes] = [
+        .f32, StorageTypes(keyValue: .f16), StorageTypes(keyValue: .bf16),
+        StorageTypes(query: .f16, keyValue: .f16, output: .f16),
+        StorageTypes(query: .bf16, keyValue: .bf16, output: .bf16),
+        StorageTypes(query: .f16, keyValue: .f32, output: .bf16),
+        StorageTypes(query: .f32, keyValue: .bf16, output: .f16),
+    ]
+
+    /// Small problems the layout x storage matrix of `verify` runs (every layout fits the first
+    /// three; the last two are decode shapes: split-KV on OpenCL, key ranges on the CPU).
+    public static func layoutCases(quick: Bool, seed: UInt64) -> [VerificationCase] {
+        var cases = [
+            VerificationCase(
+                heads: (4, 2), nq: 33, nk: 33, d: 24, dv: 24, options: .init(causal: true), seed: seed,
+                label: "causal GQA"),
+            VerificationCase(
+                batch: 2, heads: (2, 2), nq: 40, nk: 40, d: 16, dv: 16,
+                options: .init(softcap: 5, window: .init(left: 7, right: 2)), seed: seed + 3,
+                label: "softcap window"),
+            VerificationCase(heads: (8, 2), nq: 1, nk: 1500, d: 64, dv: 64, seed: seed + 6, label: "GQA decode"),
+        ]
+        if !quick {
+            cases += [
+                VerificationCase(
+                    heads: (4, 4), nq: 65, nk: 65, d: 32, dv: 32, amplitude: 20, seed: seed + 9,
+                    label: "large logits"),
+                VerificationCase(
+                    heads: (4, 1), nq: 2, nk: 4500, d: 32, dv: 16, options: .init(causal: true),
+                    seed: seed + 12, label: "MQA decode, key ranges"),
+            ]
+        }
+        return cases
+    }
+
     public static func cases(quick: Bool, seed: UInt64) throws(AttentionError) -> [VerificationCase] {
         var cases = try fixed(seed: seed)
         if !quick {

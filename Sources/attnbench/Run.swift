@@ -63,13 +63,13 @@ struct Run: ParsableCommand {
     func validate() throws {
         if let repetitions, repetitions < 1 { throw ValidationError("--repeat must be >= 1") }
         if let threads, threads < 1 { throw ValidationError("--threads must be >= 1") }
-        if outDtype == .bf16 { throw ValidationError("--out-dtype: .npy has no bf16; use f32 or f16") }
-        if resident && (layout != .bhsd || dtype != nil || kvDtype != nil || outDtype != .f32) {
-            throw ValidationError("--resident times fp32 [B, H, N, D] tensors only")
-        }
     }
 
     func run() throws {
+        if outDtype == .bf16 { throw CLIError("--out-dtype: .npy has no bf16; use f32 or f16") }
+        if resident && (layout != .bhsd || dtype != nil || kvDtype != nil || outDtype != .f32) {
+            throw CLIError("--resident times fp32 [B, H, N, D] tensors only")
+        }
         let (q, qHalf) = try loadOperand(queryPath, role: "query", layout: layout)
         let (k, kHalf) = try loadOperand(keyPath, role: "key", layout: layout)
         let (v, vHalf) = try loadOperand(valuePath, role: "value", layout: layout)

@@ -31,7 +31,9 @@ struct Verify: ParsableCommand {
             tolerance |o - ref| <= 3e-4 + 2e-5 |ref| and the log-sum-exp, NaN where the reference has none, that \
             inputs \
             padded with NaN past their end give bitwise the same output (no out-of-bounds reads), and that two runs \
-            are bitwise equal. Exits non-zero on any failure.
+            are bitwise equal. Then every layout (bhsd, bshd, capacity-padded cache views, packed QKV views) \
+            with seven fp32/fp16/bf16 combinations of Q, K/V and O, against the reference of the rounded \
+            inputs (fp16/bf16 outputs allow one rounding of their type). Exits non-zero on any failure.
             """
     )
 
@@ -63,7 +65,8 @@ func verificationBackends() -> [(backend: any AttentionBackend, device: String)]
 func runVerification(quick: Bool, seed: UInt64) throws -> VerifyReport {
     let cases = try VerificationGrid.cases(quick: quick, seed: seed)
     let backends = verificationBackends()
-    let progress = Progress(total: cases.count)
+    let layoutSteps = OperandLayout.allCases.count
+    let progress = Progress(total: cases.count + layoutSteps)
     var cells: [VerifyCell] = []
     for vc in cases {
         let problem = try vc.problem()
@@ -78,9 +81,47 @@ func runVerification(quick: Bool, seed: UInt64) throws -> VerifyReport {
         }
         progress.step(vc.label)
     }
+    cells += try layoutCells(quick: quick, seed: seed, backends: backends, progress: progress)
     progress.finish()
     let failures = cells.filter { !$0.failures.isEmpty }.count
     return VerifyReport(cells: cells, passed: failures == 0, failures: failures)
+}
+
+/// Every backend on every layout x storage combination of a few problems (against the reference of
+/// the rounded inputs, with NaN around every operand and a check that nothing outside O is written).
+func layoutCells(
+    quick: Bool, seed: UInt64, backends: [(backend: any AttentionBackend, device: String)], progress: Progress
+) throws -> [VerifyCell] {
+    var cells: [VerifyCell] = []
+    for layout in OperandLayout.allCases {
+        for storage in VerificationGrid.storageCombinations {
+            for c in VerificationGrid.layoutCases(quick: quick, seed: seed) where layout.fits(c, storage) {
+                for (backend, device) in backends {
+                    var cell = VerifyCell(
+                        backend: backend.name, device: device, problem: "\(c.label) [\(layout), \(storage)]",
+                        maxAbsError: 0, maxRelError: 0, nmse: 0, failures: [])
+                    do {
+                        let run = try LayoutRun(backend, c, layout: layout, storage: storage)
+                        (cell.maxAbsError, cell.maxRelError, cell.nmse) = (
+                            run.report.maxAbsError, run.report.maxRelError, run.report.nmse
+                        )
+                        if run.report.violations > 0 {
+                            cell.failures.append("tolerance: \(run.report.violations) elements")
+                        }
+                        if run.report.lseViolations > 0 {
+                            cell.failures.append("log-sum-exp: \(run.report.lseViolations) rows")
+                        }
+                        if !run.outputPaddingIntact { cell.failures.append("wrote outside the output view") }
+                    } catch {
+                        cell.failures.append("error: \(error)")
+                    }
+                    cells.append(cell)
+                }
+            }
+        }
+        progress.step("layout \(layout) x \(VerificationGrid.storageCombinations.count) storage combinations")
+    }
+    return cells
 }
 
 func renderVerification(_ report: VerifyReport) -> String {

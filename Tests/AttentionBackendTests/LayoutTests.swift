@@ -10,13 +10,7 @@ import Testing
 /// Storage combinations of the layout sweep: each of Q, K/V and O meets each type somewhere, and
 /// the types of Q and K/V vary independently.
 enum StorageSweep {
-    static let combinations: [StorageTypes] = [
-        .f32, StorageTypes(keyValue: .f16), StorageTypes(keyValue: .bf16),
-        StorageTypes(query: .f16, keyValue: .f16, output: .f16),
-        StorageTypes(query: .bf16, keyValue: .bf16, output: .bf16),
-        StorageTypes(query: .f16, keyValue: .f32, output: .bf16),
-        StorageTypes(query: .f32, keyValue: .bf16, output: .f16),
-    ]
+    static let combinations = VerificationGrid.storageCombinations
 
     /// Small sweep cases (every feature of the sweep appears) plus the shapes that take other paths:
     /// GQA decode long enough for split-KV, MQA, early rows that see nothing, a key block boundary.
