@@ -8,6 +8,8 @@
 //   2. scale, softcap, causal/window bounds and mask (only on blocks that need them);
 //   3. online softmax per row (running max m and sum l; O rows rescaled when m moves);
 //   4. O += P V, accumulated in the output rows in global memory.
+// Q (fp32) and O (fp32) are addressed through their strides (any layout, in place); V through its
+// strides and storage type (KV_TYPE) unless it is staged in local memory (then the host gives dense fp32).
 // Key blocks no row can see are never visited. With USE_LOCAL the work-group stages each step's
 // K^T and V tiles in local memory (GPUs); without it every work-item reads them through the
 // cache (CPUs: PoCL vectorises the explicit float vectors, and local memory only adds copies).
@@ -42,7 +44,7 @@ __kernel void transpose_keys(__global const k_t *k, __global float *kt, int Nk, 
 }
 
 /// Global size (roundUp(ceil(Nq / ROWS), local size), B * Hq); local size (WG, 1).
-__kernel void flash_attention(__global const float *q, __global const float *kt, __global const float *v,
+__kernel void flash_attention(__global const float *q, __global const float *kt, __global const kv_t *v,
                               __global const float *maskF, __global const uchar *maskB,
                               __global float *o, __global float *lse, const Params p
 #if USE_LOCAL
@@ -69,15 +71,15 @@ __kernel void flash_attention(__global const float *q, __global const float *kt,
     const int fullLo = last.x, fullHi = first.y;
 
     const long rowBase = (long)bh * p.Nq + r0;
-    __global const float *qRows = q + rowBase * p.D;
-    __global float *oRows = o + rowBase * p.Dv;
+    __global const float *qRows = q + (long)b * p.qStrideB + (long)h * p.qStrideH + (long)r0 * p.qStrideS;
+    __global float *oRows = o + (long)b * p.oStrideB + (long)h * p.oStrideH + (long)r0 * p.oStrideS;
     const long kvHead = (long)b * p.Hkv + kvh;
     __global const float *ktHead = kt + kvHead * p.D * p.NkPad;
-    __global const float *vHead = v + kvHead * p.Nk * p.Dv;
+    __global const kv_t *vHead = v + (long)b * p.vStrideB + (long)kvh * p.vStrideH;
 
     long maskRows[ROWS];
     int qOffset[ROWS];
-    UNROLL for (int r = 0; r < ROWS; r++) qOffset[r] = min(r, max(nrows, 1) - 1) * p.D;
+    UNROLL for (int r = 0; r < ROWS; r++) qOffset[r] = min(r, max(nrows, 1) - 1) * p.qStrideS;
     float m[ROWS], l[ROWS];
     int poisoned[ROWS];
     float P[ROWS * VEC];
@@ -89,7 +91,7 @@ __kernel void flash_attention(__global const float *q, __global const float *kt,
     }
     for (int t = 0; t < ROWS * VEC; t++) P[t] = 0.0f;
     for (int r = 0; r < nrows; r++)
-        for (int c = 0; c < p.Dv; c++) oRows[r * p.Dv + c] = 0.0f;
+        for (int c = 0; c < p.Dv; c++) oRows[r * p.oStrideS + c] = 0.0f;
 
     for (int j0 = lo - lo % VEC; j0 <= hi; j0 += VEC) {
         const int jn = min(VEC, p.Nk - j0);
@@ -98,14 +100,16 @@ __kernel void flash_attention(__global const float *q, __global const float *kt,
         for (int idx = get_local_id(0); idx < p.D * VEC; idx += get_local_size(0))
             ktTile[idx] = ktHead[(long)j0 * p.D + idx];
         for (int idx = get_local_id(0); idx < VEC * p.Dv; idx += get_local_size(0))
-            vTile[idx] = idx / p.Dv < jn ? vHead[(long)j0 * p.Dv + idx] : 0.0f;
+            vTile[idx] = idx / p.Dv < jn ? KV_LOAD1(vHead, (long)(j0 + idx / p.Dv) * p.vStrideS + idx % p.Dv) : 0.0f;
         barrier(CLK_LOCAL_MEM_FENCE);
         KV_SPACE const float *ktStep = ktTile;
         KV_SPACE const float *vStep = vTile;
+        const long vRowStride = p.Dv;
         if (nrows == 0) continue;
 #else
         KV_SPACE const float *ktStep = ktHead + (long)j0 * p.D;  // block j0 / VEC, D x VEC floats
-        KV_SPACE const float *vStep = vHead + (long)j0 * p.Dv;
+        KV_SPACE const kv_t *vStep = vHead + (long)j0 * p.vStrideS;
+        const long vRowStride = p.vStrideS;
 #endif
         floatV dots[ROWS];
         UNROLL for (int r = 0; r < ROWS; r++) dots[r] = (floatV)(0.0f);
@@ -118,11 +122,11 @@ __kernel void flash_attention(__global const float *q, __global const float *kt,
             const floatV s = finish_scores(p, dots[r], r0 + r, j0, needsMasking, maskF, maskB, maskRows[r]);
             float alpha;
             const floatV e = softmax_step(s, &m[r], &l[r], &alpha, &poisoned[r]);
-            if (alpha != 1.0f) scale_row(oRows + r * p.Dv, p.Dv, alpha);
+            if (alpha != 1.0f) scale_row(oRows + r * p.oStrideS, p.Dv, alpha);
             vstoreV(e, 0, P + r * VEC);
         }
-        accumulate_pv(oRows, p.Dv, nrows, P, vStep, p.Dv, jn, p.Dv);
+        accumulate_pv(oRows, p.oStrideS, nrows, P, vStep, vRowStride, jn, p.Dv);
     }
     for (int r = 0; r < nrows; r++)
-        finish_row(oRows + r * p.Dv, p.Dv, lse + rowBase + r, m[r], l[r], poisoned[r]);
+        finish_row(oRows + r * p.oStrideS, p.Dv, lse + rowBase + r, m[r], l[r], poisoned[r]);
 }

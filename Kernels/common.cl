@@ -77,6 +77,8 @@ typedef struct {
     int maskBatchStride, maskHeadStride;
     int kStrideB, kStrideH, kStrideS;   // K element strides (batch, head, sequence) as the decode kernel reads it
     int vStrideB, vStrideH, vStrideS;   // V likewise
+    int qStrideB, qStrideH, qStrideS;   // Q (fp32) as the flash kernel reads it
+    int oStrideB, oStrideH, oStrideS;   // O (fp32) as the flash kernel writes it
 } Params;
 
 /// Visible key range [lo, hi] of query i under causal and window rules (empty when lo > hi).

@@ -328,16 +328,30 @@ public struct OpenCLBackend: AttentionBackend {
         _ p: AttentionProblem, _ launch: Launch, _ call: DeviceCall, state: ExecutionState
     ) throws(OpenCLError) {
         var params = Self.parameters(p, keyPadding: launch.config.vectorWidth)
-        let (ks, vs) = (call.k.layout.strides, call.v.layout.strides)
-        (params.kStrideB, params.kStrideH, params.kStrideS) = (Int32(ks.batch), Int32(ks.head), Int32(ks.sequence))
-        (params.vStrideB, params.vStrideH, params.vStrideS) = (Int32(vs.batch), Int32(vs.head), Int32(vs.sequence))
-        let readWrite = Int32(CL_MEM_READ_WRITE)
-        let oDense =
-            call.o.layout.isDenseF32
-            ? call.o.buffer : try state.buffer(bytes: 4 * p.outputShape.reduce(1, *), flags: readWrite)
+        let flash = launch.choice == .flash
+        // The flash kernel reads fp32 Q and writes fp32 O through their strides, and (unless V is staged
+        // in local memory) reads V as stored; the decode kernel reads K/V as stored and needs dense Q, O.
+        let qInPlace = flash ? call.q.layout.type == .f32 : call.q.layout.isDenseF32
+        let oInPlace = flash ? call.o.layout.type == .f32 : call.o.layout.isDenseF32
+        let vInPlace = !flash || !launch.config.useLocalMemory || call.v.layout.isDenseF32
+        typealias Operand = (buffer: CLBuffer, layout: DeviceOperand)
+        let q: Operand = qInPlace ? call.q : (try denseF32(call.q, launch, state: state), .dense(p.queryShape))
+        let v: Operand = vInPlace ? call.v : (try denseF32(call.v, launch, state: state), .dense(p.valueShape))
+        let o: Operand =
+            oInPlace
+            ? call.o
+            : (
+                try state.buffer(bytes: 4 * p.outputShape.reduce(1, *), flags: Int32(CL_MEM_READ_WRITE)),
+                DeviceOperand.dense(p.outputShape)
+            )
+        func strides(_ s: Strides) -> (Int32, Int32, Int32) { (Int32(s.batch), Int32(s.head), Int32(s.sequence)) }
+        (params.kStrideB, params.kStrideH, params.kStrideS) = strides(call.k.layout.strides)
+        (params.vStrideB, params.vStrideH, params.vStrideS) = strides(v.layout.strides)
+        (params.qStrideB, params.qStrideH, params.qStrideS) = strides(q.layout.strides)
+        (params.oStrideB, params.oStrideH, params.oStrideS) = strides(o.layout.strides)
         var buffers = CallBuffers(
-            q: try denseF32(call.q, launch, state: state), k: call.k.buffer, v: call.v.buffer, o: oDense,
-            lse: call.lse, additiveMask: state.placeholder, booleanMask: state.placeholder)
+            q: q.buffer, k: call.k.buffer, v: v.buffer, o: o.buffer, lse: call.lse, additiveMask: state.placeholder,
+            booleanMask: state.placeholder)
         switch p.options.mask?.values {
         case nil:
             params.maskKind = 0
@@ -354,14 +368,13 @@ public struct OpenCLBackend: AttentionBackend {
         }
         switch launch.choice {
         case .flash:
-            buffers.v = try denseF32(call.v, launch, state: state)
-            try launchFlash(p, params, launch, buffers, key: call.k.layout, state: state)
+            try launchFlash(p, params, launch, buffers, key: call.k.layout, valueType: v.layout.type, state: state)
         case .splitKV(let splits, let keysPerSplit):
             try launchSplitKV(
                 p, params, launch, buffers, keyValueType: call.k.layout.type, splits: splits,
                 keysPerSplit: keysPerSplit, state: state)
         }
-        if !call.o.layout.isDenseF32 { try scatter(oDense, into: call.o, launch, state: state) }
+        if !oInPlace { try scatter(o.buffer, into: call.o, launch, state: state) }
         try state.finish()
     }
 
@@ -431,14 +444,14 @@ public struct OpenCLBackend: AttentionBackend {
     /// K re-laid in key blocks, then the flash kernel over row blocks.
     private func launchFlash(
         _ p: AttentionProblem, _ params: AKParams, _ launch: Launch, _ b: CallBuffers, key: DeviceOperand,
-        state: ExecutionState
+        valueType: StorageType, state: ExecutionState
     ) throws(OpenCLError) {
         let cfg = launch.config
         let (vec, nkPad) = (cfg.vectorWidth, Int(params.NkPad))
         let kt = try state.buffer(
             bytes: 4 * p.batch * p.keyValueHeads * p.headDim * nkPad, flags: Int32(CL_MEM_READ_WRITE))
-        // One program per K storage type: transpose_keys reads K as stored (the flash kernel is fp32).
-        let options = cfg.flashOptions + " -DK_TYPE=\(key.type.kernelCode)"
+        // One program per K and V storage type: transpose_keys reads K as stored, the flash kernel V.
+        let options = cfg.flashOptions + " -DK_TYPE=\(key.type.kernelCode) -DKV_TYPE=\(valueType.kernelCode)"
         let transpose = try state.kernel("transpose_keys", source: launch.source, options: options)
         try transpose.set(0, b.k)
         try transpose.set(1, kt)

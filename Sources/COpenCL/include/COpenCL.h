@@ -53,6 +53,8 @@ typedef struct AKParams {
     cl_int maskBatchStride, maskHeadStride;
     cl_int kStrideB, kStrideH, kStrideS;
     cl_int vStrideB, vStrideH, vStrideS;
+    cl_int qStrideB, qStrideH, qStrideS;
+    cl_int oStrideB, oStrideH, oStrideS;
 } AKParams;
 
 /// Opens the OpenCL ICD loader at `path` (NULL: "libOpenCL.so.1", then "libOpenCL.so") and fills
