@@ -144,3 +144,87 @@ __kernel void decode_merge(__global const float *oPart, __global const float *ls
     }
     lse[row] = M + log(L);
 }
+
+/// Split-KV decode for K/V whose rows of one head are far apart ([B, N, H, D] caches): work-item
+/// (split, b) walks its key range VEC keys at a time and, for each step, every K/V head in turn, so
+/// that it reads adjacent memory whatever the layout. Each row's running max, sum and NaN flag live in
+/// `state` ([B*Hq*Nq, 3] floats, global) between heads; partial O and LSE are written as by
+/// decode_partial. Global size (numSplits, B).
+__kernel void decode_partial_heads(__global const float *q, __global const kv_t *k, __global const kv_t *v,
+                                   __global const float *maskF, __global const uchar *maskB,
+                                   __global float *oPart, __global float *lsePart, __global float *state,
+                                   const Params p, int splitLen, int numSplits) {
+    const int split = get_global_id(0), b = get_global_id(1);
+    if (split >= numSplits || b >= p.B) return;
+    const int G = p.Hq / p.Hkv;
+    const int rows = min(G * p.Nq, ROWS);
+    const long totalRows = (long)p.B * p.Hq * p.Nq;
+    const int2 first = visible_range(p, 0), last = visible_range(p, p.Nq - 1);
+    const int jBegin = max(split * splitLen, first.x);
+    const int jEnd = min(min(p.Nk, (split + 1) * splitLen), last.y + 1);
+    const int fullLo = last.x, fullHi = first.y;
+    for (int kvh = 0; kvh < p.Hkv; kvh++) {
+        const long rowBase = ((long)b * p.Hq + (long)kvh * G) * p.Nq;
+        __global float *oRows = oPart + ((long)split * totalRows + rowBase) * p.Dv;
+        for (int r = 0; r < rows; r++) {
+            for (int c = 0; c < p.Dv; c++) oRows[r * p.Dv + c] = 0.0f;
+            __global float *s = state + ((long)split * totalRows + rowBase + r) * 3;
+            s[0] = -INFINITY;
+            s[1] = 0.0f;
+            s[2] = 0.0f;
+        }
+    }
+    float P[ROWS * VEC];
+    float dots[ROWS * VEC];
+    for (int t = 0; t < ROWS * VEC; t++) P[t] = 0.0f;
+    for (int j0 = jBegin; j0 < jEnd; j0 += VEC) {
+        const int jn = min(VEC, jEnd - j0);
+        const int needsMasking = p.maskKind != 0 || j0 < fullLo || j0 + VEC - 1 > fullHi || j0 + VEC > p.Nk;
+        const intV inSplit = ((intV)(j0) + LANE_IDS) < (intV)(jEnd);
+        for (int kvh = 0; kvh < p.Hkv; kvh++) {
+            const long rowBase = ((long)b * p.Hq + (long)kvh * G) * p.Nq;
+            __global const float *qRows = q + rowBase * p.D;
+            __global float *oRows = oPart + ((long)split * totalRows + rowBase) * p.Dv;
+            __global float *rowState = state + ((long)split * totalRows + rowBase) * 3;
+            __global const kv_t *kHead = k + (long)b * p.kStrideB + (long)kvh * p.kStrideH;
+            __global const kv_t *vHead = v + (long)b * p.vStrideB + (long)kvh * p.vStrideH;
+            long maskRows[ROWS];
+            int qOffset[ROWS];
+            UNROLL for (int r = 0; r < ROWS; r++) {
+                const int rr = min(r, rows - 1);
+                maskRows[r] = (long)b * p.maskBatchStride + (long)(kvh * G + rr / p.Nq) * p.maskHeadStride
+                    + (long)(rr % p.Nq) * p.Nk;
+                qOffset[r] = rr * p.D;
+            }
+            for (int t = 0; t < VEC; t++) {
+                if (t < jn) {
+                    key_dots(kHead + (long)(j0 + t) * p.kStrideS, qRows, qOffset, p.D, dots, t);
+                } else {
+                    UNROLL for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = 0.0f;
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                floatV s = finish_scores(p, vloadV(0, dots + r * VEC), r % p.Nq, j0, needsMasking, maskF, maskB,
+                                         maskRows[r]);
+                s = select((floatV)(-INFINITY), s, inSplit);
+                float m = rowState[r * 3], l = rowState[r * 3 + 1], alpha;
+                int poisoned = rowState[r * 3 + 2] != 0.0f;
+                const floatV e = softmax_step(s, &m, &l, &alpha, &poisoned);
+                rowState[r * 3] = m;
+                rowState[r * 3 + 1] = l;
+                rowState[r * 3 + 2] = poisoned ? 1.0f : 0.0f;
+                if (alpha != 1.0f) scale_row(oRows + r * p.Dv, p.Dv, alpha);
+                vstoreV(e, 0, P + r * VEC);
+            }
+            accumulate_pv(oRows, p.Dv, rows, P, vHead + (long)j0 * p.vStrideS, p.vStrideS, jn, p.Dv);
+        }
+    }
+    for (int kvh = 0; kvh < p.Hkv; kvh++) {
+        const long rowBase = ((long)b * p.Hq + (long)kvh * G) * p.Nq;
+        __global float *oRows = oPart + ((long)split * totalRows + rowBase) * p.Dv;
+        __global float *rowState = state + ((long)split * totalRows + rowBase) * 3;
+        for (int r = 0; r < rows; r++)
+            finish_row(oRows + r * p.Dv, p.Dv, lsePart + (long)split * totalRows + rowBase + r, rowState[r * 3],
+                       rowState[r * 3 + 1], rowState[r * 3 + 2] != 0.0f);
+    }
+}

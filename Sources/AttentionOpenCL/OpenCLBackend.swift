@@ -370,8 +370,9 @@ public struct OpenCLBackend: AttentionBackend {
         case .flash:
             try launchFlash(p, params, launch, buffers, key: call.k.layout, valueType: v.layout.type, state: state)
         case .splitKV(let splits, let keysPerSplit):
+            let adjacent = call.k.layout.strides.sequence == p.headDim && call.v.layout.strides.sequence == p.valueDim
             try launchSplitKV(
-                p, params, launch, buffers, keyValueType: call.k.layout.type, splits: splits,
+                p, params, launch, buffers, keyValueType: call.k.layout.type, acrossHeads: !adjacent, splits: splits,
                 keysPerSplit: keysPerSplit, state: state)
         }
         if !oInPlace { try scatter(o.buffer, into: call.o, launch, state: state) }
@@ -481,7 +482,7 @@ public struct OpenCLBackend: AttentionBackend {
     /// Partial O and LSE per key slice, then the exact merge.
     private func launchSplitKV(
         _ p: AttentionProblem, _ params: AKParams, _ launch: Launch, _ b: CallBuffers, keyValueType: StorageType,
-        splits: Int, keysPerSplit: Int, state: ExecutionState
+        acrossHeads: Bool, splits: Int, keysPerSplit: Int, state: ExecutionState
     ) throws(OpenCLError) {
         let totalRows = p.batch * p.queryHeads * p.queryLength
         let oPart = try state.buffer(bytes: 4 * splits * totalRows * p.valueDim, flags: Int32(CL_MEM_READ_WRITE))
@@ -490,16 +491,21 @@ public struct OpenCLBackend: AttentionBackend {
         let options =
             launch.config.decodeOptions(rows: p.groupSize * p.queryLength)
             + " -DKV_TYPE=\(keyValueType.kernelCode)"
-        let partial = try state.kernel("decode_partial", source: launch.source, options: options)
-        for (i, buffer) in [b.q, b.k, b.v, b.additiveMask, b.booleanMask, oPart, lsePart].enumerated() {
-            try partial.set(i, buffer)
+        // A head's rows far apart: each work-item walks its keys across every head (adjacent memory).
+        let name = acrossHeads ? "decode_partial_heads" : "decode_partial"
+        let partial = try state.kernel(name, source: launch.source, options: options)
+        var arguments = [b.q, b.k, b.v, b.additiveMask, b.booleanMask, oPart, lsePart]
+        if acrossHeads {
+            arguments.append(try state.buffer(bytes: 12 * splits * totalRows, flags: Int32(CL_MEM_READ_WRITE)))
         }
-        try partial.set(7, value: params)
-        try partial.set(8, value: Int32(keysPerSplit))
-        try partial.set(9, value: Int32(splits))
+        for (i, buffer) in arguments.enumerated() { try partial.set(i, buffer) }
+        try partial.set(arguments.count, value: params)
+        try partial.set(arguments.count + 1, value: Int32(keysPerSplit))
+        try partial.set(arguments.count + 2, value: Int32(splits))
         // One work-item per group: drivers left to choose (PoCL) may pack the whole small range
         // into a single group, which then runs on one core.
-        try state.enqueue(partial, global: [splits, p.batch * p.keyValueHeads], local: [1, 1])
+        let items = acrossHeads ? p.batch : p.batch * p.keyValueHeads
+        try state.enqueue(partial, global: [splits, items], local: [1, 1])
 
         let merge = try state.kernel("decode_merge", source: launch.source, options: options)
         try merge.set(0, oPart)
