@@ -333,7 +333,20 @@ static inline __attribute__((always_inline)) void dot_scores_body(
         for (ptrdiff_t j = 0; j < width; j++) {
             const char *k_row = (const char *)k + j * row_bytes;
             if (j + AK_PREFETCH_ROWS < width) prefetch_row(k_row + AK_PREFETCH_ROWS * row_bytes, used_bytes);
-            // Each K element is loaded (and widened) once and used by every query row.
+            if (dtype == AK_DTYPE_F32) {
+                // fp32: one row at a time, its accumulator in a register (K chunks come from L1).
+                for (ptrdiff_t r = 0; r < n; r++) {
+                    const float *q_row = qs + r * ldq;
+                    v16f acc = splat(0.0f);
+                    ptrdiff_t c = 0;
+                    for (; c < vector_end; c += 16) acc = AK_FMA(load16(q_row + c), load16_as(dtype, k_row, c), acc);
+                    float dot = hsum16(acc);
+                    for (; c < d; c++) dot += q_row[c] * load1_as(dtype, k_row, c);
+                    scores[(r0 + r) * ld + j] = dot * scale;
+                }
+                continue;
+            }
+            // fp16/bf16: each K element is widened once and used by every query row.
             v16f acc[AK_STREAM_ROWS];
             for (ptrdiff_t r = 0; r < n; r++) acc[r] = splat(0.0f);
             ptrdiff_t c = 0;
@@ -372,6 +385,29 @@ static inline __attribute__((always_inline)) void accumulate_body(
                    *v3 = v2 + row_bytes;
         for (ptrdiff_t a = AK_PREFETCH_ROWS; a < AK_PREFETCH_ROWS + 4 && j + a < width; a++)
             prefetch_row(v0 + a * row_bytes, used_bytes);
+        if (dtype == AK_DTYPE_F32) {
+            // fp32: row by row with the four weights broadcast once (V chunks come from L1).
+            for (ptrdiff_t r = 0; r < rows; r++) {
+                const float *w = p + r * ld + j;
+                const v16f p0 = splat(w[0]), p1 = splat(w[1]), p2 = splat(w[2]), p3 = splat(w[3]);
+                float *o = out + r * ldo;
+                ptrdiff_t c = 0;
+                for (; c < vector_end; c += 16) {
+                    v16f acc = load16(o + c);
+                    acc = AK_FMA(p0, load16_as(dtype, v0, c), acc);
+                    acc = AK_FMA(p1, load16_as(dtype, v1, c), acc);
+                    acc = AK_FMA(p2, load16_as(dtype, v2, c), acc);
+                    acc = AK_FMA(p3, load16_as(dtype, v3, c), acc);
+                    store16(o + c, acc);
+                }
+                for (; c < dv; c++) {
+                    o[c] += w[0] * load1_as(dtype, v0, c) + w[1] * load1_as(dtype, v1, c) +
+                            w[2] * load1_as(dtype, v2, c) + w[3] * load1_as(dtype, v3, c);
+                }
+            }
+            continue;
+        }
+        // fp16/bf16: each V chunk widened once and used by every row.
         ptrdiff_t c = 0;
         for (; c < vector_end; c += 16) {
             const v16f x0 = load16_as(dtype, v0, c), x1 = load16_as(dtype, v1, c), x2 = load16_as(dtype, v2, c),
