@@ -33,10 +33,11 @@
 #endif
 
 /// kt[b, h, j / VEC, c, j % VEC] = k[b, h, j, c] for j < Nk, 0 for Nk <= j < NkPad, reading K through
-/// its strides (sB, sH, sS) and storage type. Global size (NkPad, D, B*Hkv).
+/// its strides (sB, sH, sS) and storage type. Global size (D, NkPad, B*Hkv): consecutive work-items
+/// read one K row contiguously, whatever the distance between rows.
 __kernel void transpose_keys(__global const k_t *k, __global float *kt, int Nk, int D, int NkPad, int Hkv,
                              int sB, int sH, int sS) {
-    const int j = get_global_id(0), c = get_global_id(1);
+    const int c = get_global_id(0), j = get_global_id(1);
     const long bh = get_global_id(2);
     if (j >= NkPad || c >= D) return;
     const long source = (bh / Hkv) * sB + (bh % Hkv) * sH + (long)j * sS + c;

@@ -57,3 +57,25 @@ __kernel void scatter_rows(__global const float *src, __global dst_t *dst, int H
     if (c >= D || n >= N) return;
     DST_STORE(src[(bh * N + n) * D + c], dst, (bh / H) * sB + (bh % H) * sH + (long)n * sS + c);
 }
+
+/// gather_rows for layouts whose heads are closer together than their positions ([B, N, H, D]):
+/// the same result, with work-items walking the source in memory order. Global size (D, H, B*N).
+__kernel void gather_rows_by_position(__global const src_t *src, __global float *dst, int H, int N, int D, int sB,
+                                      int sH, int sS) {
+    const int c = get_global_id(0), h = get_global_id(1);
+    const long bn = get_global_id(2);
+    if (c >= D || h >= H) return;
+    const long b = bn / N, n = bn % N;
+    dst[((b * H + h) * N + n) * D + c] = SRC_LOAD(src, b * sB + h * sH + n * sS + c);
+}
+
+/// scatter_rows walking the destination in memory order when heads are closer than positions.
+/// Global size (D, H, B*N).
+__kernel void scatter_rows_by_position(__global const float *src, __global dst_t *dst, int H, int N, int D, int sB,
+                                       int sH, int sS) {
+    const int c = get_global_id(0), h = get_global_id(1);
+    const long bn = get_global_id(2);
+    if (c >= D || h >= H) return;
+    const long b = bn / N, n = bn % N;
+    DST_STORE(src[((b * H + h) * N + n) * D + c], dst, b * sB + h * sH + n * sS + c);
+}

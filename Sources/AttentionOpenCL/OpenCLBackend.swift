@@ -333,7 +333,9 @@ public struct OpenCLBackend: AttentionBackend {
         // in local memory) reads V as stored; the decode kernel reads K/V as stored and needs dense Q, O.
         let qInPlace = flash ? call.q.layout.type == .f32 : call.q.layout.isDenseF32
         let oInPlace = flash ? call.o.layout.type == .f32 : call.o.layout.isDenseF32
-        let vInPlace = !flash || !launch.config.useLocalMemory || call.v.layout.isDenseF32
+        // V rows far apart ([B, N, H, D]) cost the flash kernel a page per key: gathered in memory order.
+        let vRowsAdjacent = call.v.layout.strides.sequence == p.valueDim
+        let vInPlace = !flash || (!launch.config.useLocalMemory && vRowsAdjacent) || call.v.layout.isDenseF32
         typealias Operand = (buffer: CLBuffer, layout: DeviceOperand)
         let q: Operand = qInPlace ? call.q : (try denseF32(call.q, launch, state: state), .dense(p.queryShape))
         let v: Operand = vInPlace ? call.v : (try denseF32(call.v, launch, state: state), .dense(p.valueShape))
@@ -388,11 +390,16 @@ public struct OpenCLBackend: AttentionBackend {
         let shape = layout.shape
         let dense = try state.buffer(bytes: 4 * shape.reduce(1, *), flags: Int32(CL_MEM_READ_WRITE))
         let options = "-cl-std=CL1.2 -w -DSRC_TYPE=\(layout.type.kernelCode)"
-        let gather = try state.kernel("gather_rows", source: launch.convertSource, options: options)
+        // Walk the source in memory order: by position first when heads are closer than positions.
+        let byPosition = layout.strides.head < layout.strides.sequence
+        let name = byPosition ? "gather_rows_by_position" : "gather_rows"
+        let gather = try state.kernel(name, source: launch.convertSource, options: options)
         try gather.set(0, operand.buffer)
         try gather.set(1, dense)
         try setShapeArguments(gather, from: 2, layout)
-        try state.enqueue(gather, global: [shape[3], shape[2], shape[0] * shape[1]], local: nil)
+        let global =
+            byPosition ? [shape[3], shape[1], shape[0] * shape[2]] : [shape[3], shape[2], shape[0] * shape[1]]
+        try state.enqueue(gather, global: global, local: nil)
         return dense
     }
 
@@ -404,11 +411,15 @@ public struct OpenCLBackend: AttentionBackend {
         let layout = operand.layout
         let shape = layout.shape
         let options = "-cl-std=CL1.2 -w -DDST_TYPE=\(layout.type.kernelCode)"
-        let scatter = try state.kernel("scatter_rows", source: launch.convertSource, options: options)
+        let byPosition = layout.strides.head < layout.strides.sequence
+        let name = byPosition ? "scatter_rows_by_position" : "scatter_rows"
+        let scatter = try state.kernel(name, source: launch.convertSource, options: options)
         try scatter.set(0, source)
         try scatter.set(1, operand.buffer)
         try setShapeArguments(scatter, from: 2, layout)
-        try state.enqueue(scatter, global: [shape[3], shape[2], shape[0] * shape[1]], local: nil)
+        let global =
+            byPosition ? [shape[3], shape[1], shape[0] * shape[2]] : [shape[3], shape[2], shape[0] * shape[1]]
+        try state.enqueue(scatter, global: global, local: nil)
     }
 
     /// Arguments H, N, D and the strides (batch, head, sequence) of a conversion kernel.
@@ -462,7 +473,7 @@ public struct OpenCLBackend: AttentionBackend {
         {
             try transpose.set(2 + index, value: Int32(value))
         }
-        try state.enqueue(transpose, global: [nkPad, p.headDim, p.batch * p.keyValueHeads], local: nil)
+        try state.enqueue(transpose, global: [p.headDim, nkPad, p.batch * p.keyValueHeads], local: nil)
 
         let flash = try state.kernel("flash_attention", source: launch.source, options: options)
         for (i, buffer) in [b.q, kt, b.v, b.additiveMask, b.booleanMask, b.o, b.lse].enumerated() {
