@@ -322,6 +322,26 @@ static inline __attribute__((always_inline)) void prefetch_row(const char *row, 
 /// Query rows the streaming kernels keep in registers at once (larger row counts run in chunks).
 enum { AK_STREAM_ROWS = 8 };
 
+/// scores[r * ld] = scale * dot(q[r], k_row) for r < n (n a constant after inlining), the K row
+/// widened once per 16 elements.
+static inline __attribute__((always_inline)) void dot_rows_widened(
+    int dtype, const int n, const float *q, ptrdiff_t ldq, const char *k_row, ptrdiff_t d, float scale, float *scores,
+    ptrdiff_t ld) {
+    const ptrdiff_t vector_end = d & ~(ptrdiff_t)15;
+    v16f acc[AK_STREAM_ROWS];
+    for (int r = 0; r < n; r++) acc[r] = splat(0.0f);
+    ptrdiff_t c = 0;
+    for (; c < vector_end; c += 16) {
+        const v16f kv = load16_as(dtype, k_row, c);
+        for (int r = 0; r < n; r++) acc[r] = AK_FMA(load16(q + r * ldq + c), kv, acc[r]);
+    }
+    for (int r = 0; r < n; r++) {
+        float dot = hsum16(acc[r]);
+        for (ptrdiff_t t = c; t < d; t++) dot += q[r * ldq + t] * load1_as(dtype, k_row, t);
+        scores[r * ld] = dot * scale;
+    }
+}
+
 static inline __attribute__((always_inline)) void dot_scores_body(
     int dtype, ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq, const void *k, ptrdiff_t ldk,
     ptrdiff_t d, float scale, float *scores, ptrdiff_t ld) {
@@ -346,18 +366,17 @@ static inline __attribute__((always_inline)) void dot_scores_body(
                 }
                 continue;
             }
-            // fp16/bf16: each K element is widened once and used by every query row.
-            v16f acc[AK_STREAM_ROWS];
-            for (ptrdiff_t r = 0; r < n; r++) acc[r] = splat(0.0f);
-            ptrdiff_t c = 0;
-            for (; c < vector_end; c += 16) {
-                const v16f kv = load16_as(dtype, k_row, c);
-                for (ptrdiff_t r = 0; r < n; r++) acc[r] = AK_FMA(load16(qs + r * ldq + c), kv, acc[r]);
-            }
-            for (ptrdiff_t r = 0; r < n; r++) {
-                float dot = hsum16(acc[r]);
-                for (ptrdiff_t t = c; t < d; t++) dot += qs[r * ldq + t] * load1_as(dtype, k_row, t);
-                scores[(r0 + r) * ld + j] = dot * scale;
+            // fp16/bf16: each K element is widened once and used by every query row; the row count
+            // is a constant in each case so the accumulators stay in registers.
+            switch (n) {
+            case 1: dot_rows_widened(dtype, 1, qs, ldq, k_row, d, scale, scores + r0 * ld + j, ld); break;
+            case 2: dot_rows_widened(dtype, 2, qs, ldq, k_row, d, scale, scores + r0 * ld + j, ld); break;
+            case 3: dot_rows_widened(dtype, 3, qs, ldq, k_row, d, scale, scores + r0 * ld + j, ld); break;
+            case 4: dot_rows_widened(dtype, 4, qs, ldq, k_row, d, scale, scores + r0 * ld + j, ld); break;
+            case 5: dot_rows_widened(dtype, 5, qs, ldq, k_row, d, scale, scores + r0 * ld + j, ld); break;
+            case 6: dot_rows_widened(dtype, 6, qs, ldq, k_row, d, scale, scores + r0 * ld + j, ld); break;
+            case 7: dot_rows_widened(dtype, 7, qs, ldq, k_row, d, scale, scores + r0 * ld + j, ld); break;
+            default: dot_rows_widened(dtype, 8, qs, ldq, k_row, d, scale, scores + r0 * ld + j, ld); break;
             }
         }
     }
