@@ -130,9 +130,9 @@ extension TileKernel {
         for hh in 0..<item.headCount {
             cpu.load_rows(
                 q.dtype, q.row(item.batch, item.head + hh, item.queryStart), q.strides.sequence, span, d,
-                qTile! + hh * span * d, d)
+                qTile + hh * span * d, d)
         }
-        return (UnsafePointer(qTile!), d)
+        return (UnsafePointer(qTile), d)
     }
 
     /// The exact merge of the ranges of batch entry `b`: O = Σ e^(lse_r - M) O_r / Σ e^(lse_r - M),

@@ -63,9 +63,10 @@ struct TileKernel {
     let scores: UnsafeMutablePointer<Float>
     let rowMax: UnsafeMutablePointer<Float>
     let rowSum: UnsafeMutablePointer<Float>
-    /// fp32 tiles for operands that cannot be used in place (allocated only when needed).
-    let qTile: UnsafeMutablePointer<Float>?
-    let oTile: UnsafeMutablePointer<Float>?
+    /// fp32 tiles of the item's Q and O rows, for operands that cannot be used in place, and (only
+    /// when K/V are fp16/bf16) of one converted K and V block.
+    let qTile: UnsafeMutablePointer<Float>
+    let oTile: UnsafeMutablePointer<Float>
     let kTile: UnsafeMutablePointer<Float>?
     let vTile: UnsafeMutablePointer<Float>?
 
@@ -93,7 +94,9 @@ struct TileKernel {
     }
 
     func deallocate() {
-        for tile in [scores, rowMax, rowSum, qTile, oTile, kTile, vTile] { tile?.deallocate() }
+        for tile in [scores, rowMax, rowSum, qTile, oTile] { tile.deallocate() }
+        kTile?.deallocate()
+        vTile?.deallocate()
     }
 
     /// Extra bytes one worker allocates beyond the score tile and row statistics.
@@ -118,12 +121,12 @@ struct TileKernel {
         if q.type == .f32, let ldq = q.uniformRowStride(heads: item.headCount, span: span) {
             result = ItemRows(
                 q: UnsafePointer(q.row(b, h, start).assumingMemoryBound(to: Float.self)), ldq: ldq,
-                o: oTile!, ldo: dv, oInPlace: false)
+                o: oTile, ldo: dv, oInPlace: false)
         } else {
             for hh in 0..<item.headCount {
-                cpu.load_rows(q.dtype, q.row(b, h + hh, start), q.strides.sequence, span, d, qTile! + hh * span * d, d)
+                cpu.load_rows(q.dtype, q.row(b, h + hh, start), q.strides.sequence, span, d, qTile + hh * span * d, d)
             }
-            result = ItemRows(q: UnsafePointer(qTile!), ldq: d, o: oTile!, ldo: dv, oInPlace: false)
+            result = ItemRows(q: UnsafePointer(qTile), ldq: d, o: oTile, ldo: dv, oInPlace: false)
         }
         if o.type == .f32, let ldo = o.uniformRowStride(heads: item.headCount, span: span) {
             result.o = o.row(b, h, start).assumingMemoryBound(to: Float.self)
