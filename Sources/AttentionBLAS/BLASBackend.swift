@@ -71,9 +71,12 @@ public struct BLASBackend: AttentionBackend {
     /// converted K and V block.
     public func workspaceBytes(for problem: AttentionProblem) -> Int {
         let tile = tiling(for: problem)
-        return threads
+        let perThread =
+            threads
             * (tile.scratchBytesPerThread
                 + TileKernel.tileBytes(problem, rows: tile.queryRows, keyBlock: tile.keyBlock))
+        // Decode by key ranges (a layout decision made per call) adds its partial results.
+        return perThread + (KeySplitPlan.make(problem)?.partialBytes(problem) ?? 0)
     }
 
     public func plan(for problem: AttentionProblem) -> ExecutionPlan {

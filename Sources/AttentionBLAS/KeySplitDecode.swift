@@ -50,6 +50,9 @@ struct KeySplitPlan {
     /// The tiling of the per-thread tiles: one score tile of a head's rows by a block of keys.
     var tiling: BLASTiling { BLASTiling(queryRows: rowsPerGroup, keyBlock: block) }
 
+    /// Bytes of the partial results (O, LSE, running max and sum of every row of every range).
+    func partialBytes(_ p: AttentionProblem) -> Int { 4 * p.batch * ranges * rowsPerBatch(p) * (p.valueDim + 3) }
+
     /// Query rows of one batch entry (all heads), the unit of the partial buffers.
     func rowsPerBatch(_ p: AttentionProblem) -> Int { p.queryHeads * p.queryLength }
 }
@@ -122,7 +125,7 @@ extension TileKernel {
     /// The fp32 query rows of an item's stacked heads: in place when uniformly strided, else gathered.
     private func queryRows(of item: WorkItem) -> (UnsafePointer<Float>, Int) {
         let (d, span) = (p.headDim, item.queryEnd - item.queryStart)
-        if q.type == .f32, let ldq = q.uniformRowStride(heads: item.headCount, span: span) {
+        if q.type == .f32, let ldq = q.uniformRowStride(heads: item.headCount, span: span), ldq >= d {
             return (
                 UnsafePointer(q.row(item.batch, item.head, item.queryStart).assumingMemoryBound(to: Float.self)), ldq
             )

@@ -89,8 +89,11 @@ struct TileKernel {
         rowSum = .allocate(capacity: rows)
         qTile = .allocate(capacity: rows * problem.headDim)
         oTile = .allocate(capacity: rows * problem.valueDim)
-        kTile = k.type == .f32 ? nil : .allocate(capacity: tiling.keyBlock * problem.headDim)
-        vTile = v.type == .f32 ? nil : .allocate(capacity: tiling.keyBlock * problem.valueDim)
+        // SGEMM reads K/V blocks in place only when they are fp32 with rows at least a row apart.
+        let kInPlace = k.type == .f32 && k.strides.sequence >= problem.headDim
+        let vInPlace = v.type == .f32 && v.strides.sequence >= problem.valueDim
+        kTile = kInPlace && vInPlace ? nil : .allocate(capacity: tiling.keyBlock * problem.headDim)
+        vTile = kInPlace && vInPlace ? nil : .allocate(capacity: tiling.keyBlock * problem.valueDim)
     }
 
     func deallocate() {
@@ -118,7 +121,7 @@ struct TileKernel {
         let (d, dv) = (p.headDim, p.valueDim)
         let (b, h, start) = (item.batch, item.head, item.queryStart)
         var result: ItemRows
-        if q.type == .f32, let ldq = q.uniformRowStride(heads: item.headCount, span: span) {
+        if q.type == .f32, let ldq = q.uniformRowStride(heads: item.headCount, span: span), ldq >= d {
             result = ItemRows(
                 q: UnsafePointer(q.row(b, h, start).assumingMemoryBound(to: Float.self)), ldq: ldq,
                 o: oTile, ldo: dv, oInPlace: false)
@@ -128,7 +131,7 @@ struct TileKernel {
             }
             result = ItemRows(q: UnsafePointer(qTile), ldq: d, o: oTile, ldo: dv, oInPlace: false)
         }
-        if o.type == .f32, let ldo = o.uniformRowStride(heads: item.headCount, span: span) {
+        if o.type == .f32, let ldo = o.uniformRowStride(heads: item.headCount, span: span), ldo >= dv {
             result.o = o.row(b, h, start).assumingMemoryBound(to: Float.self)
             result.ldo = ldo
             result.oInPlace = true

@@ -81,8 +81,9 @@ public struct AttentionBuffers: @unchecked Sendable {
             }
             if let base = lse.baseAddress {
                 let start = UInt(bitPattern: base)
-                if (start...(start + UInt(lse.count * 4) - 1)).overlaps(outputExtent) {
-                    throw .overlappingOutput("the log-sum-exp buffer overlaps the output")
+                let lseExtent = start...(start + UInt(lse.count * 4) - 1)
+                for (name, extent) in extents where extent.overlaps(lseExtent) {
+                    throw .overlappingOutput("the log-sum-exp buffer overlaps the \(name)")
                 }
             }
         }

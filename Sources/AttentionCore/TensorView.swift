@@ -83,10 +83,12 @@ public struct TensorView: @unchecked Sendable {
         self.init(address: UnsafeMutableRawPointer(base), storage: .f32, strides: nil, capacity: buffer.count)
     }
 
-    /// A 16-bit buffer (fp16 or bf16 bits) with the given strides (nil: dense).
+    /// A 16-bit buffer (fp16 or bf16 bits) with the given strides (nil: dense). Declared `.f32`, it
+    /// holds half as many elements.
     public init(_ buffer: UnsafeBufferPointer<UInt16>, storage: StorageType, strides: Strides? = nil) {
         let base = buffer.baseAddress ?? UnsafePointer(bitPattern: MemoryLayout<UInt16>.alignment)!
-        self.init(reading: base, storage: storage, strides: strides, capacity: buffer.count)
+        let capacity = buffer.count * 2 / storage.byteSize
+        self.init(reading: base, storage: storage, strides: strides, capacity: capacity)
     }
 
     /// A strided fp32 buffer.

@@ -102,6 +102,11 @@ public struct OpenCLBackend: AttentionBackend {
         {
             return .unsupported(reason: "a dimension or mask stride exceeds the kernels' 32-bit index range")
         }
+        // Strides are 32-bit kernel arguments; the largest dense one is a batch stride H * N * D.
+        for shape in [p.queryShape, p.keyShape, p.valueShape, p.outputShape]
+        where shape.dropFirst().reduce(1, *) >= limit {
+            return .unsupported(reason: "a tensor of shape \(shape) has strides beyond the kernels' 32-bit range")
+        }
         let (choice, _) = kernelChoice(for: problem)
         let sizes = bufferBytes(problem, choice: choice)
         let total = sizes.reduce(0, +)
@@ -185,8 +190,10 @@ public struct OpenCLBackend: AttentionBackend {
                 }
                 // The flash kernel accumulates in O, so outputs are read and written.
                 let readWrite = Int32(CL_MEM_READ_WRITE)
+                // Copied devices start from the host bytes too, so that reading the whole span back
+                // leaves the memory between a strided output's elements as it was.
                 let oHost = try state.buffer(
-                    bytes: o.bytes, flags: readWrite, host: zeroCopy ? UnsafeRawPointer(buffers.output.address) : nil,
+                    bytes: o.bytes, flags: readWrite, host: UnsafeRawPointer(buffers.output.address),
                     useHostMemory: zeroCopy)
                 let lseCount = problem.lseShape.reduce(1, *)
                 let lseHost = buffers.logSumExp.flatMap { zeroCopy ? UnsafeRawPointer($0.baseAddress) : nil }

@@ -238,3 +238,61 @@ enum StorageSweep {
                 address: memory, storage: .f32, strides: .init(batch: 0, head: 100, sequence: 8), capacity: 148))
     }
 }
+
+/// Views whose rows are closer than a row (stride 0: one row broadcast to every key or head) are
+/// legal inputs; SGEMM cannot take them as leading dimensions, so the backends must not either.
+@Suite struct BroadcastViews {
+    @Test func zeroStridesGiveTheReferenceResult() throws {
+        let (hq, hkv, nq, nk, d) = (4, 2, 40, 70, 16)
+        var rng = SplitMix64(seed: 11)
+        let qRow = (0..<(hq * d)).map { _ in Float.random(in: -1...1, using: &rng) }  // one position, every head
+        let kRow = (0..<(hkv * d)).map { _ in Float.random(in: -1...1, using: &rng) }  // one key row per head
+        let v = (0..<(hkv * nk * d)).map { _ in Float.random(in: -1...1, using: &rng) }
+        let problem = try AttentionProblem(query: [1, hq, nq, d], key: [1, hkv, nk, d], value: [1, hkv, nk, d])
+        // The same values as dense tensors, for the reference.
+        var qDense: [Float] = []
+        var kDense: [Float] = []
+        for h in 0..<hq { for _ in 0..<nq { qDense += qRow[(h * d)..<((h + 1) * d)] } }
+        for h in 0..<hkv { for _ in 0..<nk { kDense += kRow[(h * d)..<((h + 1) * d)] } }
+        let reference = NaiveBackend.reference(
+            problem, query: try Tensor(shape: problem.queryShape, storage: qDense),
+            key: try Tensor(shape: problem.keyShape, storage: kDense),
+            value: try Tensor(shape: problem.valueShape, storage: v))
+        for backend in LayoutAndStorageParity.backends() {
+            var out = [Float](repeating: .nan, count: hq * nq * d)
+            try qRow.withUnsafeBufferPointer { q in
+                try kRow.withUnsafeBufferPointer { k in
+                    try v.withUnsafeBufferPointer { vb in
+                        try out.withUnsafeMutableBufferPointer { o in
+                            try backend.forward(
+                                problem,
+                                AttentionBuffers(
+                                    query: TensorView(q, strides: Strides(batch: 0, head: d, sequence: 0)),
+                                    key: TensorView(k, strides: Strides(batch: 0, head: d, sequence: 0)),
+                                    value: TensorView(vb), output: TensorView(o), logSumExp: nil))
+                        }
+                    }
+                }
+            }
+            for (got, want) in zip(out, reference.output) {
+                #expect(AccuracyReport.withinTolerance(Double(got), of: want), "\(backend.name): \(got) vs \(want)")
+            }
+        }
+    }
+
+    @Test func aLogSumExpBufferOverInputsIsRefused() throws {
+        let problem = try AttentionProblem(query: [1, 1, 4, 8], key: [1, 1, 4, 8], value: [1, 1, 4, 8])
+        var memory = [Float](repeating: 0, count: 64)
+        var out = [Float](repeating: 0, count: 32)
+        memory.withUnsafeMutableBufferPointer { m in
+            out.withUnsafeMutableBufferPointer { o in
+                let input = TensorView(UnsafeBufferPointer(rebasing: m[0..<32]))
+                let lse = UnsafeMutableBufferPointer(rebasing: m[4..<8])
+                #expect(throws: AttentionError.overlappingOutput("the log-sum-exp buffer overlaps the query")) {
+                    try AttentionBuffers(query: input, key: input, value: input, output: TensorView(o), logSumExp: lse)
+                        .check(against: problem)
+                }
+            }
+        }
+    }
+}
