@@ -36,7 +36,7 @@ public struct CPUKernels: @unchecked Sendable {
     /// `x` rounded to the 16-bit `type` by the kernels' store path (F16C/AVX-512 where present).
     public func encode(_ x: [Float], as type: StorageType) -> [UInt16] {
         var bits = [UInt16](repeating: 0, count: x.count)
-        let code = Int32(type == .bf16 ? AK_DTYPE_BF16 : AK_DTYPE_F16)
+        let code = type.kernelCode
         x.withUnsafeBufferPointer { src in
             bits.withUnsafeMutableBytes { dst in
                 if let from = src.baseAddress, let to = dst.baseAddress {
@@ -50,7 +50,7 @@ public struct CPUKernels: @unchecked Sendable {
     /// 16-bit `type` values widened to fp32 by the kernels' load path.
     public func decode(_ bits: [UInt16], as type: StorageType) -> [Float] {
         var x = [Float](repeating: 0, count: bits.count)
-        let code = Int32(type == .bf16 ? AK_DTYPE_BF16 : AK_DTYPE_F16)
+        let code = type.kernelCode
         bits.withUnsafeBytes { src in
             x.withUnsafeMutableBufferPointer { dst in
                 if let from = src.baseAddress, let to = dst.baseAddress {
@@ -71,5 +71,16 @@ public struct CPUKernels: @unchecked Sendable {
             }
         }
         return y
+    }
+}
+
+extension StorageType {
+    /// The C kernels' name for the storage type (AK_DTYPE_*).
+    var kernelCode: Int32 {
+        switch self {
+        case .f32: return Int32(AK_DTYPE_F32)
+        case .f16: return Int32(AK_DTYPE_F16)
+        case .bf16: return Int32(AK_DTYPE_BF16)
+        }
     }
 }

@@ -101,14 +101,26 @@ extension TileKernel {
         let hi = min((range + 1) * plan.rangeLength, p.keyLength, last.hi + 1)
         let hasMask: Bool
         if case .none = mask { hasMask = false } else { hasMask = true }
+        // Every head group's query rows, fetched once for the whole range (widened into a tile of
+        // all the batch entry's rows when they cannot be used in place).
+        let items = (0..<p.keyValueHeads).map { group in
+            WorkItem(batch: b, head: group * g, headCount: g, queryStart: 0, queryEnd: nq, cost: 0)
+        }
+        let inPlace = items.map(queryRowsInPlace(of:))
+        let gatherTile = UnsafeMutablePointer<Float>.allocate(
+            capacity: inPlace.contains { $0 == nil } ? rowsPerBatch * d : 0)
+        defer { gatherTile.deallocate() }
+        let queries = items.indices.map { group in
+            inPlace[group] ?? gatherQueryRows(of: items[group], into: gatherTile + group * plan.rowsPerGroup * d)
+        }
         var j0 = lo
         while j0 < hi {
             let width = min(plan.block, hi - j0)
             let needsVisibility = hasMask || j0 < last.lo || j0 + width - 1 > first.hi
             for group in 0..<p.keyValueHeads {
-                let item = WorkItem(batch: b, head: group * g, headCount: g, queryStart: 0, queryEnd: nq, cost: 0)
+                let item = items[group]
                 let rows = plan.rowsPerGroup
-                let (query, ldq) = queryRows(of: item)
+                let (query, ldq) = queries[group]
                 let o = out + group * rows * dv
                 cpu.dot_scores(
                     rows, width, query, ldq, k.dtype, k.row(b, group, j0), k.strides.sequence, d, p.scale, scores, ld)
@@ -120,22 +132,6 @@ extension TileKernel {
             j0 += width
         }
         cpu.finish(rowsPerBatch, out, dv, dv, rowMax, rowSum, partials.logSumExp + firstPartialRow)
-    }
-
-    /// The fp32 query rows of an item's stacked heads: in place when uniformly strided, else gathered.
-    private func queryRows(of item: WorkItem) -> (UnsafePointer<Float>, Int) {
-        let (d, span) = (p.headDim, item.queryEnd - item.queryStart)
-        if q.type == .f32, let ldq = q.uniformRowStride(heads: item.headCount, span: span), ldq >= d {
-            return (
-                UnsafePointer(q.row(item.batch, item.head, item.queryStart).assumingMemoryBound(to: Float.self)), ldq
-            )
-        }
-        for hh in 0..<item.headCount {
-            cpu.load_rows(
-                q.dtype, q.row(item.batch, item.head + hh, item.queryStart), q.strides.sequence, span, d,
-                qTile + hh * span * d, d)
-        }
-        return (UnsafePointer(qTile), d)
     }
 
     /// The exact merge of the ranges of batch entry `b`: O = Σ e^(lse_r - M) O_r / Σ e^(lse_r - M),

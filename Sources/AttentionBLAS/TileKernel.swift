@@ -22,13 +22,7 @@ struct Operand {
     }
 
     /// The C kernels' name for the storage type.
-    var dtype: Int32 {
-        switch type {
-        case .f32: return Int32(AK_DTYPE_F32)
-        case .f16: return Int32(AK_DTYPE_F16)
-        case .bf16: return Int32(AK_DTYPE_BF16)
-        }
-    }
+    var dtype: Int32 { type.kernelCode }
 
     /// The address of element (b, h, n, 0).
     func row(_ b: Int, _ h: Int, _ n: Int) -> UnsafeMutableRawPointer {
@@ -116,21 +110,32 @@ struct TileKernel {
         var oInPlace: Bool
     }
 
+    /// The item's Q rows where they lie, with their stride, when they are fp32 and one stride apart
+    /// (at least a row: SGEMM refuses shorter leading dimensions); nil when they must be gathered.
+    func queryRowsInPlace(of item: WorkItem) -> (UnsafePointer<Float>, Int)? {
+        let span = item.queryEnd - item.queryStart
+        guard q.type == .f32, let ldq = q.uniformRowStride(heads: item.headCount, span: span), ldq >= p.headDim
+        else { return nil }
+        return (UnsafePointer(q.row(item.batch, item.head, item.queryStart).assumingMemoryBound(to: Float.self)), ldq)
+    }
+
+    /// The item's Q rows widened into `tile` (rows `headDim` apart).
+    func gatherQueryRows(of item: WorkItem, into tile: UnsafeMutablePointer<Float>) -> (UnsafePointer<Float>, Int) {
+        let (d, span) = (p.headDim, item.queryEnd - item.queryStart)
+        for hh in 0..<item.headCount {
+            cpu.load_rows(
+                q.dtype, q.row(item.batch, item.head + hh, item.queryStart), q.strides.sequence, span, d,
+                tile + hh * span * d, d)
+        }
+        return (UnsafePointer(tile), d)
+    }
+
     /// Q rows of the item in fp32 (in place when they can be), and where O accumulates.
     private func rows(of item: WorkItem, span: Int) -> ItemRows {
-        let (d, dv) = (p.headDim, p.valueDim)
+        let dv = p.valueDim
         let (b, h, start) = (item.batch, item.head, item.queryStart)
-        var result: ItemRows
-        if q.type == .f32, let ldq = q.uniformRowStride(heads: item.headCount, span: span), ldq >= d {
-            result = ItemRows(
-                q: UnsafePointer(q.row(b, h, start).assumingMemoryBound(to: Float.self)), ldq: ldq,
-                o: oTile, ldo: dv, oInPlace: false)
-        } else {
-            for hh in 0..<item.headCount {
-                cpu.load_rows(q.dtype, q.row(b, h + hh, start), q.strides.sequence, span, d, qTile + hh * span * d, d)
-            }
-            result = ItemRows(q: UnsafePointer(qTile), ldq: d, o: oTile, ldo: dv, oInPlace: false)
-        }
+        let (query, ldq) = queryRowsInPlace(of: item) ?? gatherQueryRows(of: item, into: qTile)
+        var result = ItemRows(q: query, ldq: ldq, o: oTile, ldo: dv, oInPlace: false)
         if o.type == .f32, let ldo = o.uniformRowStride(heads: item.headCount, span: span), ldo >= dv {
             result.o = o.row(b, h, start).assumingMemoryBound(to: Float.self)
             result.ldo = ldo

@@ -95,14 +95,8 @@ public struct AttentionBuffers: @unchecked Sendable {
         guard s.batch >= 0, s.head >= 0, s.sequence >= 0 else {
             throw .invalidStrides(tensor: name, strides: [s.batch, s.head, s.sequence], reason: "strides must be >= 0")
         }
-        var last = shape[3] - 1
-        for (extent, stride) in zip(shape.prefix(3), [s.batch, s.head, s.sequence]) {
-            let (step, o1) = (extent - 1).multipliedReportingOverflow(by: stride)
-            let (sum, o2) = last.addingReportingOverflow(step)
-            guard !o1, !o2 else {
-                throw .invalidStrides(tensor: name, strides: [s.batch, s.head, s.sequence], reason: "offsets overflow")
-            }
-            last = sum
+        guard let last = s.lastOffset(of: shape) else {
+            throw .invalidStrides(tensor: name, strides: [s.batch, s.head, s.sequence], reason: "offsets overflow")
         }
         if view.strides == nil, view.capacity != shape.reduce(1, *) {
             // A dense buffer holds exactly its elements.

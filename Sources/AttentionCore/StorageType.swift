@@ -41,11 +41,6 @@ public enum StorageType: String, Sendable, Codable, CaseIterable, CustomStringCo
         }
     }
 
-    /// The value of 16-bit `bits` in this type, as fp32 (exact).
-    public func decode(_ bits: UInt16) -> Float {
-        self == .bf16 ? Self.decodeBFloat(bits) : Self.decodeHalf(bits)
-    }
-
     /// fp32 -> fp16 bits, round to nearest even (NumPy's `astype(np.float16)` bit for bit): overflow
     /// gives ±Inf; a NaN keeps its sign and the top 10 payload bits (a payload that would vanish
     /// becomes 1, so NaN stays NaN).

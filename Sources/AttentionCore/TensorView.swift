@@ -23,6 +23,19 @@ public struct Strides: Sendable, Equatable, Hashable, CustomStringConvertible {
 
     public var description: String { "(batch \(batch), head \(head), sequence \(sequence))" }
 
+    /// The offset of the last element of a [B, H, N, D] tensor with these strides, or nil when the
+    /// offsets overflow (strides are assumed non-negative).
+    public func lastOffset(of shape: [Int]) -> Int? {
+        var last = shape[3] - 1
+        for (extent, stride) in zip(shape.prefix(3), [batch, head, sequence]) {
+            let (step, o1) = (extent - 1).multipliedReportingOverflow(by: stride)
+            let (sum, o2) = last.addingReportingOverflow(step)
+            guard !o1, !o2 else { return nil }
+            last = sum
+        }
+        return last
+    }
+
     /// The element offset of (b, h, n, 0).
     @inlinable
     public func offset(batch b: Int, head h: Int, position n: Int) -> Int { b * batch + h * head + n * sequence }

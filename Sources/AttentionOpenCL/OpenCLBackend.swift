@@ -593,7 +593,8 @@ struct DeviceOperand {
             throw .unsupported(
                 backend: backend, reason: "\(name) strides \(s) exceed the kernels' 32-bit index range")
         }
-        let last = zip(shape.prefix(3), [s.batch, s.head, s.sequence]).reduce(shape[3] - 1) { $0 + ($1.0 - 1) * $1.1 }
+        // Validated views never overflow; 0 would only under-allocate an unvalidated one, never over-read.
+        let last = s.lastOffset(of: shape) ?? 0
         self.init(type: view.storage, strides: s, shape: shape, bytes: (last + 1) * view.storage.byteSize)
     }
 }

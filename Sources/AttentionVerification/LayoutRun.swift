@@ -223,14 +223,11 @@ extension OperandMemory.Region {
     }
 
     func fill() {
-        let elements = bytes / type.byteSize
         let bits = Self.nanBits(type)
-        for i in 0..<elements {
-            if type == .f32 {
-                memory.storeBytes(of: bits, toByteOffset: 4 * i, as: UInt32.self)
-            } else {
-                memory.storeBytes(of: UInt16(bits), toByteOffset: 2 * i, as: UInt16.self)
-            }
+        if type == .f32 {
+            memory.initializeMemory(as: UInt32.self, repeating: bits, count: bytes / 4)
+        } else {
+            memory.initializeMemory(as: UInt16.self, repeating: UInt16(bits), count: bytes / 2)
         }
     }
 

@@ -114,7 +114,7 @@ func runBench(
         let summary = shapeRows.map { row in
             "\(row.backendName) " + (row.skipped != nil ? "skipped" : "\(format((row.medianSeconds ?? 0) * 1e3)) ms")
         }.joined(separator: ", ")
-        progress.step("\(engine.label(shape)): \(summary)")
+        progress.step("\(shapeRows.first?.label ?? shape.name): \(summary)")
         rows += shapeRows
     }
     progress.finish()

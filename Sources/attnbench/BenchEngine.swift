@@ -151,14 +151,6 @@ struct BenchEngine {
         let buffers: AttentionBuffers
     }
 
-    /// The row label of a shape under this engine's storage and layout.
-    func label(_ shape: ShapeSpec) -> String {
-        var label = shape.name
-        if storage != .f32 { label += " [\(storage)]" }
-        if layout != .bhsd { label += " [\(layout)]" }
-        return label
-    }
-
     /// Every backend on one shape: a row each, skipped ones with the reason.
     func run(_ shape: ShapeSpec, on entries: [BenchBackend]) -> [BenchRow] {
         var rows = entries.map { entry in

@@ -38,14 +38,13 @@ struct Devices: ParsableCommand {
     }
 
     func run() throws {
+        let kernels = CPUISA.resolve(.process)
+        var kernelsError: String?
+        if case .failure(let error) = kernels { kernelsError = error.description }
         var cpu = CPUReport(
             model: CPUInfo.modelName ?? "unknown", logicalCores: CPUInfo.logicalCores, simd: CPUInfo.simdExtensions,
-            kernels: try? CPUISA.resolve(.process).get().description,
-            kernelsSupported: CPUISA.supported.map(\.description),
-            kernelsError: {
-                if case .failure(let e) = CPUISA.resolve(.process) { return e.description }
-                return nil
-            }(),
+            kernels: try? kernels.get().description, kernelsSupported: CPUISA.supported.map(\.description),
+            kernelsError: kernelsError,
             l2CacheBytes: CPUInfo.l2CacheBytes, openBLASCore: CPUInfo.openBLASCore,
             openBLASThreads: CPUInfo.openBLASThreads,
             openBLASCoreTypeOverride: ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"])

@@ -4,18 +4,6 @@ import NumPyIO
 
 // Reading and writing the files attnbench works on.
 
-func loadFloats(_ path: String, role: String) throws -> Tensor {
-    let array = try NPYArray.read(contentsOf: path)
-    guard let values = array.floats else {
-        throw NPYError.wrongKind(file: path, expected: "floating-point \(role)", actual: array.fileDType.rawValue)
-    }
-    do {
-        return try Tensor(shape: array.shape, storage: values, name: "\(role) (\(path))")
-    } catch {
-        throw CLIError("\(error)")
-    }
-}
-
 /// An operand file as a logical [B, H, N, D] fp32 tensor (a `bshd` file [B, N, H, D] is reordered),
 /// and whether the file held fp16.
 func loadOperand(_ path: String, role: String, layout: TensorLayout) throws -> (Tensor, isHalf: Bool) {
