@@ -114,6 +114,34 @@ public struct BLASBackend: AttentionBackend {
         }
     }
 
+    /// Batches of sequences: decode-like batches in one fork-join over key ranges of every sequence
+    /// (`SequenceDecodePlan`); prefill-like batches one sequence at a time, each over all threads,
+    /// reading packed and cache-length operands in place (a paged sequence's pages are gathered
+    /// first: its SGEMM tiles need one stride).
+    public func run(batch: SequenceBatch, _ buffers: AttentionBuffers) throws(AttentionError) {
+        let cpu = try kernels.get()
+        guard let plan = SequenceDecodePlan(batch) else { return try runBySequence(batch, buffers) }
+        let partials = SplitPartials(rows: plan.partialRows, valueDim: batch.valueDim)
+        defer { partials.deallocate() }
+        let items = plan.items
+        let next = WorkCounter()
+        WorkerPool.shared.run(workers: min(threads, max(1, items.count))) { _ in
+            let kernel = SequenceDecodeKernel(plan, cpu, buffers, partials)
+            defer { kernel.deallocate() }
+            while true {
+                let index = next.value.add(1, ordering: .relaxed).oldValue
+                guard index < items.count else { break }
+                kernel.process(sequence: items[index].sequence, range: items[index].range)
+            }
+        }
+        let kernel = SequenceDecodeKernel(plan, cpu, buffers, partials)
+        defer { kernel.deallocate() }
+        for s in 0..<batch.count where batch.queryLengths[s] > 0 && plan.ranges[s] != 1 {
+            // No keys: zero rows, -inf; several ranges: the exact merge.
+            kernel.merge(sequence: s)
+        }
+    }
+
     /// Decode-like problems: key ranges over all heads (see `KeySplitPlan`), then the exact merge.
     private func runKeySplit(
         _ problem: AttentionProblem, _ buffers: AttentionBuffers, _ cpu: CPUKernels, _ plan: KeySplitPlan

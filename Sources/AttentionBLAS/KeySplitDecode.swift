@@ -65,8 +65,11 @@ struct SplitPartials: @unchecked Sendable {
     let rowSum: UnsafeMutablePointer<Float>
 
     init(_ p: AttentionProblem, _ plan: KeySplitPlan) {
-        let rows = p.batch * plan.ranges * plan.rowsPerBatch(p)
-        output = .allocate(capacity: rows * p.valueDim)
+        self.init(rows: p.batch * plan.ranges * plan.rowsPerBatch(p), valueDim: p.valueDim)
+    }
+
+    init(rows: Int, valueDim: Int) {
+        output = .allocate(capacity: rows * valueDim)
         logSumExp = .allocate(capacity: rows)
         rowMax = .allocate(capacity: rows)
         rowSum = .allocate(capacity: rows)

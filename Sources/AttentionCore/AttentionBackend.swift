@@ -56,10 +56,17 @@ public struct AttentionBuffers: @unchecked Sendable {
     /// any input, and a log-sum-exp buffer of exactly [B, Hq, Nq] elements.
     public func check(against problem: AttentionProblem) throws(AttentionError) {
         let types = problem.storage
-        let operands: [(String, TensorView, [Int], StorageType)] = [
-            ("query", query, problem.queryShape, types.query), ("key", key, problem.keyShape, types.keyValue),
-            ("value", value, problem.valueShape, types.keyValue), ("output", output, problem.outputShape, types.output),
-        ]
+        try check(
+            operands: [
+                ("query", query, problem.queryShape, types.query), ("key", key, problem.keyShape, types.keyValue),
+                ("value", value, problem.valueShape, types.keyValue),
+                ("output", output, problem.outputShape, types.output),
+            ], logSumExpCount: problem.lseShape.reduce(1, *))
+    }
+
+    /// The checks of `check(against:)` for operands of any logical [B, H, N, D] shapes, in the order
+    /// query, key, value, output.
+    func check(operands: [(String, TensorView, [Int], StorageType)], logSumExpCount: Int) throws(AttentionError) {
         var extents: [(String, ClosedRange<UInt>)] = []
         for (name, view, shape, expected) in operands {
             guard view.storage == expected else {
@@ -69,15 +76,15 @@ public struct AttentionBuffers: @unchecked Sendable {
             let start = UInt(bitPattern: view.address)
             extents.append((name, start...(start + UInt((last + 1) * view.storage.byteSize) - 1)))
         }
-        try Self.checkNoSelfOverlap(output.strides(for: problem.outputShape), shape: problem.outputShape)
+        let outputShape = operands[3].2
+        try Self.checkNoSelfOverlap(output.strides(for: outputShape), shape: outputShape)
         let outputExtent = extents[3].1
         for (name, extent) in extents.prefix(3) where extent.overlaps(outputExtent) {
             throw .overlappingOutput("the output's memory overlaps the \(name)'s")
         }
         if let lse = logSumExp {
-            guard lse.count == problem.lseShape.reduce(1, *) else {
-                throw .outputSizeMismatch(
-                    buffer: "logSumExp", expectedCount: problem.lseShape.reduce(1, *), actualCount: lse.count)
+            guard lse.count == logSumExpCount else {
+                throw .outputSizeMismatch(buffer: "logSumExp", expectedCount: logSumExpCount, actualCount: lse.count)
             }
             if let base = lse.baseAddress {
                 let start = UInt(bitPattern: base)
@@ -191,6 +198,11 @@ public protocol AttentionBackend: Sendable {
     func workspaceBytes(for problem: AttentionProblem) -> Int
     /// Support, workspace and path together: what the dispatcher asks, once per candidate.
     func plan(for problem: AttentionProblem) -> ExecutionPlan
+    /// Whether this backend can run a batch of sequences (default: every sequence's problem).
+    func support(for batch: SequenceBatch) -> BackendSupport
+    /// Computes a batch of sequences into validated buffers whose views all carry explicit strides
+    /// (`AttentionBuffers.resolved(for:)`). Default: one sequence at a time (`runBySequence`).
+    func run(batch: SequenceBatch, _ buffers: AttentionBuffers) throws(AttentionError)
 }
 
 extension AttentionBackend {

@@ -42,6 +42,19 @@ public enum AttentionError: Error, Equatable, Sendable, CustomStringConvertible 
     case unknownBackend(name: String, reason: String)
     /// A file AttentionKit keeps (the tuned profile) could not be read or written.
     case fileError(path: String, reason: String)
+    /// Sequence offsets (`cuSeqlensQ`, `cuSeqlensK`) that are not S + 1 non-decreasing values from 0
+    /// within the packed tensor; `index` is the first offending entry.
+    case invalidSequenceOffsets(name: String, index: Int, reason: String)
+    /// A cache length below 0 or beyond what the cache (capacity or block table) holds.
+    case invalidCacheLength(sequence: Int, length: Int, limit: Int)
+    /// A page table entry that names no page of the pool, or an unusable page size.
+    case invalidPageTable(reason: String)
+    /// An option this form of batch cannot honour (a mask for a batch of sequences).
+    case unsupportedOption(String)
+    /// The K/V cache's page pool cannot hold what was asked; nothing was changed.
+    case cacheFull(neededPages: Int, freePages: Int)
+    /// A K/V cache call named a sequence the cache does not hold.
+    case unknownSequence(Int)
 
     public var description: String {
         switch self {
@@ -84,6 +97,18 @@ public enum AttentionError: Error, Equatable, Sendable, CustomStringConvertible 
             return "unknown backend '\(name)': \(reason)"
         case .fileError(let path, let reason):
             return "\(path): \(reason)"
+        case .invalidSequenceOffsets(let name, let index, let reason):
+            return "\(name)[\(index)] is invalid: \(reason)"
+        case .invalidCacheLength(let sequence, let length, let limit):
+            return "cache length \(length) of sequence \(sequence) is outside [0, \(limit)]"
+        case .invalidPageTable(let reason):
+            return "invalid page table: \(reason)"
+        case .unsupportedOption(let message):
+            return "unsupported option: \(message)"
+        case .cacheFull(let needed, let free):
+            return "the K/V cache is full: \(needed) more pages needed, \(free) free (nothing was changed)"
+        case .unknownSequence(let id):
+            return "the K/V cache holds no sequence \(id)"
         }
     }
 }
