@@ -90,6 +90,28 @@ public struct Dispatcher: Sendable {
         return DispatchDecision(options: options, chosenIndex: index, chosen: chosen, profileSource: profile.source)
     }
 
+    /// Evaluates every candidate on a batch of sequences: support of the batch, and work summed
+    /// over the sequences (never the padded product), with one call's overhead.
+    public func decide(_ batch: SequenceBatch) -> DispatchDecision {
+        let problems = (0..<batch.count).compactMap { batch.problem(sequence: $0) }
+        let options = candidates.map { candidate -> DispatchDecision.Option in
+            let support = candidate.backend.support(for: batch)
+            let profile = candidate.profile
+            let seconds = problems.reduce(profile.overheadSeconds) {
+                $0 + Self.estimate($1, profile: profile) - profile.overheadSeconds
+            }
+            return DispatchDecision.Option(
+                backend: candidate.backend.id, device: profile.device, support: support,
+                estimatedSeconds: support.isSupported ? seconds : nil,
+                detail: "\(batch.layout.name) batch of \(batch.count), \(batch.regime.rawValue)")
+        }
+        let best = options.indices.filter { options[$0].estimatedSeconds != nil }
+            .min { options[$0].estimatedSeconds! < options[$1].estimatedSeconds! }
+        let index = best ?? options.indices.first { options[$0].backend == .naive } ?? 0
+        let chosen: any AttentionBackend = candidates.isEmpty ? NaiveBackend() : candidates[index].backend
+        return DispatchDecision(options: options, chosenIndex: index, chosen: chosen, profileSource: profile.source)
+    }
+
     /// One candidate's line of a decision: its plan, the memory guard, the estimate.
     private func option(for candidate: DispatchCandidate, _ problem: AttentionProblem) -> DispatchDecision.Option {
         let plan = candidate.backend.plan(for: problem)
