@@ -68,3 +68,98 @@ import Testing
         }
     }
 }
+
+/// The README's serving example: a decode loop over sequences of different lengths through the
+/// paged cache, one token per step, checked against the reference of each sequence's tokens.
+@Suite struct ReadmeServingExample {
+    @Test func decodeLoopThroughTheCache() throws {
+        var rng = SplitMix64(seed: 11)
+        func random(_ shape: [Int]) throws -> Tensor {
+            try Tensor(
+                shape: shape, storage: (0..<shape.reduce(1, *)).map { _ in Float.random(in: -1...1, using: &rng) })
+        }
+        var history: [[(key: Tensor, value: Tensor)]] = [[], [], []]
+        var last: AttentionResult?
+        var lastQuery: Tensor?
+        // README "Serving" — begin
+        let (kvHeads, queryHeads, headDim) = (2, 8, 64)
+        let cache = try KVCache(
+            keyValueHeads: kvHeads, headDim: headDim, pageSize: 16, pageCapacity: 256, storage: .f16)
+        // Three sequences with prompts of different lengths.
+        let sequences = [37, 5, 120].map { _ in cache.addSequence() }
+        for (id, promptLength) in zip(sequences, [37, 5, 120]) {
+            let keys = try random([promptLength, kvHeads, headDim])  // [n, Hkv, D] from the model
+            let values = try random([promptLength, kvHeads, headDim])
+            try cache.append(sequence: id, keys: keys, values: values)
+            history[id].append((keys, values))  // README — skip
+        }
+        for _ in 0..<4 {  // decode steps
+            for id in sequences {
+                let key = try random([1, kvHeads, headDim])  // this step's K/V of each sequence
+                let value = try random([1, kvHeads, headDim])
+                try cache.append(sequence: id, keys: key, values: value)
+                history[id].append((key, value))  // README — skip
+            }
+            let query = try random([sequences.count, queryHeads, 1, headDim])  // [S, Hq, 1, D]
+            let step = try cache.attention(query: query, sequences: sequences, options: .init(causal: true))
+            // step.output: [S, Hq, 1, D], one row per sequence and head
+            (last, lastQuery) = (step, query)  // README — skip
+        }
+        // README "Serving" — end
+
+        let result = try #require(last)
+        let query = try #require(lastQuery)
+        for id in sequences {
+            let rows = history[id]
+            let n = rows.reduce(0) { $0 + $1.key.shape[0] }
+            var k = [Float](repeating: 0, count: kvHeads * n * headDim)
+            var v = k
+            var j = 0
+            for chunk in rows {
+                for t in 0..<chunk.key.shape[0] {
+                    for h in 0..<kvHeads {
+                        for e in 0..<headDim {
+                            k[(h * n + j) * headDim + e] = StorageType.f16.rounded(chunk.key[t, h, e])
+                            v[(h * n + j) * headDim + e] = StorageType.f16.rounded(chunk.value[t, h, e])
+                        }
+                    }
+                    j += 1
+                }
+            }
+            let size = queryHeads * headDim
+            let q = try Tensor(
+                shape: [1, queryHeads, 1, headDim], storage: Array(query.storage[id * size..<(id + 1) * size]))
+            let key = try Tensor(shape: [1, kvHeads, n, headDim], storage: k)
+            let value = try Tensor(shape: [1, kvHeads, n, headDim], storage: v)
+            let problem = try AttentionProblem(
+                query: q.shape, key: key.shape, value: value.shape, options: .init(causal: true))
+            let reference = NaiveBackend.reference(problem, query: q, key: key, value: value)
+            let got = Array(result.output.storage[id * size..<(id + 1) * size])
+            let report = got.withUnsafeBufferPointer { out in
+                AccuracyReport(
+                    output: out, logSumExp: nil, reference: reference.output, referenceLSE: reference.logSumExp,
+                    valueDim: headDim)
+            }
+            #expect(report.passed, "sequence \(id): \(report)")
+        }
+    }
+}
+
+extension ReadmeServingExample {
+    /// The README's code block is the test's code between its markers, minus the `skip` lines.
+    @Test func readmeShowsThisCode() throws {
+        let here = URL(fileURLWithPath: #filePath)
+        let root = here.deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let readme = try String(contentsOf: root.appendingPathComponent("README.md"), encoding: .utf8)
+        let source = try String(contentsOf: here, encoding: .utf8)
+        func trimmed(_ lines: some Sequence<Substring>) -> [String] {
+            lines.map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        }
+        let testLines = source.components(separatedBy: "// README \"Serving\" — begin")[1]
+            .components(separatedBy: "// README \"Serving\" — end")[0]
+            .split(separator: "\n").filter { !$0.contains("README — skip") }
+        let section = try #require(readme.components(separatedBy: "(checked verbatim by `ReadmeServingExample`)").last)
+        let block = section.components(separatedBy: "```swift\n")[1].components(separatedBy: "```")[0]
+        #expect(trimmed(block.split(separator: "\n")) == trimmed(testLines))
+    }
+}
