@@ -234,6 +234,82 @@ def harness_checks(c, q):
     c.record(ok, "devices --json", r.stdout[-800:] + r.stderr[-800:])
 
 
+
+def serving_checks(c, rng):
+    """run with --cu-seqlens-q/k, --cache-lengths and --page-size against per-sequence references."""
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)
+    hq, hkv, d = 4, 2, 16
+    # Varlen: lengths 0, 1 and long side by side; files packed [total, H, D].
+    nq, nk = [3, 0, 1, 40], [5, 2, 0, 60]
+    cq, ck = np.concatenate([[0], np.cumsum(nq)]), np.concatenate([[0], np.cumsum(nk)])
+    q, k, v = f32(cq[-1], hq, d), f32(ck[-1], hkv, d), f32(ck[-1], hkv, d)
+    np.save(c.path("vl-q.npy"), q); np.save(c.path("vl-k.npy"), k); np.save(c.path("vl-v.npy"), v)
+    np.save(c.path("vl-cq.npy"), cq.astype(np.int32)); np.save(c.path("vl-ck.npy"), ck.astype(np.int64))
+    ro, rl = np.zeros((cq[-1], hq, d)), np.full((cq[-1], hq), -np.inf)
+    for s in range(len(nq)):
+        if nq[s] and nk[s]:
+            o, l = reference(q[None, cq[s]:cq[s + 1]].transpose(0, 2, 1, 3), k[None, ck[s]:ck[s + 1]].transpose(0, 2, 1, 3),
+                             v[None, ck[s]:ck[s + 1]].transpose(0, 2, 1, 3), causal=True)
+            ro[cq[s]:cq[s + 1]] = o[0].transpose(1, 0, 2)
+            rl[cq[s]:cq[s + 1]] = l[0].T
+    args = ["--q", c.path("vl-q.npy"), "--k", c.path("vl-k.npy"), "--v", c.path("vl-v.npy"), "--out", c.path("vl-o.npy"),
+            "--lse", c.path("vl-lse.npy"), "--cu-seqlens-q", c.path("vl-cq.npy"), "--cu-seqlens-k", c.path("vl-ck.npy"),
+            "--causal"]
+    for backend in BACKENDS:
+        r = c.run(args + ["--backend", backend])
+        if r.returncode != 0:
+            c.record(False, f"varlen [{backend}]", r.stderr.strip())
+            continue
+        o, l = np.load(c.path("vl-o.npy")), np.load(c.path("vl-lse.npy"))
+        ok = o.shape == ro.shape and np.all(np.abs(o - ro) <= ATOL + RTOL * np.abs(ro))
+        ok = ok and np.array_equal(np.isneginf(l), np.isneginf(rl)) and np.all(np.abs(l - rl)[np.isfinite(rl)] <= 1e-3)
+        c.record(ok, f"varlen [{backend}]", f"shape {o.shape}, max err {np.max(np.abs(o - ro)) if o.shape == ro.shape else '-'}")
+
+    # Cache lengths (bshd caches with spare capacity, fp16 K/V), then the same through pages of 1, 16, 256.
+    lengths = np.array([1, 700, 0, 33], np.int32)
+    B, C = len(lengths), 710
+    q, k, v = f32(B, 2, hq, d), f32(B, C, hkv, d), f32(B, C, hkv, d)
+    np.save(c.path("cl-q.npy"), q); np.save(c.path("cl-k.npy"), k); np.save(c.path("cl-v.npy"), v)
+    np.save(c.path("cl-len.npy"), lengths)
+    ro = np.zeros((B, 2, hq, d))
+    for b in range(B):
+        if lengths[b]:
+            o, _ = reference(q[b:b + 1].transpose(0, 2, 1, 3), rounded(k[b:b + 1, :lengths[b]], "f16").transpose(0, 2, 1, 3),
+                             rounded(v[b:b + 1, :lengths[b]], "f16").transpose(0, 2, 1, 3), causal=True)
+            ro[b] = o[0].transpose(1, 0, 2)
+    args = ["--q", c.path("cl-q.npy"), "--k", c.path("cl-k.npy"), "--v", c.path("cl-v.npy"), "--out", c.path("cl-o.npy"),
+            "--cache-lengths", c.path("cl-len.npy"), "--layout", "bshd", "--kv-dtype", "f16", "--causal"]
+    for extra in ([], ["--page-size", "1"], ["--page-size", "16"], ["--page-size", "256"]):
+        for backend in BACKENDS:
+            name = f"cache-lengths{' paged ' + extra[1] if extra else ''} [{backend}]"
+            r = c.run(args + extra + ["--backend", backend])
+            if r.returncode != 0:
+                c.record(False, name, r.stderr.strip())
+                continue
+            o = np.load(c.path("cl-o.npy"))
+            ok = o.shape == ro.shape and np.all(np.abs(o - ro) <= ATOL + RTOL * np.abs(ro))
+            c.record(ok, name, f"shape {o.shape}, max err {np.max(np.abs(o - ro)) if o.shape == ro.shape else '-'}")
+
+    base = ["--q", c.path("vl-q.npy"), "--k", c.path("vl-k.npy"), "--v", c.path("vl-v.npy"), "--out", c.path("o.npy")]
+    np.save(c.path("bad-cq.npy"), np.array([0, 3, 2, 4, 44], np.int32))
+    np.save(c.path("long-ck.npy"), np.array([0, 5, 7, 7, 99], np.int32))
+    np.save(c.path("float-cq.npy"), np.array([0, 3, 4], np.float32))
+    c.failure("decreasing offsets", base + ["--cu-seqlens-q", c.path("bad-cq.npy"), "--cu-seqlens-k", c.path("vl-ck.npy")],
+              "cuSeqlensQ[2]")
+    c.failure("offsets beyond the tensor", base + ["--cu-seqlens-q", c.path("vl-cq.npy"), "--cu-seqlens-k", c.path("long-ck.npy")],
+              "cuSeqlensK[4]")
+    c.failure("float offsets", base + ["--cu-seqlens-q", c.path("float-cq.npy"), "--cu-seqlens-k", c.path("vl-ck.npy")],
+              "float-cq.npy")
+    c.failure("offsets without their pair", base + ["--cu-seqlens-q", c.path("vl-cq.npy")], "--cu-seqlens-k")
+    np.save(c.path("too-long.npy"), np.array([1, 711, 0, 3], np.int32))
+    c.failure("length beyond capacity", ["--q", c.path("cl-q.npy"), "--k", c.path("cl-k.npy"), "--v", c.path("cl-v.npy"),
+                                          "--out", c.path("o.npy"), "--layout", "bshd", "--cache-lengths", c.path("too-long.npy")],
+              "cache length 711")
+    c.failure("bad page size", ["--q", c.path("cl-q.npy"), "--k", c.path("cl-k.npy"), "--v", c.path("cl-v.npy"),
+                                 "--out", c.path("o.npy"), "--layout", "bshd", "--cache-lengths", c.path("cl-len.npy"),
+                                 "--page-size", "24"], "page size 24")
+
+
 def main():
     exe = os.path.abspath(sys.argv[1])
     rng = np.random.default_rng(7)
@@ -313,6 +389,7 @@ def main():
         else:
             c.failure("no such OpenCL device", base + ["--backend", "opencl", "--device", "42"], "device 42")
 
+        serving_checks(c, rng)
         harness_checks(c, q)
         print(f"{c.passed} passed, {c.failed} failed")
         return 1 if c.failed else 0

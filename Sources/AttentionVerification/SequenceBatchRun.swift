@@ -126,35 +126,10 @@ public struct SequenceBatchMemory: @unchecked Sendable {
     public let batch: SequenceBatch
     let c: SequenceBatchCase
     let form: SequenceForm
-    let q: Region, k: Region, v: Region, o: Region
+    let q: RawRegion, k: RawRegion, v: RawRegion, o: RawRegion
     let qs: Strides, ks: Strides, vs: Strides, os: Strides
     /// Query rows before each sequence (packed).
     let queryStarts: [Int]
-
-    /// Raw memory of one operand.
-    struct Region {
-        let base: UnsafeMutableRawPointer
-        let count: Int
-        let type: StorageType
-
-        init(count: Int, type: StorageType) {
-            self.count = max(1, count)
-            self.type = type
-            base = .allocate(byteCount: self.count * type.byteSize, alignment: 64)
-            base.initializeMemory(as: UInt8.self, repeating: 0xFF, count: self.count * type.byteSize)
-        }
-
-        func store(_ x: Float, at index: Int) {
-            switch type {
-            case .f32: base.storeBytes(of: x, toByteOffset: index * 4, as: Float.self)
-            case .f16, .bf16: base.storeBytes(of: type.encode(x), toByteOffset: index * 2, as: UInt16.self)
-            }
-        }
-
-        func view(_ strides: Strides) -> TensorView {
-            TensorView(address: base, storage: type, strides: strides, capacity: count)
-        }
-    }
 
     public init(_ c: SequenceBatchCase, form: SequenceForm) throws(AttentionError) {
         self.c = c
@@ -218,10 +193,10 @@ public struct SequenceBatchMemory: @unchecked Sendable {
         batch = try SequenceBatch(
             query: shapes.q, key: shapes.k, value: shapes.v, layout: layout, options: c.options, storage: storage)
         queryStarts = starts
-        q = Region(count: shapes.q.reduce(1, *), type: .f32)
-        k = Region(count: shapes.k.reduce(1, *), type: c.keyValue)
-        v = Region(count: shapes.v.reduce(1, *), type: c.keyValue)
-        o = Region(count: batch.outputShape.reduce(1, *), type: .f32)
+        q = RawRegion(count: shapes.q.reduce(1, *), type: .f32)
+        k = RawRegion(count: shapes.k.reduce(1, *), type: c.keyValue)
+        v = RawRegion(count: shapes.v.reduce(1, *), type: c.keyValue)
+        o = RawRegion(count: batch.outputShape.reduce(1, *), type: .f32)
 
         for s in 0..<count {
             let (query, key, value) = try c.inputs(sequence: s)

@@ -12,6 +12,8 @@ public struct NPYArray: Sendable, Equatable {
         /// IEEE binary16 bits, as a `<f2` file holds them (never widened unless asked).
         case float16([UInt16])
         case bool([Bool])
+        /// `<i4` and `<i8` values (sequence offsets, lengths, page tables).
+        case int64([Int64])
     }
 
     /// The element type as stored in the file.
@@ -21,6 +23,8 @@ public struct NPYArray: Sendable, Equatable {
         case float64 = "<f8"
         case bool = "|b1"
         case uint8 = "|u1"
+        case int32 = "<i4"
+        case int64 = "<i8"
 
         /// Bytes per element.
         public var itemSize: Int {
@@ -29,6 +33,8 @@ public struct NPYArray: Sendable, Equatable {
             case .float32: return 4
             case .float64: return 8
             case .bool, .uint8: return 1
+            case .int32: return 4
+            case .int64: return 8
             }
         }
     }
@@ -53,6 +59,20 @@ public struct NPYArray: Sendable, Equatable {
         self.fileDType = .float16
     }
 
+    /// An array of integers (written as `<i8`).
+    public init(shape: [Int], integers: [Int64]) {
+        precondition(shape.reduce(1, *) == integers.count, "shape \(shape) does not match \(integers.count) values")
+        self.shape = shape
+        self.storage = .int64(integers)
+        self.fileDType = .int64
+    }
+
+    /// The values of an integer array (`<i4` widened); nil for other arrays.
+    public var integers: [Int64]? {
+        if case .int64(let values) = storage { return values }
+        return nil
+    }
+
     public init(shape: [Int], bools: [Bool]) {
         precondition(shape.reduce(1, *) == bools.count, "shape \(shape) does not match \(bools.count) values")
         self.shape = shape
@@ -71,7 +91,7 @@ public struct NPYArray: Sendable, Equatable {
         switch storage {
         case .float32(let values): return values
         case .float16(let bits): return bits.map(Float.init(halfBits:))
-        case .bool: return nil
+        case .bool, .int64: return nil
         }
     }
 
@@ -192,6 +212,10 @@ public struct NPYArray: Sendable, Equatable {
                 return .float16((0..<count).map { word($0, UInt16.self) })
             case .bool, .uint8:
                 return .bool((0..<count).map { bytes[$0] != 0 })
+            case .int32:
+                return .int64((0..<count).map { Int64(Int32(bitPattern: word($0, UInt32.self))) })
+            case .int64:
+                return .int64((0..<count).map { Int64(bitPattern: word($0, UInt64.self)) })
             }
         }
     }
@@ -201,6 +225,8 @@ public struct NPYArray: Sendable, Equatable {
         switch descr {
         case "|b1", "<b1", "b1", "?": return "|b1"
         case "|u1", "<u1", "u1": return "|u1"
+        case "<i4", "i4": return "<i4"
+        case "<i8", "i8": return "<i8"
         default: return descr
         }
     }
@@ -214,6 +240,7 @@ public struct NPYArray: Sendable, Equatable {
         case .float32: descr = "<f4"
         case .float16: descr = "<f2"
         case .bool: descr = "|b1"
+        case .int64: descr = "<i8"
         }
         let shapeText = shape.count == 1 ? "(\(shape[0]),)" : "(" + shape.map(String.init).joined(separator: ", ") + ")"
         var header = "{'descr': '\(descr)', 'fortran_order': False, 'shape': \(shapeText), }"
@@ -236,6 +263,8 @@ public struct NPYArray: Sendable, Equatable {
             for b in bits { data.append(contentsOf: [UInt8(b & 0xFF), UInt8(b >> 8)]) }
         case .bool(let values):
             data.append(contentsOf: values.map { $0 ? UInt8(1) : 0 })
+        case .int64(let values):
+            for v in values { withUnsafeBytes(of: v.littleEndian) { data.append(contentsOf: $0) } }
         }
         return data
     }

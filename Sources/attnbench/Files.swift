@@ -50,6 +50,7 @@ func loadMask(_ path: String) throws -> AttentionMask {
         case .bool(let values): return try AttentionMask(shape: array.shape, allowed: values)
         case .float32(let values): return try AttentionMask(shape: array.shape, additive: values)
         case .float16: return try AttentionMask(shape: array.shape, additive: array.floats ?? [])
+        case .int64: throw CLIError("\(path): a mask must be bool or float, not integer")
         }
     } catch {
         throw CLIError("\(path): \(error)")

@@ -59,6 +59,19 @@ struct Run: ParsableCommand {
     @Option(
         help: ArgumentHelp("BLAS tiling: query rows x key block (default: from the tiling table).", valueName: "RxK"))
     var tiling: BLASTiling?
+    @Option(
+        name: .customLong("cu-seqlens-q"),
+        help: "Varlen: S + 1 query offsets (.npy, int32 or int64); Q/K/V/O files are then packed [total, H, D].")
+    var cuSeqlensQ: String?
+    @Option(name: .customLong("cu-seqlens-k"), help: "Varlen: S + 1 key offsets (.npy, int32 or int64).")
+    var cuSeqlensK: String?
+    @Option(
+        name: .customLong("cache-lengths"),
+        help: "Cache lengths [B] (.npy, int32 or int64): K/V files are caches [B, Hkv, C, D] (bshd: [B, C, Hkv, D]).")
+    var cacheLengthsPath: String?
+    @Option(
+        help: "Run the batch through paged K/V: pages of this many keys (power of two, 1-1024) in shuffled order.")
+    var pageSize: Int?
 
     func validate() throws {
         if let repetitions, repetitions < 1 { throw ValidationError("--repeat must be >= 1") }
@@ -67,6 +80,9 @@ struct Run: ParsableCommand {
 
     func run() throws {
         if outDtype == .bf16 { throw CLIError("--out-dtype: .npy has no bf16; use f32 or f16") }
+        if cuSeqlensQ != nil || cuSeqlensK != nil || cacheLengthsPath != nil || pageSize != nil {
+            return try runBatch()
+        }
         if resident && (layout != .bhsd || dtype != nil || kvDtype != nil || outDtype != .f32) {
             throw CLIError("--resident times fp32 [B, H, N, D] tensors only")
         }
