@@ -125,20 +125,22 @@ public struct BLASBackend: AttentionBackend {
         defer { partials.deallocate() }
         let items = plan.items
         let next = WorkCounter()
-        WorkerPool.shared.run(workers: min(threads, max(1, items.count))) { _ in
-            let kernel = SequenceDecodeKernel(plan, cpu, buffers, partials)
-            defer { kernel.deallocate() }
-            while true {
-                let index = next.value.add(1, ordering: .relaxed).oldValue
-                guard index < items.count else { break }
-                kernel.process(sequence: items[index].sequence, range: items[index].range)
+        try RowIndex.with(batch) { index in
+            WorkerPool.shared.run(workers: min(threads, max(1, items.count))) { _ in
+                let kernel = SequenceDecodeKernel(plan, cpu, buffers, partials, index)
+                defer { kernel.deallocate() }
+                while true {
+                    let item = next.value.add(1, ordering: .relaxed).oldValue
+                    guard item < items.count else { break }
+                    kernel.process(sequence: items[item].sequence, range: items[item].range)
+                }
             }
-        }
-        let kernel = SequenceDecodeKernel(plan, cpu, buffers, partials)
-        defer { kernel.deallocate() }
-        for s in 0..<batch.count where batch.queryLengths[s] > 0 && plan.ranges[s] != 1 {
-            // No keys: zero rows, -inf; several ranges: the exact merge.
-            kernel.merge(sequence: s)
+            let kernel = SequenceDecodeKernel(plan, cpu, buffers, partials, index)
+            defer { kernel.deallocate() }
+            for s in 0..<batch.count where batch.queryLengths[s] > 0 && plan.ranges[s] != 1 {
+                // No keys: zero rows, -inf; several ranges: the exact merge.
+                kernel.merge(sequence: s)
+            }
         }
     }
 

@@ -68,8 +68,52 @@ struct SequenceDecodePlan {
     /// Bytes one worker allocates: a score tile, its row statistics, a sequence's Q rows and O rows.
     var perThreadBytes: Int {
         let rows = batch.queryHeads * batch.maxQueryLength
-        return 4 * (rowsPerGroup * block + rows * (batch.headDim + batch.valueDim + 3))
+        return 4 * (rows * block + rows * (batch.headDim + batch.valueDim + 3))
     }
+}
+
+/// Where a batch's rows are, as raw pointers borrowed for one call: no enum switches or array
+/// reference counting in the per-run loop (two threads retaining one array bounce its cache line).
+struct RowIndex: @unchecked Sendable {
+    enum Form { case packed, cacheLengths, paged }
+    let form: Form
+    /// Packed: S + 1 query and key offsets.
+    let queryOffsets: UnsafePointer<Int32>
+    let keyOffsets: UnsafePointer<Int32>
+    /// Paged: the block table [B, maxPages].
+    let blockTable: UnsafePointer<Int32>
+    let maxPages: Int
+    let pageSize: Int
+
+    /// Runs `body` with the index of `batch`'s arrays.
+    static func with<R>(_ batch: SequenceBatch, _ body: (RowIndex) throws(AttentionError) -> R) throws(AttentionError)
+        -> R
+    {
+        let none: [Int32] = [0]
+        let (cuQ, cuK, table, form): ([Int32], [Int32], PageTable?, Form)
+        switch batch.layout {
+        case .packed(let q, let k): (cuQ, cuK, table, form) = (q, k, nil, .packed)
+        case .cacheLengths: (cuQ, cuK, table, form) = (none, none, nil, .cacheLengths)
+        case .paged(_, let t): (cuQ, cuK, table, form) = (none, none, t, .paged)
+        }
+        let blocks = table?.blockTable ?? none
+        var result: Result<R, AttentionError>!
+        cuQ.withUnsafeBufferPointer { q in
+            cuK.withUnsafeBufferPointer { k in
+                blocks.withUnsafeBufferPointer { b in
+                    let index = RowIndex(
+                        form: form, queryOffsets: q.baseAddress!, keyOffsets: k.baseAddress!,
+                        blockTable: b.baseAddress!, maxPages: table?.maxPages ?? 1, pageSize: table?.pageSize ?? 1)
+                    do throws(AttentionError) { result = .success(try body(index)) } catch { result = .failure(error) }
+                }
+            }
+        }
+        return try result.get()
+    }
+
+    /// The page holding key j of sequence s.
+    @inline(__always)
+    func page(_ s: Int, _ j: Int) -> Int { Int(blockTable[s * maxPages + j / pageSize]) }
 }
 
 /// One worker's view of a sequence-batch decode: borrowed operands and its own tiles.
@@ -87,9 +131,16 @@ struct SequenceDecodeKernel {
     let rowMax: UnsafeMutablePointer<Float>
     let rowSum: UnsafeMutablePointer<Float>
     let lseTile: UnsafeMutablePointer<Float>
+    let index: RowIndex
+    /// Whether each K/V head's rows are adjacent (walk one head group at a time).
+    let groupsOuter: Bool
 
-    init(_ plan: SequenceDecodePlan, _ cpu: CPUKernels, _ buffers: AttentionBuffers, _ partials: SplitPartials) {
+    init(
+        _ plan: SequenceDecodePlan, _ cpu: CPUKernels, _ buffers: AttentionBuffers, _ partials: SplitPartials,
+        _ index: RowIndex
+    ) {
         self.plan = plan
+        self.index = index
         batch = plan.batch
         self.cpu = cpu.table.pointee
         q = Operand(buffers.query, shape: batch.queryShape)
@@ -100,12 +151,14 @@ struct SequenceDecodeKernel {
         self.partials = partials
         ld = plan.block
         let rows = batch.queryHeads * max(1, batch.maxQueryLength)
-        scores = .allocate(capacity: plan.rowsPerGroup * ld)
+        scores = .allocate(capacity: rows * ld)
         queryTile = .allocate(capacity: rows * batch.headDim)
         outTile = .allocate(capacity: rows * batch.valueDim)
         rowMax = .allocate(capacity: rows)
         rowSum = .allocate(capacity: rows)
         lseTile = .allocate(capacity: rows)
+        groupsOuter =
+            index.form != .paged && k.strides.sequence == batch.headDim && v.strides.sequence == batch.valueDim
     }
 
     func deallocate() {
@@ -115,36 +168,37 @@ struct SequenceDecodeKernel {
     /// Element offset of query (or output) row (h, i) of sequence s.
     private func rowOffset(_ operand: Operand, sequence s: Int, head h: Int, query i: Int) -> Int {
         let st = operand.strides
-        switch batch.layout {
-        case .packed(let cuQ, _): return (Int(cuQ[s]) + i) * st.sequence + h * st.head
-        case .cacheLengths, .paged: return s * st.batch + h * st.head + i * st.sequence
-        }
+        if index.form == .packed { return (Int(index.queryOffsets[s]) + i) * st.sequence + h * st.head }
+        return s * st.batch + h * st.head + i * st.sequence
     }
 
-    /// Calls `body(kRow, vRow, column, count)` for the runs of keys [j0, j0 + width) of K/V head
-    /// `g` of sequence s: rows one sequence stride apart, `column` the run's offset in the block.
+    /// Calls `body(group, kRow, vRow, column, count)` for the runs of keys [j0, j0 + width) of
+    /// sequence s, each run for every K/V head in turn: rows one sequence stride apart, `column` the
+    /// run's offset in the block.
     @inline(__always)
     private func forEachRun(
-        sequence s: Int, group g: Int, start j0: Int, width: Int,
-        _ body: (UnsafeRawPointer, UnsafeRawPointer, Int, Int) -> Void
+        sequence s: Int, start j0: Int, width: Int, groups heads: Range<Int>,
+        _ body: (Int, UnsafeRawPointer, UnsafeRawPointer, Int, Int) -> Void
     ) {
-        let (ks, vs) = (k.strides, v.strides)
-        let (kb, vb) = (k.type.byteSize, v.type.byteSize)
-        switch batch.layout {
-        case .packed(_, let cuK):
-            let j = Int(cuK[s]) + j0
-            body(
-                k.base + (j * ks.sequence + g * ks.head) * kb, v.base + (j * vs.sequence + g * vs.head) * vb, 0, width)
+        switch index.form {
+        case .packed:
+            let j = Int(index.keyOffsets[s]) + j0
+            let (ks, vs) = (k.strides, v.strides)
+            for g in heads {
+                body(
+                    g, k.base + (j * ks.sequence + g * ks.head) * k.type.byteSize,
+                    v.base + (j * vs.sequence + g * vs.head) * v.type.byteSize, 0, width)
+            }
         case .cacheLengths:
-            body(k.row(s, g, j0), v.row(s, g, j0), 0, width)
-        case .paged(_, let table):
-            let pageSize = table.pageSize
+            for g in heads { body(g, k.row(s, g, j0), v.row(s, g, j0), 0, width) }
+        case .paged:
+            let pageSize = index.pageSize
             var c = 0
             while c < width {
                 let j = j0 + c
-                let page = table.page(sequence: s, key: j)
+                let page = index.page(s, j)
                 let n = min(width - c, pageSize - j % pageSize)
-                body(k.row(page, g, j % pageSize), v.row(page, g, j % pageSize), c, n)
+                for g in heads { body(g, k.row(page, g, j % pageSize), v.row(page, g, j % pageSize), c, n) }
                 c += n
             }
         }
@@ -175,27 +229,39 @@ struct SequenceDecodeKernel {
         let last = batch.visibleKeys(sequence: s, query: nq - 1)
         let lo = max(range * plan.rangeLength, first.lo)
         let hi = min((range + 1) * plan.rangeLength, batch.keyLengths[s], last.hi + 1)
+        // Per block, in one of two orders. Rows of each K/V head adjacent ([B, H, N, D] caches): one
+        // head group at a time, each streaming its own rows. Otherwise (pages, [B, N, H, D] caches,
+        // packed rows): each run (a page, or the block) for every head in turn — adjacent memory —
+        // for the scores of all groups, then the softmax step per group, then P·V in the same order.
+        let heads = 0..<batch.keyValueHeads
+        let passes: [Range<Int>] = groupsOuter ? heads.map { $0..<($0 + 1) } : [heads]
         var j0 = lo
         while j0 < hi {
             let width = min(plan.block, hi - j0)
             let needsVisibility = j0 < last.lo || j0 + width - 1 > first.hi
-            for group in 0..<batch.keyValueHeads {
-                let query = queryTile + group * rows * d
-                let o = out + group * rows * dv
-                forEachRun(sequence: s, group: group, start: j0, width: width) { kRow, _, column, count in
+            for groups in passes {
+                forEachRun(sequence: s, start: j0, width: width, groups: groups) { group, kRow, _, column, count in
                     cpu.dot_scores(
-                        rows, count, query, d, k.dtype, kRow, k.strides.sequence, d, batch.scale, scores + column, ld)
+                        rows, count, queryTile + group * rows * d, d, k.dtype, kRow, k.strides.sequence, d,
+                        batch.scale, scores + group * rows * ld + column, ld)
                 }
-                if let cap = batch.options.softcap { cpu.softcap(scores, ld, rows, width, cap) }
-                if needsVisibility {
-                    for r in 0..<rows {
-                        let (lo, hi) = batch.visibleKeys(sequence: s, query: r % nq)
-                        cpu.clip_row(scores + r * ld, width, lo - j0, hi - j0)
+                for group in groups {
+                    let tile = scores + group * rows * ld
+                    if let cap = batch.options.softcap { cpu.softcap(tile, ld, rows, width, cap) }
+                    if needsVisibility {
+                        for r in 0..<rows {
+                            let (lo, hi) = batch.visibleKeys(sequence: s, query: r % nq)
+                            cpu.clip_row(tile + r * ld, width, lo - j0, hi - j0)
+                        }
                     }
+                    cpu.softmax_update(
+                        tile, ld, rows, width, rowMax + group * rows, rowSum + group * rows, out + group * rows * dv,
+                        dv, dv)
                 }
-                cpu.softmax_update(scores, ld, rows, width, rowMax + group * rows, rowSum + group * rows, o, dv, dv)
-                forEachRun(sequence: s, group: group, start: j0, width: width) { _, vRow, column, count in
-                    cpu.accumulate(rows, count, scores + column, ld, v.dtype, vRow, v.strides.sequence, dv, o, dv)
+                forEachRun(sequence: s, start: j0, width: width, groups: groups) { group, _, vRow, column, count in
+                    cpu.accumulate(
+                        rows, count, scores + group * rows * ld + column, ld, v.dtype, vRow, v.strides.sequence, dv,
+                        out + group * rows * dv, dv)
                 }
             }
             j0 += width
@@ -250,12 +316,12 @@ struct SequenceDecodeKernel {
             cpu.store_rows(o.dtype, rows + h * nq * dv, dv, nq, dv, target, o.strides.sequence)
         }
         guard let lse else { return }
-        switch batch.layout {
-        case .packed(let cuQ, _):
+        if index.form == .packed {
+            let start = Int(index.queryOffsets[s])
             for h in 0..<hq {
-                for i in 0..<nq { lse[(Int(cuQ[s]) + i) * hq + h] = logSumExp[h * nq + i] }
+                for i in 0..<nq { lse[(start + i) * hq + h] = logSumExp[h * nq + i] }
             }
-        case .cacheLengths, .paged:
+        } else {
             (lse + s * hq * nq).update(from: logSumExp, count: hq * nq)
         }
     }

@@ -9,9 +9,10 @@ struct BenchOptions: ParsableArguments {
     @Option(
         parsing: .upToNextOption,
         help: ArgumentHelp(
-            "Shapes, as separate words: standard names or NAME:b=1,hq=8,nq=1000,d=64[,hkv=..,nk=..,dv=..,causal].",
+            "Shapes, as separate words: standard names (serve-decode and serve-prefill: batches of sequences, "
+                + "each with its padded equivalent) or NAME:b=1,hq=8,nq=1000,d=64[,hkv=..,nk=..,dv=..,causal].",
             valueName: "shape"))
-    var shapes: [String] = ShapeSpec.standard.map(\.name)
+    var shapes: [String] = ShapeSpec.standard.map(\.name) + ServingShape.allCases.map(\.rawValue)
     @Option(
         parsing: .upToNextOption,
         help: ArgumentHelp(
@@ -48,7 +49,12 @@ struct BenchOptions: ParsableArguments {
         StorageTypes(query: dtype ?? .f32, keyValue: kvDtype ?? dtype ?? .f32, output: dtype ?? .f32)
     }
 
-    func shapeSpecs() throws -> [ShapeSpec] { try listValues(shapes).map(ShapeSpec.parse) }
+    func shapeSpecs() throws -> [ShapeSpec] {
+        try listValues(shapes).filter { ServingShape(rawValue: $0) == nil }.map(ShapeSpec.parse)
+    }
+
+    /// The serving shapes asked for.
+    func servingShapes() -> [ServingShape] { listValues(shapes).compactMap(ServingShape.init(rawValue:)) }
 
     /// The backends asked for, or `fallback` when none were.
     func backendNames(default fallback: [String]) -> [String] {
@@ -88,7 +94,8 @@ struct Bench: ParsableCommand {
         let roofline = Roofline.measure()
         let backends = try BenchBackend.all(
             names: options.backendNames(default: ["all"]), devices: try options.deviceIndices(), roofline: roofline)
-        let rows = runBench(shapes: shapes, backends: backends, options: options, roofline: roofline)
+        var rows = runBench(shapes: shapes, backends: backends, options: options, roofline: roofline)
+        rows += runServingBench(options.servingShapes(), backends: backends, options: options, roofline: roofline)
         print(renderTable(rows, roofline: roofline))
         if let json {
             try writeJSON(BenchReport(machine: .current(roofline), results: rows, verification: nil), to: json)
@@ -118,6 +125,24 @@ func runBench(
         rows += shapeRows
     }
     progress.finish()
+    return rows
+}
+
+/// The serving shapes, each form on every backend (see `ServingBench`).
+func runServingBench(
+    _ shapes: [ServingShape], backends: [BenchBackend], options: BenchOptions, roofline: Roofline
+) -> [BenchRow] {
+    let bench = ServingBench(repetitions: options.repetitions, cellBudget: options.cellBudget, roofline: roofline)
+    var rows: [BenchRow] = []
+    for shape in shapes {
+        let shapeRows = bench.run(shape, storage: options.storage, backends: backends)
+        let summary = shapeRows.map { row in
+            "\(row.shape) \(row.backendName) "
+                + (row.skipped != nil ? "skipped" : "\(format((row.medianSeconds ?? 0) * 1e3)) ms")
+        }.joined(separator: ", ")
+        printError("  \(shape.rawValue): \(summary)")
+        rows += shapeRows
+    }
     return rows
 }
 

@@ -87,6 +87,14 @@ struct BenchBackend {
         }
     }
 
+    /// One call on a batch of sequences.
+    func forward(_ batch: SequenceBatch, _ buffers: AttentionBuffers) throws {
+        switch kind {
+        case .backend(let backend): try backend.forward(batch, buffers)
+        case .auto: try Dispatcher.process.decide(batch).chosen.forward(batch, buffers)
+        }
+    }
+
     /// The entries `names` asks for: "all" (naive, blas, every OpenCL device, auto) or some of
     /// naive, blas, opencl (every device in `devices`), opencl:N, auto.
     static func all(names: [String], devices: [Int]?, roofline: Roofline) throws -> [BenchBackend] {

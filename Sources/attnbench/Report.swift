@@ -62,6 +62,8 @@ struct Report: ParsableCommand {
                 shapes: decodeShapes, backends: backends, options: options, roofline: roofline, storage: fp16)
         }
 
+        rows += runServingBench(options.servingShapes(), backends: backends, options: options, roofline: roofline)
+
         if let verification { print(renderVerification(verification) + "\n") }
         print(renderTable(rows, roofline: roofline))
         let report = BenchReport(machine: .current(roofline), results: rows, verification: verification)
