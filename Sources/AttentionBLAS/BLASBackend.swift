@@ -126,7 +126,10 @@ public struct BLASBackend: AttentionBackend {
         let items = plan.items
         let next = WorkCounter()
         try RowIndex.with(batch) { index in
-            WorkerPool.shared.run(workers: min(threads, max(1, items.count))) { _ in
+            // Tiny batches (a few short sequences) run on the calling thread: waking a helper would
+            // cost more than their keys.
+            let workers = batch.keyValueBytes < Self.inlineBatchBytes ? 1 : min(threads, max(1, items.count))
+            WorkerPool.shared.run(workers: workers) { _ in
                 let kernel = SequenceDecodeKernel(plan, cpu, buffers, partials, index)
                 defer { kernel.deallocate() }
                 while true {
@@ -143,6 +146,9 @@ public struct BLASBackend: AttentionBackend {
             }
         }
     }
+
+    /// Sequence batches reading fewer K/V bytes than this run on one thread.
+    static let inlineBatchBytes = 256.0 * 1024
 
     /// Decode-like problems: key ranges over all heads (see `KeySplitPlan`), then the exact merge.
     private func runKeySplit(

@@ -27,13 +27,12 @@ extension AttentionBuffers {
 }
 
 extension AttentionBackend {
-    /// Support of every sequence's problem; the first refusal names the sequence.
+    /// Support of the batch's largest sequence problem (the most queries and the most keys of any
+    /// sequence): backends' limits grow with sizes, so the smaller sequences are covered too.
     public func support(for batch: SequenceBatch) -> BackendSupport {
-        for s in 0..<batch.count {
-            guard let problem = batch.problem(sequence: s) else { continue }
-            if case .unsupported(let reason) = support(for: problem) {
-                return .unsupported(reason: "sequence \(s): \(reason)")
-            }
+        guard let largest = batch.largestProblem else { return .supported }
+        if case .unsupported(let reason) = support(for: largest) {
+            return .unsupported(reason: "the batch's largest sequence: \(reason)")
         }
         return .supported
     }

@@ -269,6 +269,15 @@ public struct SequenceBatch: Sendable, Equatable {
         return (lo, hi)
     }
 
+    /// One problem with the most queries and the most keys of any sequence (nil when every
+    /// sequence is empty): what support checks are made on.
+    public var largestProblem: AttentionProblem? {
+        guard let nq = queryLengths.max(), let nk = keyLengths.max(), nq > 0, nk > 0 else { return nil }
+        return try? AttentionProblem(
+            query: [1, queryHeads, nq, headDim], key: [1, keyValueHeads, nk, headDim],
+            value: [1, keyValueHeads, nk, valueDim], options: options, storage: storage)
+    }
+
     /// The largest query count of any sequence.
     public var maxQueryLength: Int { queryLengths.max() ?? 0 }
 

@@ -496,10 +496,6 @@ static void AK_FN(finish)(ptrdiff_t rows, float *out, ptrdiff_t ldo, ptrdiff_t d
     }
 }
 
-static void AK_FN(prefetch_rows)(const void *first, ptrdiff_t stride_bytes, ptrdiff_t rows, ptrdiff_t bytes) {
-    for (ptrdiff_t r = 0; r < rows; r++) prefetch_row((const char *)first + r * stride_bytes, bytes);
-}
-
 static float AK_FN(read_sum)(const float *data, ptrdiff_t count) {
     v16f a = splat(0.0f), b = a, c = a, d = a;
     for (ptrdiff_t i = 0; i + 64 <= count; i += 64) {
@@ -562,7 +558,6 @@ const ak_cpu_kernels AK_CAT(ak_kernels, AK_SUFFIX) = {
     .finish = AK_FN(finish),
     .load_rows = AK_FN(load_rows),
     .store_rows = AK_FN(store_rows),
-    .prefetch_rows = AK_FN(prefetch_rows),
     .read_sum = AK_FN(read_sum),
     .exp = AK_FN(exp),
     .tanh = AK_FN(tanh),

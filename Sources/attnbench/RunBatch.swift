@@ -81,16 +81,19 @@ extension Run {
                 + "written to \(outPath)")
         if let repetitions {
             let buffers = operands.buffers(logSumExp: nil)
-            let times = try timeCalls(repetitions: repetitions, budget: .infinity) {
-                try runner.forward(batch, buffers)
-            }
+            // With --backend auto every timed call decides again, as a caller of the dispatcher pays.
+            let call: () throws -> Void =
+                backend == .auto
+                ? { try Dispatcher.process.decide(batch).chosen.forward(batch, buffers) }
+                : { try runner.forward(batch, buffers) }
+            let times = try timeCalls(repetitions: repetitions, budget: .infinity, call)
             let median = times[times.count / 2]
             let sgemm = MachineProbes.measureSGEMM()
             let bandwidth = MachineProbes.measureReadBandwidth()
             let gflops = batch.flops / median / 1e9
             let rate = batch.keyValueBytes / median / 1e9
             printError(
-                "\(runner.name): median \(format(median * 1e3)) ms over \(repetitions) runs, \(format(gflops)) GFLOP/s "
+                "\(runner.name): median \(format(median * 1e3)) ms (\(format(median * 1e6)) us) over \(repetitions) runs, \(format(gflops)) GFLOP/s "
                     + "= \(format(gflops / sgemm)) x SGEMM (\(format(sgemm)) measured now), K/V read \(format(rate)) "
                     + "GB/s = \(format(rate / bandwidth)) x memory read bandwidth (\(format(bandwidth)) GB/s measured now)"
             )

@@ -110,9 +110,9 @@ func littleEndianBytes<T: FixedWidthInteger>(_ values: [T]) -> [UInt8] {
                 NPYError.unsupportedDType(file: "x.npy", dtype: ">f4")
             ),
             (
-                "int32",
-                npyBytes(header: "{'descr': '<i4', 'fortran_order': False, 'shape': (2,), }", payload: goodPayload),
-                NPYError.unsupportedDType(file: "x.npy", dtype: "<i4")
+                "uint32",
+                npyBytes(header: "{'descr': '<u4', 'fortran_order': False, 'shape': (2,), }", payload: goodPayload),
+                NPYError.unsupportedDType(file: "x.npy", dtype: "<u4")
             ),
             (
                 "structured",

@@ -84,10 +84,6 @@ typedef struct ak_cpu_kernels {
     void (*store_rows)(int dtype, const float *src, ptrdiff_t ld_src, ptrdiff_t rows, ptrdiff_t cols, void *dst,
                        ptrdiff_t ld_dst);
 
-    /// Prefetches `bytes` bytes of each of `rows` rows `stride_bytes` apart, starting at `first`
-    /// (rows about to be streamed from a new page of a paged cache).
-    void (*prefetch_rows)(const void *first, ptrdiff_t stride_bytes, ptrdiff_t rows, ptrdiff_t bytes);
-
     /// The sum of `count` floats (a multiple of 64), read with the widest loads: a memory probe.
     float (*read_sum)(const float *data, ptrdiff_t count);
 
