@@ -134,6 +134,15 @@ struct SequenceDecodeKernel {
     let index: RowIndex
     /// Whether each K/V head's rows are adjacent (walk one head group at a time).
     let groupsOuter: Bool
+    /// The batch's scalars, read once (the per-item loops touch no `SequenceBatch` members, whose
+    /// copies would retain and copy its arrays).
+    let hq: Int, hkv: Int, g: Int, d: Int, dv: Int
+    let scale: Float
+    let softcap: Float?
+    let causal: Bool
+    let window: (left: Int, right: Int)
+    let queryLengths: [Int]
+    let keyLengths: [Int]
 
     init(
         _ plan: SequenceDecodePlan, _ cpu: CPUKernels, _ buffers: AttentionBuffers, _ partials: SplitPartials,
@@ -159,6 +168,23 @@ struct SequenceDecodeKernel {
         lseTile = .allocate(capacity: rows)
         groupsOuter =
             index.form != .paged && k.strides.sequence == batch.headDim && v.strides.sequence == batch.valueDim
+        (hq, hkv, g, d, dv) = (batch.queryHeads, batch.keyValueHeads, batch.groupSize, batch.headDim, batch.valueDim)
+        (scale, softcap, causal) = (batch.scale, batch.options.softcap, batch.options.causal)
+        window = batch.options.window.map { ($0.left, $0.right) } ?? (-1, -1)
+        (queryLengths, keyLengths) = (batch.queryLengths, batch.keyLengths)
+    }
+
+    /// `SequenceBatch.visibleKeys` on the kernel's copies of the batch's scalars.
+    @inline(__always)
+    private func visibleKeys(sequence s: Int, query i: Int) -> (lo: Int, hi: Int) {
+        let nk = keyLengths[s]
+        let pos = i + (nk - queryLengths[s])
+        var lo = 0
+        var hi = nk - 1
+        if causal { hi = min(hi, pos) }
+        if window.left >= 0 { lo = max(lo, pos - window.left) }
+        if window.right >= 0 { hi = min(hi, pos + window.right) }
+        return (lo, hi)
     }
 
     func deallocate() {
@@ -206,8 +232,8 @@ struct SequenceDecodeKernel {
 
     /// Keys of range `range` of sequence `s` for every query row of the sequence.
     func process(sequence s: Int, range: Int) {
-        let (d, dv, nq, g) = (batch.headDim, batch.valueDim, batch.queryLengths[s], batch.groupSize)
-        let rowsPerSequence = batch.queryHeads * nq
+        let nq = queryLengths[s]
+        let rowsPerSequence = hq * nq
         let rows = g * nq
         let single = plan.ranges[s] == 1
         let out: UnsafeMutablePointer<Float>
@@ -220,37 +246,51 @@ struct SequenceDecodeKernel {
         out.update(repeating: 0, count: rowsPerSequence * dv)
         rowMax.update(repeating: -.infinity, count: rowsPerSequence)
         rowSum.update(repeating: 0, count: rowsPerSequence)
-        for h in 0..<batch.queryHeads {
-            cpu.load_rows(
-                q.dtype, q.base + rowOffset(q, sequence: s, head: h, query: 0) * q.type.byteSize, q.strides.sequence,
-                nq, d, queryTile + h * nq * d, d)
+        // Q rows: in place when they are fp32 and one stride apart (always for one query per head),
+        // else widened into the tile (all heads in one call when one stride apart).
+        let query: UnsafePointer<Float>
+        let ldq: Int
+        let uniform = q.uniformRowStride(heads: hq, span: nq)
+        let firstQuery = q.base + rowOffset(q, sequence: s, head: 0, query: 0) * q.type.byteSize
+        if let stride = uniform, q.type == .f32, stride >= d {
+            (query, ldq) = (UnsafePointer(firstQuery.assumingMemoryBound(to: Float.self)), stride)
+        } else if let stride = uniform {
+            cpu.load_rows(q.dtype, firstQuery, stride, hq * nq, d, queryTile, d)
+            (query, ldq) = (UnsafePointer(queryTile), d)
+        } else {
+            for h in 0..<hq {
+                cpu.load_rows(
+                    q.dtype, q.base + rowOffset(q, sequence: s, head: h, query: 0) * q.type.byteSize,
+                    q.strides.sequence, nq, d, queryTile + h * nq * d, d)
+            }
+            (query, ldq) = (UnsafePointer(queryTile), d)
         }
-        let first = batch.visibleKeys(sequence: s, query: 0)
-        let last = batch.visibleKeys(sequence: s, query: nq - 1)
+        let first = visibleKeys(sequence: s, query: 0)
+        let last = visibleKeys(sequence: s, query: nq - 1)
         let lo = max(range * plan.rangeLength, first.lo)
-        let hi = min((range + 1) * plan.rangeLength, batch.keyLengths[s], last.hi + 1)
+        let hi = min((range + 1) * plan.rangeLength, keyLengths[s], last.hi + 1)
         // Per block, in one of two orders. Rows of each K/V head adjacent ([B, H, N, D] caches): one
         // head group at a time, each streaming its own rows. Otherwise (pages, [B, N, H, D] caches,
         // packed rows): each run (a page, or the block) for every head in turn — adjacent memory —
         // for the scores of all groups, then the softmax step per group, then P·V in the same order.
-        let heads = 0..<batch.keyValueHeads
-        let passes: [Range<Int>] = groupsOuter ? heads.map { $0..<($0 + 1) } : [heads]
+        let (heads, passCount) = (hkv, groupsOuter ? hkv : 1)
         var j0 = lo
         while j0 < hi {
             let width = min(plan.block, hi - j0)
             let needsVisibility = j0 < last.lo || j0 + width - 1 > first.hi
-            for groups in passes {
+            for pass in 0..<passCount {
+                let groups = groupsOuter ? pass..<(pass + 1) : 0..<heads
                 forEachRun(sequence: s, start: j0, width: width, groups: groups) { group, kRow, _, column, count in
                     cpu.dot_scores(
-                        rows, count, queryTile + group * rows * d, d, k.dtype, kRow, k.strides.sequence, d,
-                        batch.scale, scores + group * rows * ld + column, ld)
+                        rows, count, query + group * rows * ldq, ldq, k.dtype, kRow, k.strides.sequence, d,
+                        scale, scores + group * rows * ld + column, ld)
                 }
                 for group in groups {
                     let tile = scores + group * rows * ld
-                    if let cap = batch.options.softcap { cpu.softcap(tile, ld, rows, width, cap) }
+                    if let cap = softcap { cpu.softcap(tile, ld, rows, width, cap) }
                     if needsVisibility {
                         for r in 0..<rows {
-                            let (lo, hi) = batch.visibleKeys(sequence: s, query: r % nq)
+                            let (lo, hi) = visibleKeys(sequence: s, query: r % nq)
                             cpu.clip_row(tile + r * ld, width, lo - j0, hi - j0)
                         }
                     }
@@ -278,8 +318,8 @@ struct SequenceDecodeKernel {
     /// The exact merge of the ranges of sequence `s` (more than one): O = Σ e^(lse_r - M) O_r /
     /// Σ e^(lse_r - M), LSE = M + log Σ e^(lse_r - M); rows that saw no key stay 0 / -inf, NaN rows NaN.
     func merge(sequence s: Int) {
-        let (dv, ranges) = (batch.valueDim, plan.ranges[s])
-        let rowsPerSequence = batch.queryHeads * batch.queryLengths[s]
+        let ranges = plan.ranges[s]
+        let rowsPerSequence = hq * queryLengths[s]
         let base = plan.firstPartialRow[s]
         for row in 0..<rowsPerSequence {
             var m = -Float.infinity
@@ -310,10 +350,15 @@ struct SequenceDecodeKernel {
 
     /// Stores Hq·Nq fp32 rows (head-major) as sequence s's output rows, and their LSEs.
     func store(sequence s: Int, rows: UnsafePointer<Float>, logSumExp: UnsafePointer<Float>) {
-        let (dv, nq, hq) = (batch.valueDim, batch.queryLengths[s], batch.queryHeads)
-        for h in 0..<hq {
-            let target = o.base + rowOffset(o, sequence: s, head: h, query: 0) * o.type.byteSize
-            cpu.store_rows(o.dtype, rows + h * nq * dv, dv, nq, dv, target, o.strides.sequence)
+        let nq = queryLengths[s]
+        if let ldo = o.uniformRowStride(heads: hq, span: nq) {
+            let first = o.base + rowOffset(o, sequence: s, head: 0, query: 0) * o.type.byteSize
+            cpu.store_rows(o.dtype, rows, dv, hq * nq, dv, first, ldo)
+        } else {
+            for h in 0..<hq {
+                let target = o.base + rowOffset(o, sequence: s, head: h, query: 0) * o.type.byteSize
+                cpu.store_rows(o.dtype, rows + h * nq * dv, dv, nq, dv, target, o.strides.sequence)
+            }
         }
         guard let lse else { return }
         if index.form == .packed {

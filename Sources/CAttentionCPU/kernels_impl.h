@@ -66,7 +66,10 @@ static inline float hsum16(v16f v) {
 static inline v16f exp16(v16f x) {
     const v16f low = splat(-87.3f);
     v16i tiny = x < low;  // false for NaN
-    v16f xc = select16(tiny, low, x);
+    // Lanes below `low` (the -inf of masked or padding scores) are computed as e^0 and replaced
+    // by 0 at the end: computing them near the bottom of the range would make subnormal
+    // intermediates, which cost a microcode assist per instruction on many x86 cores.
+    v16f xc = select16(tiny, splat(0.0f), x);
     xc = select16(xc > splat(88.7f), splat(88.7f), xc);
     const v16f magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
     v16f t = AK_FMA(xc, splat(1.44269504f), magic);
@@ -152,12 +155,18 @@ static void AK_FN(select_row)(float *row, const uint8_t *allowed, ptrdiff_t widt
 static void AK_FN(softmax_update)(float *scores, ptrdiff_t ld, ptrdiff_t rows, ptrdiff_t width, float *row_max,
                                   float *row_sum, float *out, ptrdiff_t ldo, ptrdiff_t dv) {
     const ptrdiff_t padded = round16(width);
+    const v16i lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     for (ptrdiff_t r = 0; r < rows; r++) {
         float *row = scores + r * ld;
-        for (ptrdiff_t c = width; c < padded; c++) row[c] = -INFINITY;
         v16f vmax = splat(-INFINITY);
         for (ptrdiff_t c = 0; c < padded; c += 16) {
             v16f s = load16(row + c);
+            if (c + 16 > width) {
+                // The padding past `width` becomes -inf in one vector store (scalar stores read back
+                // as a vector would stall store forwarding: short rows are common in decode).
+                s = select16(lanes + (int32_t)c >= (int32_t)width, splat(-INFINITY), s);
+                store16(row + c, s);
+            }
             vmax = select16(s > vmax, s, vmax);
         }
         const float old = row_max[r];
