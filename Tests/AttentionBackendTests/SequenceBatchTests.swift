@@ -166,3 +166,24 @@ import Testing
         }
     }
 }
+
+/// The dispatcher models a batch by the sum over its sequences, not the padded product.
+@Suite struct SequenceBatchDispatch {
+    @Test func workIsTheSumOverSequences() throws {
+        let lengths: [Int32] = [16384] + Array(repeating: 512, count: 15)
+        let batch = try SequenceBatch(
+            query: [16, 32, 1, 128], key: [16, 8, 16384, 128], value: [16, 8, 16384, 128],
+            layout: .cacheLengths(lengths), storage: StorageTypes(keyValue: .f16))
+        let padded = try #require(batch.paddedProblem)
+        #expect(batch.keyValueBytes == Double(16384 + 15 * 512) * 8 * 256 * 2)
+        #expect(batch.keyValueBytes < padded.keyValueBytes / 5)
+        #expect(batch.flops < padded.flops / 5)
+        let dispatcher = Dispatcher()
+        let decision = dispatcher.decide(batch)
+        let paddedDecision = dispatcher.decide(padded)
+        let chosen = try #require(decision.options[decision.chosenIndex].estimatedSeconds)
+        let paddedChosen = try #require(paddedDecision.options[paddedDecision.chosenIndex].estimatedSeconds)
+        #expect(chosen < paddedChosen / 3, "batch \(chosen) s against padded \(paddedChosen) s")
+        #expect(decision.chosen.support(for: batch).isSupported)
+    }
+}
