@@ -198,25 +198,24 @@ struct SequenceDecodeKernel {
         return s * st.batch + h * st.head + i * st.sequence
     }
 
-    /// Calls `body(group, kRow, vRow, column, count)` for the runs of keys [j0, j0 + width) of
-    /// sequence s, each run for every K/V head in turn: rows one sequence stride apart, `column` the
+    /// Calls `body(kRow, vRow, column, count)` for the runs of keys [j0, j0 + width) of sequence
+    /// s — the whole block, or (paged) the part in one page — with the rows of K/V head `first`:
+    /// rows one sequence stride apart, the next heads' rows a head stride further, `column` the
     /// run's offset in the block.
     @inline(__always)
     private func forEachRun(
-        sequence s: Int, start j0: Int, width: Int, groups heads: Range<Int>,
-        _ body: (Int, UnsafeRawPointer, UnsafeRawPointer, Int, Int) -> Void
+        sequence s: Int, start j0: Int, width: Int, head first: Int,
+        _ body: (UnsafeRawPointer, UnsafeRawPointer, Int, Int) -> Void
     ) {
         switch index.form {
         case .packed:
             let j = Int(index.keyOffsets[s]) + j0
             let (ks, vs) = (k.strides, v.strides)
-            for g in heads {
-                body(
-                    g, k.base + (j * ks.sequence + g * ks.head) * k.type.byteSize,
-                    v.base + (j * vs.sequence + g * vs.head) * v.type.byteSize, 0, width)
-            }
+            body(
+                k.base + (j * ks.sequence + first * ks.head) * k.type.byteSize,
+                v.base + (j * vs.sequence + first * vs.head) * v.type.byteSize, 0, width)
         case .cacheLengths:
-            for g in heads { body(g, k.row(s, g, j0), v.row(s, g, j0), 0, width) }
+            body(k.row(s, first, j0), v.row(s, first, j0), 0, width)
         case .paged:
             let pageSize = index.pageSize
             var c = 0
@@ -224,7 +223,7 @@ struct SequenceDecodeKernel {
                 let j = j0 + c
                 let page = index.page(s, j)
                 let n = min(width - c, pageSize - j % pageSize)
-                for g in heads { body(g, k.row(page, g, j % pageSize), v.row(page, g, j % pageSize), c, n) }
+                body(k.row(page, first, j % pageSize), v.row(page, first, j % pageSize), c, n)
                 c += n
             }
         }
@@ -280,10 +279,12 @@ struct SequenceDecodeKernel {
             let needsVisibility = j0 < last.lo || j0 + width - 1 > first.hi
             for pass in 0..<passCount {
                 let groups = groupsOuter ? pass..<(pass + 1) : 0..<heads
-                forEachRun(sequence: s, start: j0, width: width, groups: groups) { group, kRow, _, column, count in
-                    cpu.dot_scores(
-                        rows, count, query + group * rows * ldq, ldq, k.dtype, kRow, k.strides.sequence, d,
-                        scale, scores + group * rows * ld + column, ld)
+                // Every group of the pass in one kernel call per run (a page holds all heads' rows).
+                let (g0, count) = (groups.lowerBound, groups.count)
+                forEachRun(sequence: s, start: j0, width: width, head: g0) { kRow, _, column, keys in
+                    cpu.dot_scores_groups(
+                        count, rows, keys, query + g0 * rows * ldq, ldq, rows * ldq, k.dtype, kRow, k.strides.sequence,
+                        k.strides.head, d, scale, scores + g0 * rows * ld + column, ld, rows * ld)
                 }
                 for group in groups {
                     let tile = scores + group * rows * ld
@@ -298,10 +299,10 @@ struct SequenceDecodeKernel {
                         tile, ld, rows, width, rowMax + group * rows, rowSum + group * rows, out + group * rows * dv,
                         dv, dv)
                 }
-                forEachRun(sequence: s, start: j0, width: width, groups: groups) { group, _, vRow, column, count in
-                    cpu.accumulate(
-                        rows, count, scores + group * rows * ld + column, ld, v.dtype, vRow, v.strides.sequence, dv,
-                        out + group * rows * dv, dv)
+                forEachRun(sequence: s, start: j0, width: width, head: g0) { _, vRow, column, keys in
+                    cpu.accumulate_groups(
+                        count, rows, keys, scores + g0 * rows * ld + column, ld, rows * ld, v.dtype, vRow,
+                        v.strides.sequence, v.strides.head, dv, out + g0 * rows * dv, dv, rows * dv)
                 }
             }
             j0 += width

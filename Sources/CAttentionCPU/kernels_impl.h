@@ -477,6 +477,38 @@ static inline __attribute__((always_inline)) void accumulate_body(
     }
 }
 
+static void AK_FN(dot_scores_groups)(ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq,
+                                     ptrdiff_t q_group, int k_dtype, const void *k, ptrdiff_t ldk, ptrdiff_t k_group,
+                                     ptrdiff_t d, float scale, float *scores, ptrdiff_t ld, ptrdiff_t s_group) {
+    const ptrdiff_t k_bytes = k_group * dtype_size(k_dtype);
+    for (ptrdiff_t g = 0; g < groups; g++) {
+        const float *qg = q + g * q_group;
+        const char *kg = (const char *)k + g * k_bytes;
+        float *sg = scores + g * s_group;
+        switch (k_dtype) {
+        case AK_DTYPE_F16: dot_scores_body(AK_DTYPE_F16, rows, width, qg, ldq, kg, ldk, d, scale, sg, ld); break;
+        case AK_DTYPE_BF16: dot_scores_body(AK_DTYPE_BF16, rows, width, qg, ldq, kg, ldk, d, scale, sg, ld); break;
+        default: dot_scores_body(AK_DTYPE_F32, rows, width, qg, ldq, kg, ldk, d, scale, sg, ld); break;
+        }
+    }
+}
+
+static void AK_FN(accumulate_groups)(ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld,
+                                     ptrdiff_t p_group, int v_dtype, const void *v, ptrdiff_t ldv, ptrdiff_t v_group,
+                                     ptrdiff_t dv, float *out, ptrdiff_t ldo, ptrdiff_t o_group) {
+    const ptrdiff_t v_bytes = v_group * dtype_size(v_dtype);
+    for (ptrdiff_t g = 0; g < groups; g++) {
+        const float *pg = p + g * p_group;
+        const char *vg = (const char *)v + g * v_bytes;
+        float *og = out + g * o_group;
+        switch (v_dtype) {
+        case AK_DTYPE_F16: accumulate_body(AK_DTYPE_F16, rows, width, pg, ld, vg, ldv, dv, og, ldo); break;
+        case AK_DTYPE_BF16: accumulate_body(AK_DTYPE_BF16, rows, width, pg, ld, vg, ldv, dv, og, ldo); break;
+        default: accumulate_body(AK_DTYPE_F32, rows, width, pg, ld, vg, ldv, dv, og, ldo); break;
+        }
+    }
+}
+
 static void AK_FN(accumulate)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, int v_dtype,
                               const void *v, ptrdiff_t ldv, ptrdiff_t dv, float *out, ptrdiff_t ldo) {
     switch (v_dtype) {
@@ -564,6 +596,8 @@ const ak_cpu_kernels AK_CAT(ak_kernels, AK_SUFFIX) = {
     .softmax_update = AK_FN(softmax_update),
     .dot_scores = AK_FN(dot_scores),
     .accumulate = AK_FN(accumulate),
+    .dot_scores_groups = AK_FN(dot_scores_groups),
+    .accumulate_groups = AK_FN(accumulate_groups),
     .finish = AK_FN(finish),
     .load_rows = AK_FN(load_rows),
     .store_rows = AK_FN(store_rows),

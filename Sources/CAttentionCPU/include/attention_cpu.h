@@ -70,6 +70,18 @@ typedef struct ak_cpu_kernels {
     void (*accumulate)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, int v_dtype, const void *v,
                        ptrdiff_t ldv, ptrdiff_t dv, float *out, ptrdiff_t ldo);
 
+    /// `dot_scores` for `groups` head groups in one call: group g reads its query rows at
+    /// q + g * q_group, its keys at k + g * k_group (elements) and writes scores + g * s_group.
+    /// (Pages and [B, N, H, D] caches hold every head of a run of keys side by side.)
+    void (*dot_scores_groups)(ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq,
+                              ptrdiff_t q_group, int k_dtype, const void *k, ptrdiff_t ldk, ptrdiff_t k_group,
+                              ptrdiff_t d, float scale, float *scores, ptrdiff_t ld, ptrdiff_t s_group);
+
+    /// `accumulate` for `groups` head groups in one call (offsets as in `dot_scores_groups`).
+    void (*accumulate_groups)(ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld,
+                              ptrdiff_t p_group, int v_dtype, const void *v, ptrdiff_t ldv, ptrdiff_t v_group,
+                              ptrdiff_t dv, float *out, ptrdiff_t ldo, ptrdiff_t o_group);
+
     /// The end of the online softmax: O /= sum and lse = max + log(sum) per row; rows that saw no
     /// key get zero O and -inf LSE, poisoned rows NaN. `lse` may be NULL.
     void (*finish)(ptrdiff_t rows, float *out, ptrdiff_t ldo, ptrdiff_t dv, const float *row_max,
