@@ -138,12 +138,12 @@ public struct BLASBackend: AttentionBackend {
                     kernel.process(sequence: items[item].sequence, range: items[item].range)
                 }
             }
+            // No keys: zero rows, -inf; several ranges: the exact merge.
+            let merged = (0..<batch.count).filter { batch.queryLengths[$0] > 0 && plan.ranges[$0] != 1 }
+            guard !merged.isEmpty else { return }
             let kernel = SequenceDecodeKernel(plan, cpu, buffers, partials, index)
             defer { kernel.deallocate() }
-            for s in 0..<batch.count where batch.queryLengths[s] > 0 && plan.ranges[s] != 1 {
-                // No keys: zero rows, -inf; several ranges: the exact merge.
-                kernel.merge(sequence: s)
-            }
+            for s in merged { kernel.merge(sequence: s) }
         }
     }
 

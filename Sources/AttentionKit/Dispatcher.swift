@@ -93,12 +93,42 @@ public struct Dispatcher: Sendable {
     /// Evaluates every candidate on a batch of sequences: support of the batch, and work summed
     /// over the sequences (never the padded product), with one call's overhead.
     public func decide(_ batch: SequenceBatch) -> DispatchDecision {
-        let problems = (0..<batch.count).compactMap { batch.problem(sequence: $0) }
+        // Per sequence: visible pairs and K/V bytes, computed once for every candidate.
+        let kvBytesPerKey = Double(
+            batch.storage.keyValue.byteSize * batch.keyValueHeads * (batch.headDim + batch.valueDim))
+        let sequences = (0..<batch.count).compactMap { s -> (pairs: Double, keys: Int, kvBytes: Double)? in
+            let (nq, nk) = (batch.queryLengths[s], batch.keyLengths[s])
+            guard nq > 0, nk > 0 else { return nil }
+            var pairs = Double(nq) * Double(nk)
+            if batch.options.causal || batch.options.window != nil {
+                pairs = 0
+                for i in 0..<nq {
+                    let (lo, hi) = batch.visibleKeys(sequence: s, query: i)
+                    if hi >= lo { pairs += Double(hi - lo + 1) }
+                }
+            }
+            return (pairs, nk, Double(nk) * kvBytesPerKey)
+        }
+        let elements = [batch.queryShape, batch.keyShape, batch.valueShape, batch.outputShape]
+            .map { Double($0.reduce(1, *)) }.reduce(0, +)
+        let width = max(batch.headDim, batch.valueDim)
+        let flopsPerPair = 2 * Double(batch.queryHeads) * Double(batch.headDim + batch.valueDim)
+        let decodeLike = batch.regime == .decodeLike
         let options = candidates.map { candidate -> DispatchDecision.Option in
             let support = candidate.backend.support(for: batch)
             let profile = candidate.profile
-            let seconds = problems.reduce(profile.overheadSeconds) {
-                $0 + Self.estimate($1, profile: profile) - profile.overheadSeconds
+            var seconds = profile.overheadSeconds
+            if support.isSupported {
+                for sequence in sequences {
+                    let rate = max(profile.gflops(headDim: width, keyLength: sequence.keys), 1e-3) * 1e9
+                    var time = flopsPerPair * sequence.pairs / rate
+                    if decodeLike {
+                        let bandwidth = max(profile.decodeGBps.value(at: sequence.keys), 1e-3) * 1e9
+                        time = max(time, sequence.kvBytes / bandwidth)
+                    }
+                    seconds += time
+                }
+                if let transfer = profile.transferGBps { seconds += 4 * elements / (transfer * 1e9) }
             }
             return DispatchDecision.Option(
                 backend: candidate.backend.id, device: profile.device, support: support,
