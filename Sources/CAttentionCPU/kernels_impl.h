@@ -60,6 +60,22 @@ static inline float hsum16(v16f v) {
     return c[0] + c[1];
 }
 
+/// The lane sums of four vectors at once, [sum a, sum b, sum c, sum d]: the halving of `hsum16`
+/// with the four interleaved, so the shuffles are shared (a fixed order: deterministic).
+static inline v4f hsum16x4(v16f a, v16f b, v16f c, v16f d) {
+#define AK_FOLD(v) (__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + \
+                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15))
+    const v8f a8 = AK_FOLD(a), b8 = AK_FOLD(b), c8 = AK_FOLD(c), d8 = AK_FOLD(d);
+#undef AK_FOLD
+    const v8f ab = __builtin_shufflevector(a8, b8, 0, 8, 1, 9, 2, 10, 3, 11) +
+                   __builtin_shufflevector(a8, b8, 4, 12, 5, 13, 6, 14, 7, 15);
+    const v8f cd = __builtin_shufflevector(c8, d8, 0, 8, 1, 9, 2, 10, 3, 11) +
+                   __builtin_shufflevector(c8, d8, 4, 12, 5, 13, 6, 14, 7, 15);
+    const v8f abcd = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 2, 3, 10, 11) +
+                     __builtin_shufflevector(ab, cd, 4, 5, 12, 13, 6, 7, 14, 15);
+    return __builtin_shufflevector(abcd, abcd, 0, 1, 2, 3) + __builtin_shufflevector(abcd, abcd, 4, 5, 6, 7);
+}
+
 /// e^x, relative error below 2e-7 over the normal range. Cody-Waite reduction x = k ln2 + r,
 /// a degree-6 polynomial in r, 2^k built in the exponent bits (split in two halves so that k = 128
 /// does not overflow). x < -87.3 (and -inf) gives exactly 0, NaN stays NaN, x > 88.7 gives +inf.
@@ -351,6 +367,34 @@ static inline __attribute__((always_inline)) void dot_rows_widened(
     }
 }
 
+/// Four consecutive K rows (`row_bytes` apart) against n <= 4 query rows (n a constant after
+/// inlining): each Q chunk loaded once for the four keys, the 4n sums reduced four at a time.
+static inline __attribute__((always_inline)) void dot4_rows_widened(
+    int dtype, const int n, const float *q, ptrdiff_t ldq, const char *k_rows, ptrdiff_t row_bytes, ptrdiff_t d,
+    float scale, float *scores, ptrdiff_t ld) {
+    const ptrdiff_t vector_end = d & ~(ptrdiff_t)15;
+    v16f acc[4][4];
+    for (int r = 0; r < n; r++)
+        for (int t = 0; t < 4; t++) acc[r][t] = splat(0.0f);
+    ptrdiff_t c = 0;
+    for (; c < vector_end; c += 16) {
+        v16f kv[4];
+        for (int t = 0; t < 4; t++) kv[t] = load16_as(dtype, k_rows + t * row_bytes, c);
+        for (int r = 0; r < n; r++) {
+            const v16f qv = load16(q + r * ldq + c);
+            for (int t = 0; t < 4; t++) acc[r][t] = AK_FMA(qv, kv[t], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < n; r++) {
+        v4f dots = hsum16x4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+        for (ptrdiff_t e = c; e < d; e++) {
+            const float qe = q[r * ldq + e];
+            for (int t = 0; t < 4; t++) dots[t] += qe * load1_as(dtype, k_rows + t * row_bytes, e);
+        }
+        for (int t = 0; t < 4; t++) scores[r * ld + t] = dots[t] * scale;
+    }
+}
+
 static inline __attribute__((always_inline)) void dot_scores_body(
     int dtype, ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq, const void *k, ptrdiff_t ldk,
     ptrdiff_t d, float scale, float *scores, ptrdiff_t ld) {
@@ -376,7 +420,22 @@ static inline __attribute__((always_inline)) void dot_scores_body(
                 continue;
             }
             // fp16/bf16: each K element is widened once and used by every query row; the row count
-            // is a constant in each case so the accumulators stay in registers.
+            // is a constant in each case so the accumulators stay in registers. Up to four rows
+            // (decode with GQA groups of up to 4): four keys at a time.
+            if (n <= 4 && j + 4 <= width) {
+                if (j + AK_PREFETCH_ROWS + 3 < width) {
+                    for (int t = 1; t < 4; t++) prefetch_row(k_row + (AK_PREFETCH_ROWS + t) * row_bytes, used_bytes);
+                }
+                float *out = scores + r0 * ld + j;
+                switch (n) {
+                case 1: dot4_rows_widened(dtype, 1, qs, ldq, k_row, row_bytes, d, scale, out, ld); break;
+                case 2: dot4_rows_widened(dtype, 2, qs, ldq, k_row, row_bytes, d, scale, out, ld); break;
+                case 3: dot4_rows_widened(dtype, 3, qs, ldq, k_row, row_bytes, d, scale, out, ld); break;
+                default: dot4_rows_widened(dtype, 4, qs, ldq, k_row, row_bytes, d, scale, out, ld); break;
+                }
+                j += 3;
+                continue;
+            }
             switch (n) {
             case 1: dot_rows_widened(dtype, 1, qs, ldq, k_row, d, scale, scores + r0 * ld + j, ld); break;
             case 2: dot_rows_widened(dtype, 2, qs, ldq, k_row, d, scale, scores + r0 * ld + j, ld); break;
