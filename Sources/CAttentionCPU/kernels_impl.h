@@ -459,6 +459,34 @@ static void AK_FN(dot_scores)(ptrdiff_t rows, ptrdiff_t width, const float *q, p
     }
 }
 
+/// out[r] += sum over t < 4 of w[r][t] * v_t for n <= 4 rows (a constant after inlining), the 4n
+/// weights broadcast once into registers, each V chunk widened once.
+static inline __attribute__((always_inline)) void accumulate4_rows(
+    int dtype, const int n, const float *w, ptrdiff_t ld, const char *v0, ptrdiff_t row_bytes, ptrdiff_t dv,
+    float *out, ptrdiff_t ldo) {
+    const ptrdiff_t vector_end = dv & ~(ptrdiff_t)15;
+    v16f weight[4][4];
+    for (int r = 0; r < n; r++)
+        for (int t = 0; t < 4; t++) weight[r][t] = splat(w[r * ld + t]);
+    ptrdiff_t c = 0;
+    for (; c < vector_end; c += 16) {
+        v16f x[4];
+        for (int t = 0; t < 4; t++) x[t] = load16_as(dtype, v0 + t * row_bytes, c);
+        for (int r = 0; r < n; r++) {
+            v16f acc = load16(out + r * ldo + c);
+            for (int t = 0; t < 4; t++) acc = AK_FMA(weight[r][t], x[t], acc);
+            store16(out + r * ldo + c, acc);
+        }
+    }
+    for (; c < dv; c++) {
+        for (int r = 0; r < n; r++) {
+            float sum = out[r * ldo + c];
+            for (int t = 0; t < 4; t++) sum += w[r * ld + t] * load1_as(dtype, v0 + t * row_bytes, c);
+            out[r * ldo + c] = sum;
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void accumulate_body(
     int dtype, ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, const void *v, ptrdiff_t ldv,
     ptrdiff_t dv, float *out, ptrdiff_t ldo) {
@@ -494,7 +522,17 @@ static inline __attribute__((always_inline)) void accumulate_body(
             }
             continue;
         }
-        // fp16/bf16: each V chunk widened once and used by every row.
+        // fp16/bf16: each V chunk widened once and used by every row; up to four rows keep their
+        // sixteen weights in registers across the chunks.
+        if (rows >= 1 && rows <= 4) {
+            switch (rows) {
+            case 1: accumulate4_rows(dtype, 1, p + j, ld, v0, row_bytes, dv, out, ldo); break;
+            case 2: accumulate4_rows(dtype, 2, p + j, ld, v0, row_bytes, dv, out, ldo); break;
+            case 3: accumulate4_rows(dtype, 3, p + j, ld, v0, row_bytes, dv, out, ldo); break;
+            default: accumulate4_rows(dtype, 4, p + j, ld, v0, row_bytes, dv, out, ldo); break;
+            }
+            continue;
+        }
         ptrdiff_t c = 0;
         for (; c < vector_end; c += 16) {
             const v16f x0 = load16_as(dtype, v0, c), x1 = load16_as(dtype, v1, c), x2 = load16_as(dtype, v2, c),
