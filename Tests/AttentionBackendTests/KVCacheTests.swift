@@ -1,6 +1,7 @@
 import AttentionBLAS
 import AttentionCore
 import AttentionKit
+import AttentionOpenCL
 import AttentionVerification
 import Foundation
 import Testing
@@ -38,7 +39,9 @@ import Testing
     func check(_ cache: KVCache, _ ids: [Int], _ tokens: [Tokens], causal: Bool = false, seed: UInt64) throws {
         let nq = 1
         let query = try Tensor.random(shape: [ids.count, hq, nq, d], seed: seed, in: -2...2)
-        for backend in [NaiveBackend(), BLASBackend()] as [any AttentionBackend] {
+        var backends: [any AttentionBackend] = [NaiveBackend(), BLASBackend()]
+        backends += OpenCLRuntime.availableDevices.indices.map { OpenCLBackend(device: $0) }
+        for backend in backends {
             let result = try cache.attention(
                 query: query, sequences: ids, options: .init(causal: causal), backend: backend)
             for (s, t) in tokens.enumerated() {
