@@ -145,31 +145,42 @@ extension TileKernel {
         let (dv, nq) = (p.valueDim, p.queryLength)
         let rowsPerBatch = plan.rowsPerBatch(p)
         for row in 0..<rowsPerBatch {
-            var m = -Float.infinity
-            var poisoned = false
-            for r in 0..<plan.ranges {
-                let x = partials.logSumExp[(b * plan.ranges + r) * rowsPerBatch + row]
-                if x.isNaN { poisoned = true } else if x > m { m = x }
-            }
-            buffer.update(repeating: poisoned ? .nan : 0, count: dv)
-            var total: Float = 0
-            if !poisoned && m != -.infinity {
-                for r in 0..<plan.ranges {
-                    let partial = (b * plan.ranges + r) * rowsPerBatch + row
-                    let weight = expf(partials.logSumExp[partial] - m)
-                    guard weight > 0 else { continue }
-                    total += weight
-                    let source = partials.output + partial * dv
-                    for c in 0..<dv { buffer[c] += weight * source[c] }
-                }
-                let inverse = 1 / total
-                for c in 0..<dv { buffer[c] *= inverse }
-            }
+            let first = b * plan.ranges * rowsPerBatch + row
+            let rowLSE = mergePartialRows(
+                partials, first: first, stride: rowsPerBatch, count: plan.ranges, valueDim: dv, into: buffer)
             let (h, n) = (row / nq, row % nq)
             cpu.store_rows(o.dtype, buffer, dv, 1, dv, o.row(b, h, n), o.strides.sequence)
-            if let lse {
-                lse[b * rowsPerBatch + row] = poisoned ? .nan : m == -.infinity ? -.infinity : m + logf(total)
-            }
+            if let lse { lse[b * rowsPerBatch + row] = rowLSE }
         }
     }
+}
+
+/// The exact merge of `count` partial results of one query row (partial rows `first`, `first +
+/// stride`, ...): O = Σ e^(lse_r - M) O_r / Σ e^(lse_r - M) into `target`, and the merged LSE
+/// M + log Σ e^(lse_r - M) returned. A row that saw no key stays 0 / -inf; a NaN partial poisons it.
+func mergePartialRows(
+    _ partials: SplitPartials, first: Int, stride: Int, count: Int, valueDim dv: Int,
+    into target: UnsafeMutablePointer<Float>
+) -> Float {
+    var m = -Float.infinity
+    var poisoned = false
+    for r in 0..<count {
+        let x = partials.logSumExp[first + r * stride]
+        if x.isNaN { poisoned = true } else if x > m { m = x }
+    }
+    target.update(repeating: poisoned ? .nan : 0, count: dv)
+    guard !poisoned else { return .nan }
+    guard m != -.infinity else { return -.infinity }
+    var total: Float = 0
+    for r in 0..<count {
+        let partial = first + r * stride
+        let weight = expf(partials.logSumExp[partial] - m)
+        guard weight > 0 else { continue }
+        total += weight
+        let source = partials.output + partial * dv
+        for c in 0..<dv { target[c] += weight * source[c] }
+    }
+    let inverse = 1 / total
+    for c in 0..<dv { target[c] *= inverse }
+    return m + logf(total)
 }

@@ -140,7 +140,7 @@ struct SequenceDecodeKernel {
     let scale: Float
     let softcap: Float?
     let causal: Bool
-    let window: (left: Int, right: Int)
+    let window: AttentionWindow?
     let queryLengths: [Int]
     let keyLengths: [Int]
 
@@ -170,21 +170,15 @@ struct SequenceDecodeKernel {
             index.form != .paged && k.strides.sequence == batch.headDim && v.strides.sequence == batch.valueDim
         (hq, hkv, g, d, dv) = (batch.queryHeads, batch.keyValueHeads, batch.groupSize, batch.headDim, batch.valueDim)
         (scale, softcap, causal) = (batch.scale, batch.options.softcap, batch.options.causal)
-        window = batch.options.window.map { ($0.left, $0.right) } ?? (-1, -1)
+        window = batch.options.window
         (queryLengths, keyLengths) = (batch.queryLengths, batch.keyLengths)
     }
 
     /// `SequenceBatch.visibleKeys` on the kernel's copies of the batch's scalars.
     @inline(__always)
     private func visibleKeys(sequence s: Int, query i: Int) -> (lo: Int, hi: Int) {
-        let nk = keyLengths[s]
-        let pos = i + (nk - queryLengths[s])
-        var lo = 0
-        var hi = nk - 1
-        if causal { hi = min(hi, pos) }
-        if window.left >= 0 { lo = max(lo, pos - window.left) }
-        if window.right >= 0 { hi = min(hi, pos + window.right) }
-        return (lo, hi)
+        AttentionProblem.visibleKeys(
+            query: i, queryLength: queryLengths[s], keyLength: keyLengths[s], causal: causal, window: window)
     }
 
     func deallocate() {
@@ -323,28 +317,9 @@ struct SequenceDecodeKernel {
         let rowsPerSequence = hq * queryLengths[s]
         let base = plan.firstPartialRow[s]
         for row in 0..<rowsPerSequence {
-            var m = -Float.infinity
-            var poisoned = false
-            for r in 0..<ranges {
-                let x = partials.logSumExp[base + r * rowsPerSequence + row]
-                if x.isNaN { poisoned = true } else if x > m { m = x }
-            }
-            let target = outTile + row * dv
-            target.update(repeating: poisoned ? .nan : 0, count: dv)
-            var total: Float = 0
-            if !poisoned && m != -.infinity {
-                for r in 0..<ranges {
-                    let partial = base + r * rowsPerSequence + row
-                    let weight = expf(partials.logSumExp[partial] - m)
-                    guard weight > 0 else { continue }
-                    total += weight
-                    let source = partials.output + partial * dv
-                    for c in 0..<dv { target[c] += weight * source[c] }
-                }
-                let inverse = 1 / total
-                for c in 0..<dv { target[c] *= inverse }
-            }
-            lseTile[row] = poisoned ? .nan : m == -.infinity ? -.infinity : m + logf(total)
+            lseTile[row] = mergePartialRows(
+                partials, first: base + row, stride: rowsPerSequence, count: ranges, valueDim: dv,
+                into: outTile + row * dv)
         }
         store(sequence: s, rows: outTile, logSumExp: lseTile)
     }

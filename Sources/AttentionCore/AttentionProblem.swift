@@ -131,11 +131,21 @@ public struct AttentionProblem: Sendable, Equatable {
     /// (before the mask); empty when lo > hi.
     @inlinable
     public func visibleKeys(forQuery i: Int) -> (lo: Int, hi: Int) {
+        Self.visibleKeys(
+            query: i, queryLength: queryLength, keyLength: keyLength, causal: options.causal, window: options.window)
+    }
+
+    /// The visibility rule itself (bottom-right aligned: query i sits at key position
+    /// i + Nk - Nq), for any problem or sequence of a batch: the one place it is written.
+    @inlinable
+    public static func visibleKeys(
+        query i: Int, queryLength: Int, keyLength: Int, causal: Bool, window: AttentionWindow?
+    ) -> (lo: Int, hi: Int) {
         let pos = i + (keyLength - queryLength)
         var lo = 0
         var hi = keyLength - 1
-        if options.causal { hi = min(hi, pos) }
-        if let window = options.window {
+        if causal { hi = min(hi, pos) }
+        if let window {
             if window.left >= 0 { lo = max(lo, pos - window.left) }
             if window.right >= 0 { hi = min(hi, pos + window.right) }
         }

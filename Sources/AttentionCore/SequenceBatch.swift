@@ -257,16 +257,9 @@ public struct SequenceBatch: Sendable, Equatable {
     /// anything else; empty when lo > hi).
     @inlinable
     public func visibleKeys(sequence s: Int, query i: Int) -> (lo: Int, hi: Int) {
-        let nk = keyLengths[s]
-        let pos = i + (nk - queryLengths[s])
-        var lo = 0
-        var hi = nk - 1
-        if options.causal { hi = min(hi, pos) }
-        if let window = options.window {
-            if window.left >= 0 { lo = max(lo, pos - window.left) }
-            if window.right >= 0 { hi = min(hi, pos + window.right) }
-        }
-        return (lo, hi)
+        AttentionProblem.visibleKeys(
+            query: i, queryLength: queryLengths[s], keyLength: keyLengths[s], causal: options.causal,
+            window: options.window)
     }
 
     /// One problem with the most queries and the most keys of any sequence (nil when every
