@@ -28,15 +28,43 @@ INLINE void key_dots(__global const kv_t *kRow, __global const float *qRows, con
     UNROLL for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = hsum(acc[r]) + tail[r];
 }
 
+// Batches of sequences (SequenceBatch), one launch for all: BATCH_FORM 1 (cache lengths: sequence b
+// sees keys [0, lengths[b]) of its cache) or 2 (paged: key j of sequence b is row j % pageSize of page
+// blockTable[b * maxPages + j / pageSize]; the K/V batch stride steps pages). Blocks of keys never
+// cross a page, so each block's rows stay one stride apart.
+#ifndef BATCH_FORM
+#define BATCH_FORM 0
+#endif
+#if BATCH_FORM
+#define BATCH_ARGS , __global const int *lengths, __global const int *blockTable, int pageSize, int maxPages
+#else
+#define BATCH_ARGS
+#endif
+#if BATCH_FORM == 2
+#define KEY_ROW(j) (k + (long)blockTable[b * maxPages + (j) / pageSize] * p.kStrideB + (long)kvh * p.kStrideH + \
+                    (long)((j) % pageSize) * p.kStrideS)
+#define VALUE_ROW(j) (v + (long)blockTable[b * maxPages + (j) / pageSize] * p.vStrideB + (long)kvh * p.vStrideH + \
+                      (long)((j) % pageSize) * p.vStrideS)
+#define BLOCK_KEYS(j0, jEnd) min(min(VEC, (jEnd) - (j0)), pageSize - (j0) % pageSize)
+#else
+#define KEY_ROW(j) (kHead + (long)(j) * p.kStrideS)
+#define VALUE_ROW(j) (vHead + (long)(j) * p.vStrideS)
+#define BLOCK_KEYS(j0, jEnd) min(VEC, (jEnd) - (j0))
+#endif
+
 /// Global size (numSplits, B * Hkv). oPart: [numSplits, B*Hq*Nq, Dv], lsePart: [numSplits, B*Hq*Nq].
 __kernel void decode_partial(__global const float *q, __global const kv_t *k, __global const kv_t *v,
                              __global const float *maskF, __global const uchar *maskB,
-                             __global float *oPart, __global float *lsePart, const Params p,
-                             int splitLen, int numSplits) {
+                             __global float *oPart, __global float *lsePart, const Params params,
+                             int splitLen, int numSplits BATCH_ARGS) {
     const int split = get_global_id(0);
     const int bk = get_global_id(1);
-    if (split >= numSplits || bk >= p.B * p.Hkv) return;
-    const int b = bk / p.Hkv, kvh = bk % p.Hkv;
+    if (split >= numSplits || bk >= params.B * params.Hkv) return;
+    const int b = bk / params.Hkv, kvh = bk % params.Hkv;
+    Params p = params;
+#if BATCH_FORM
+    p.Nk = lengths[b];  // each sequence is its own problem over its own keys
+#endif
     const int G = p.Hq / p.Hkv;
     const int rows = min(G * p.Nq, ROWS);
     const long totalRows = (long)p.B * p.Hq * p.Nq;
@@ -72,8 +100,11 @@ __kernel void decode_partial(__global const float *q, __global const kv_t *k, __
         for (int c = 0; c < p.Dv; c++) oRows[r * p.Dv + c] = 0.0f;
     int touchedNaN = 0;
 
-    for (int j0 = jBegin; j0 < jEnd; j0 += VEC) {
-        const int jn = min(VEC, jEnd - j0);
+    for (int j0 = jBegin, jn = 0; j0 < jEnd; j0 += jn) {
+        jn = BLOCK_KEYS(j0, jEnd);
+        // The block's first K and V rows (one table lookup per block: it never crosses a page).
+        __global const kv_t *kBlock = KEY_ROW(j0);
+        __global const kv_t *vBlock = VALUE_ROW(j0);
         // Touch one float per cache line of this block's V rows before the dot products: the P.V
         // step reads them column-chunk by column-chunk (16 rows 4*Dv bytes apart), which the
         // hardware prefetcher follows poorly; these independent loads overlap the misses with the
@@ -81,24 +112,24 @@ __kernel void decode_partial(__global const float *q, __global const kv_t *k, __
         {
             float touch = 0.0f;
             for (int t = 0; t < jn; t++) {
-                __global const kv_t *vRow = vHead + (long)(j0 + t) * p.vStrideS;
+                __global const kv_t *vRow = vBlock + (long)t * p.vStrideS;
                 for (int e = 0; e < p.Dv; e += 64 / (int)sizeof(kv_t)) touch += KV_LOAD1(vRow, e);
             }
             if (isnan(touch)) touchedNaN = 1;
         }
         if (jn == VEC) {
-            UNROLL for (int t = 0; t < VEC; t++) key_dots(kHead + (long)(j0 + t) * p.kStrideS, qRows, qOffset, p.D, dots, t);
+            UNROLL for (int t = 0; t < VEC; t++) key_dots(kBlock + (long)t * p.kStrideS, qRows, qOffset, p.D, dots, t);
         } else {
             for (int t = 0; t < VEC; t++) {
                 if (t < jn) {
-                    key_dots(kHead + (long)(j0 + t) * p.kStrideS, qRows, qOffset, p.D, dots, t);
+                    key_dots(kBlock + (long)t * p.kStrideS, qRows, qOffset, p.D, dots, t);
                 } else {
                     UNROLL for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = 0.0f;
                 }
             }
         }
         const int needsMasking = p.maskKind != 0 || j0 < fullLo || j0 + VEC - 1 > fullHi || j0 + VEC > p.Nk;
-        const intV inSplit = ((intV)(j0) + LANE_IDS) < (intV)(jEnd);
+        const intV inSplit = LANE_IDS < (intV)(jn);
         for (int r = 0; r < rows; r++) {
             floatV s = finish_scores(p, vloadV(0, dots + r * VEC), r % p.Nq, j0, needsMasking, maskF, maskB, maskRows[r]);
             s = select((floatV)(-INFINITY), s, inSplit);
@@ -107,7 +138,7 @@ __kernel void decode_partial(__global const float *q, __global const kv_t *k, __
             if (alpha != 1.0f) scale_row(oRows + r * p.Dv, p.Dv, alpha);
             vstoreV(e, 0, P + r * VEC);
         }
-        accumulate_pv(oRows, p.Dv, rows, P, vHead + (long)j0 * p.vStrideS, p.vStrideS, jn, p.Dv);
+        accumulate_pv(oRows, p.Dv, rows, P, vBlock, p.vStrideS, jn, p.Dv);
     }
     if (touchedNaN && p.B < 0) lseRows[0] = 0.0f;  // never true; keeps the touch loads alive
     for (int r = 0; r < rows; r++) finish_row(oRows + r * p.Dv, p.Dv, lseRows + r, m[r], l[r], poisoned[r]);
@@ -153,9 +184,13 @@ __kernel void decode_merge(__global const float *oPart, __global const float *ls
 __kernel void decode_partial_heads(__global const float *q, __global const kv_t *k, __global const kv_t *v,
                                    __global const float *maskF, __global const uchar *maskB,
                                    __global float *oPart, __global float *lsePart, __global float *state,
-                                   const Params p, int splitLen, int numSplits) {
+                                   const Params params, int splitLen, int numSplits BATCH_ARGS) {
     const int split = get_global_id(0), b = get_global_id(1);
-    if (split >= numSplits || b >= p.B) return;
+    if (split >= numSplits || b >= params.B) return;
+    Params p = params;
+#if BATCH_FORM
+    p.Nk = lengths[b];  // each sequence is its own problem over its own keys
+#endif
     const int G = p.Hq / p.Hkv;
     const int rows = min(G * p.Nq, ROWS);
     const long totalRows = (long)p.B * p.Hq * p.Nq;
@@ -177,10 +212,10 @@ __kernel void decode_partial_heads(__global const float *q, __global const kv_t 
     float P[ROWS * VEC];
     float dots[ROWS * VEC];
     for (int t = 0; t < ROWS * VEC; t++) P[t] = 0.0f;
-    for (int j0 = jBegin; j0 < jEnd; j0 += VEC) {
-        const int jn = min(VEC, jEnd - j0);
+    for (int j0 = jBegin, jn = 0; j0 < jEnd; j0 += jn) {
+        jn = BLOCK_KEYS(j0, jEnd);
         const int needsMasking = p.maskKind != 0 || j0 < fullLo || j0 + VEC - 1 > fullHi || j0 + VEC > p.Nk;
-        const intV inSplit = ((intV)(j0) + LANE_IDS) < (intV)(jEnd);
+        const intV inSplit = LANE_IDS < (intV)(jn);
         for (int kvh = 0; kvh < p.Hkv; kvh++) {
             const long rowBase = ((long)b * p.Hq + (long)kvh * G) * p.Nq;
             __global const float *qRows = q + rowBase * p.D;
@@ -188,6 +223,9 @@ __kernel void decode_partial_heads(__global const float *q, __global const kv_t 
             __global float *rowState = state + ((long)split * totalRows + rowBase) * 3;
             __global const kv_t *kHead = k + (long)b * p.kStrideB + (long)kvh * p.kStrideH;
             __global const kv_t *vHead = v + (long)b * p.vStrideB + (long)kvh * p.vStrideH;
+            // The block's first K and V rows of this head (the block never crosses a page).
+            __global const kv_t *kBlock = KEY_ROW(j0);
+            __global const kv_t *vBlock = VALUE_ROW(j0);
             long maskRows[ROWS];
             int qOffset[ROWS];
             UNROLL for (int r = 0; r < ROWS; r++) {
@@ -198,7 +236,7 @@ __kernel void decode_partial_heads(__global const float *q, __global const kv_t 
             }
             for (int t = 0; t < VEC; t++) {
                 if (t < jn) {
-                    key_dots(kHead + (long)(j0 + t) * p.kStrideS, qRows, qOffset, p.D, dots, t);
+                    key_dots(kBlock + (long)t * p.kStrideS, qRows, qOffset, p.D, dots, t);
                 } else {
                     UNROLL for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = 0.0f;
                 }
@@ -216,7 +254,7 @@ __kernel void decode_partial_heads(__global const float *q, __global const kv_t 
                 if (alpha != 1.0f) scale_row(oRows + r * p.Dv, p.Dv, alpha);
                 vstoreV(e, 0, P + r * VEC);
             }
-            accumulate_pv(oRows, p.Dv, rows, P, vHead + (long)j0 * p.vStrideS, p.vStrideS, jn, p.Dv);
+            accumulate_pv(oRows, p.Dv, rows, P, vBlock, p.vStrideS, jn, p.Dv);
         }
     }
     for (int kvh = 0; kvh < p.Hkv; kvh++) {

@@ -294,7 +294,7 @@ public struct OpenCLBackend: AttentionBackend {
     // MARK: Kernels
 
     /// What a call launches: the configuration, the kernel choice and the program source it needs.
-    private struct Launch {
+    struct Launch {
         var config: OpenCLKernelConfig
         var choice: OpenCLKernelChoice
         var source: String
@@ -304,7 +304,7 @@ public struct OpenCLBackend: AttentionBackend {
 
     /// Resolves configuration and program source before any device work; a build that lacks a kernel
     /// is an error, never a silent no-op.
-    private func prepare(_ p: AttentionProblem) throws(AttentionError) -> Launch {
+    func prepare(_ p: AttentionProblem) throws(AttentionError) -> Launch {
         guard let config = kernelConfig(for: p) else {
             throw .unsupported(backend: name, reason: unavailableReason ?? "no OpenCL device")
         }
@@ -389,7 +389,7 @@ public struct OpenCLBackend: AttentionBackend {
     }
 
     /// The operand as dense fp32 [B, H, N, D]: itself, or a gathered copy.
-    private func denseF32(
+    func denseF32(
         _ operand: (buffer: CLBuffer, layout: DeviceOperand), _ launch: Launch, state: ExecutionState
     ) throws(OpenCLError) -> CLBuffer {
         let layout = operand.layout
@@ -411,7 +411,7 @@ public struct OpenCLBackend: AttentionBackend {
     }
 
     /// Writes dense fp32 `source` into the operand's layout and storage type (rounded to nearest even).
-    private func scatter(
+    func scatter(
         _ source: CLBuffer, into operand: (buffer: CLBuffer, layout: DeviceOperand), _ launch: Launch,
         state: ExecutionState
     ) throws(OpenCLError) {
@@ -440,7 +440,7 @@ public struct OpenCLBackend: AttentionBackend {
     }
 
     /// The kernels' parameter block (`AKParams` in common.cl); K padded to a multiple of `keyPadding`.
-    private static func parameters(_ p: AttentionProblem, keyPadding vec: Int) -> AKParams {
+    static func parameters(_ p: AttentionProblem, keyPadding vec: Int) -> AKParams {
         var params = AKParams()
         params.B = Int32(p.batch)
         params.Hq = Int32(p.queryHeads)
