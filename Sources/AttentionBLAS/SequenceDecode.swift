@@ -14,61 +14,41 @@ import Foundation
 /// on the key lengths only, so results do not depend on the thread count.
 struct SequenceDecodePlan {
     let batch: SequenceBatch
-    /// Keys per range.
-    let rangeLength: Int
-    /// Keys per inner block (the score tile's width).
-    let block: Int
-    /// Ranges of each sequence, and the first item of each.
+    /// Ranges of each sequence.
     let ranges: [Int]
-    let firstItem: [Int]
     /// The first partial row of each sequence (ranges × Hq·Nq rows each, for multi-range sequences).
     let firstPartialRow: [Int]
     let partialRows: Int
     /// Items: (sequence, range).
     let items: [(sequence: Int, range: Int)]
-    /// The most query rows per K/V head.
-    let rowsPerGroup: Int
 
-    static let rangeKeys = 2048
-    static let blockKeys = 128
+    /// Keys per range.
+    static let rangeLength = 2048
+    /// Keys per inner block (the score tile's width).
+    static let block = 128
 
     /// The plan, or nil when the batch is not decode-like (too many query rows per K/V head).
     init?(_ batch: SequenceBatch) {
-        let rows = batch.groupSize * batch.maxQueryLength
-        guard batch.regime == .decodeLike, rows <= KeySplitPlan.maxRowsPerGroup else { return nil }
+        guard batch.regime == .decodeLike, batch.groupSize * batch.maxQueryLength <= KeySplitPlan.maxRowsPerGroup
+        else { return nil }
         self.batch = batch
-        rangeLength = Self.rangeKeys
-        block = Self.blockKeys
-        rowsPerGroup = max(1, rows)
         var ranges: [Int] = []
-        var first: [Int] = []
         var partialStart: [Int] = []
         var items: [(Int, Int)] = []
         var partialRows = 0
         for s in 0..<batch.count {
             let visible = batch.queryLengths[s] > 0 ? batch.keyLengths[s] : 0
-            let count = (visible + rangeLength - 1) / rangeLength
+            let count = (visible + Self.rangeLength - 1) / Self.rangeLength
             ranges.append(count)
-            first.append(items.count)
             partialStart.append(partialRows)
             if count > 1 { partialRows += count * batch.queryHeads * batch.queryLengths[s] }
             for r in 0..<count { items.append((s, r)) }
         }
         self.ranges = ranges
-        firstItem = first
         firstPartialRow = partialStart
         self.partialRows = partialRows
-        // Longest sequences' ranges first: they finish with their merge.
+        // Longest sequences' ranges first (largest items first balances the threads).
         self.items = items.sorted { batch.keyLengths[$0.0] > batch.keyLengths[$1.0] }
-    }
-
-    /// Bytes of the partial results.
-    var partialBytes: Int { 4 * partialRows * (batch.valueDim + 3) }
-
-    /// Bytes one worker allocates: a score tile, its row statistics, a sequence's Q rows and O rows.
-    var perThreadBytes: Int {
-        let rows = batch.queryHeads * batch.maxQueryLength
-        return 4 * (rows * block + rows * (batch.headDim + batch.valueDim + 3))
     }
 }
 
@@ -119,7 +99,6 @@ struct RowIndex: @unchecked Sendable {
 /// One worker's view of a sequence-batch decode: borrowed operands and its own tiles.
 struct SequenceDecodeKernel {
     let plan: SequenceDecodePlan
-    let batch: SequenceBatch
     let cpu: ak_cpu_kernels
     let q: Operand, k: Operand, v: Operand, o: Operand
     let lse: UnsafeMutablePointer<Float>?
@@ -150,7 +129,7 @@ struct SequenceDecodeKernel {
     ) {
         self.plan = plan
         self.index = index
-        batch = plan.batch
+        let batch = plan.batch
         self.cpu = cpu.table.pointee
         q = Operand(buffers.query, shape: batch.queryShape)
         k = Operand(buffers.key, shape: batch.keyShape)
@@ -158,7 +137,7 @@ struct SequenceDecodeKernel {
         o = Operand(buffers.output, shape: batch.outputShape)
         lse = buffers.logSumExp?.baseAddress
         self.partials = partials
-        ld = plan.block
+        ld = SequenceDecodePlan.block
         let rows = batch.queryHeads * max(1, batch.maxQueryLength)
         scores = .allocate(capacity: rows * ld)
         queryTile = .allocate(capacity: rows * batch.headDim)
@@ -260,8 +239,8 @@ struct SequenceDecodeKernel {
         }
         let first = visibleKeys(sequence: s, query: 0)
         let last = visibleKeys(sequence: s, query: nq - 1)
-        let lo = max(range * plan.rangeLength, first.lo)
-        let hi = min((range + 1) * plan.rangeLength, keyLengths[s], last.hi + 1)
+        let lo = max(range * SequenceDecodePlan.rangeLength, first.lo)
+        let hi = min((range + 1) * SequenceDecodePlan.rangeLength, keyLengths[s], last.hi + 1)
         // Per block, in one of two orders. Rows of each K/V head adjacent ([B, H, N, D] caches): one
         // head group at a time, each streaming its own rows. Otherwise (pages, [B, N, H, D] caches,
         // packed rows): each run (a page, or the block) for every head in turn — adjacent memory —
@@ -269,7 +248,7 @@ struct SequenceDecodeKernel {
         let (heads, passCount) = (hkv, groupsOuter ? hkv : 1)
         var j0 = lo
         while j0 < hi {
-            let width = min(plan.block, hi - j0)
+            let width = min(SequenceDecodePlan.block, hi - j0)
             let needsVisibility = j0 < last.lo || j0 + width - 1 > first.hi
             for pass in 0..<passCount {
                 let groups = groupsOuter ? pass..<(pass + 1) : 0..<heads

@@ -83,11 +83,7 @@ public struct Dispatcher: Sendable {
     /// supported one.
     public func decide(_ problem: AttentionProblem) -> DispatchDecision {
         let options = candidates.map { option(for: $0, problem) }
-        let best = options.indices.filter { options[$0].estimatedSeconds != nil }
-            .min { options[$0].estimatedSeconds! < options[$1].estimatedSeconds! }
-        let index = best ?? options.indices.first { options[$0].backend == .naive } ?? 0
-        let chosen: any AttentionBackend = candidates.isEmpty ? NaiveBackend() : candidates[index].backend
-        return DispatchDecision(options: options, chosenIndex: index, chosen: chosen, profileSource: profile.source)
+        return choose(options)
     }
 
     /// Evaluates every candidate on a batch of sequences: support of the batch, and work summed
@@ -99,14 +95,8 @@ public struct Dispatcher: Sendable {
         let sequences = (0..<batch.count).compactMap { s -> (pairs: Double, keys: Int, kvBytes: Double)? in
             let (nq, nk) = (batch.queryLengths[s], batch.keyLengths[s])
             guard nq > 0, nk > 0 else { return nil }
-            var pairs = Double(nq) * Double(nk)
-            if batch.options.causal || batch.options.window != nil {
-                pairs = 0
-                for i in 0..<nq {
-                    let (lo, hi) = batch.visibleKeys(sequence: s, query: i)
-                    if hi >= lo { pairs += Double(hi - lo + 1) }
-                }
-            }
+            let pairs = Self.visiblePairs(
+                queryLength: nq, keyLength: nk, causal: batch.options.causal, window: batch.options.window)
             return (pairs, nk, Double(nk) * kvBytesPerKey)
         }
         let elements = [batch.queryShape, batch.keyShape, batch.valueShape, batch.outputShape]
@@ -120,13 +110,9 @@ public struct Dispatcher: Sendable {
             var seconds = profile.overheadSeconds
             if support.isSupported {
                 for sequence in sequences {
-                    let rate = max(profile.gflops(headDim: width, keyLength: sequence.keys), 1e-3) * 1e9
-                    var time = flopsPerPair * sequence.pairs / rate
-                    if decodeLike {
-                        let bandwidth = max(profile.decodeGBps.value(at: sequence.keys), 1e-3) * 1e9
-                        time = max(time, sequence.kvBytes / bandwidth)
-                    }
-                    seconds += time
+                    seconds += Self.workSeconds(
+                        flops: flopsPerPair * sequence.pairs, keyValueBytes: sequence.kvBytes,
+                        keyLength: sequence.keys, width: width, decodeLike: decodeLike, profile: profile)
                 }
                 if let transfer = profile.transferGBps { seconds += 4 * elements / (transfer * 1e9) }
             }
@@ -135,6 +121,11 @@ public struct Dispatcher: Sendable {
                 estimatedSeconds: support.isSupported ? seconds : nil,
                 detail: "\(batch.layout.name) batch of \(batch.count), \(batch.regime.rawValue)")
         }
+        return choose(options)
+    }
+
+    /// The fastest supported option (the reference when none is).
+    private func choose(_ options: [DispatchDecision.Option]) -> DispatchDecision {
         let best = options.indices.filter { options[$0].estimatedSeconds != nil }
             .min { options[$0].estimatedSeconds! < options[$1].estimatedSeconds! }
         let index = best ?? options.indices.first { options[$0].backend == .naive } ?? 0
@@ -165,10 +156,17 @@ public struct Dispatcher: Sendable {
 
     /// Query-key pairs that causal and window rules leave visible (masks not counted).
     public static func visiblePairs(_ p: AttentionProblem) -> Double {
-        if !p.options.causal && p.options.window == nil { return Double(p.queryLength) * Double(p.keyLength) }
+        visiblePairs(
+            queryLength: p.queryLength, keyLength: p.keyLength, causal: p.options.causal, window: p.options.window)
+    }
+
+    /// Visible pairs of one problem's (or one sequence's) sizes and rules.
+    static func visiblePairs(queryLength nq: Int, keyLength nk: Int, causal: Bool, window: AttentionWindow?) -> Double {
+        if !causal && window == nil { return Double(nq) * Double(nk) }
         var total = 0.0
-        for i in 0..<p.queryLength {
-            let (lo, hi) = p.visibleKeys(forQuery: i)
+        for i in 0..<nq {
+            let (lo, hi) = AttentionProblem.visibleKeys(
+                query: i, queryLength: nq, keyLength: nk, causal: causal, window: window)
             if hi >= lo { total += Double(hi - lo + 1) }
         }
         return total
@@ -177,18 +175,26 @@ public struct Dispatcher: Sendable {
     /// Estimated seconds of `problem` on a backend with `profile`.
     public static func estimate(_ p: AttentionProblem, profile: BackendProfile) -> Double {
         let flops = 2 * Double(p.batch * p.queryHeads) * visiblePairs(p) * Double(p.headDim + p.valueDim)
-        let rate = max(profile.gflops(headDim: max(p.headDim, p.valueDim), keyLength: p.keyLength), 1e-3) * 1e9
-        var seconds = flops / rate
-        if p.regime == .decodeLike {
-            let bandwidth = max(profile.decodeGBps.value(at: p.keyLength), 1e-3) * 1e9
-            seconds = max(seconds, p.keyValueBytes / bandwidth)
-        }
+        var seconds = workSeconds(
+            flops: flops, keyValueBytes: p.keyValueBytes, keyLength: p.keyLength, width: max(p.headDim, p.valueDim),
+            decodeLike: p.regime == .decodeLike, profile: profile)
         if let transfer = profile.transferGBps {
             let elements = [p.queryShape, p.keyShape, p.valueShape, p.outputShape].map { Double($0.reduce(1, *)) }
                 .reduce(0, +)
             seconds += 4 * elements / (transfer * 1e9)
         }
         return profile.overheadSeconds + seconds
+    }
+
+    /// The cost model's compute time: FLOPs over the profile's rate at this head width and key
+    /// length, or for decode-like work the larger of that and K/V bytes over its bandwidth.
+    static func workSeconds(
+        flops: Double, keyValueBytes: Double, keyLength: Int, width: Int, decodeLike: Bool, profile: BackendProfile
+    ) -> Double {
+        let rate = max(profile.gflops(headDim: width, keyLength: keyLength), 1e-3) * 1e9
+        guard decodeLike else { return flops / rate }
+        let bandwidth = max(profile.decodeGBps.value(at: keyLength), 1e-3) * 1e9
+        return max(flops / rate, keyValueBytes / bandwidth)
     }
 
     /// "1.5 GiB", "256.1 MiB", "12 KiB" (no Foundation formatting: this runs on every decision).

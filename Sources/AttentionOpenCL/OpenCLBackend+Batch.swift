@@ -25,90 +25,45 @@ extension OpenCLBackend {
         let lengths = batch.keyLengths.map { Int32($0) }
         do {
             try device.withExecution { (state) throws(OpenCLError) in
-                let readOnly = Int32(CL_MEM_READ_ONLY)
-                let readWrite = Int32(CL_MEM_READ_WRITE)
-                func input(_ operand: DeviceOperand, _ view: TensorView) throws(OpenCLError) -> CLBuffer {
-                    try state.buffer(bytes: operand.bytes, flags: readOnly, host: view.address, useHostMemory: zeroCopy)
-                }
                 func small(_ values: [Int32]) throws(OpenCLError) -> CLBuffer {
                     try withBytes(of: values) { (raw) throws(OpenCLError) in
-                        try state.buffer(bytes: raw.count, flags: readOnly, host: raw.baseAddress)
+                        try state.buffer(bytes: raw.count, flags: Int32(CL_MEM_READ_ONLY), host: raw.baseAddress)
                     }
                 }
-                let oHost = try state.buffer(
-                    bytes: o.bytes, flags: readWrite, host: UnsafeRawPointer(buffers.output.address),
-                    useHostMemory: zeroCopy)
-                let lseCount = batch.logSumExpCount
-                let lseHost = buffers.logSumExp.flatMap { zeroCopy ? UnsafeRawPointer($0.baseAddress) : nil }
-                let lse = try state.buffer(
-                    bytes: lseCount * 4, flags: readWrite, host: lseHost, useHostMemory: lseHost != nil)
-                // The kernel reads dense fp32 Q and writes dense fp32 O (converted where they are not).
-                let qBuffer = try input(q, buffers.query)
-                let qDense = q.isDenseF32 ? qBuffer : try denseF32((qBuffer, q), launch, state: state)
-                let oDense =
-                    o.isDenseF32
-                    ? oHost : try state.buffer(bytes: 4 * batch.outputShape.reduce(1, *), flags: readWrite)
-
-                var params = Self.parameters(problem, keyPadding: launch.config.vectorWidth)
-                (params.kStrideB, params.kStrideH, params.kStrideS) = (
-                    Int32(k.strides.batch), Int32(k.strides.head), Int32(k.strides.sequence)
-                )
-                (params.vStrideB, params.vStrideH, params.vStrideS) = (
-                    Int32(v.strides.batch), Int32(v.strides.head), Int32(v.strides.sequence)
-                )
-                let totalRows = lseCount
-                let oPart = try state.buffer(bytes: 4 * plan.splits * totalRows * batch.valueDim, flags: readWrite)
-                let lsePart = try state.buffer(bytes: 4 * plan.splits * totalRows, flags: readWrite)
-                let options =
-                    launch.config.decodeOptions(rows: batch.groupSize * problem.queryLength)
-                    + " -DKV_TYPE=\(k.type.kernelCode) -DBATCH_FORM=\(plan.form)"
-                // A head's rows far apart (pages, [B, N, H, D] caches): each work-item walks its keys
-                // across every head, reading adjacent memory; else one work-item per K/V head.
-                let acrossHeads = k.strides.sequence != batch.headDim || v.strides.sequence != batch.valueDim
-                let partial = try state.kernel(
-                    acrossHeads ? "decode_partial_heads" : "decode_partial", source: launch.source, options: options)
-                var arguments = [
-                    qDense, try input(k, buffers.key), try input(v, buffers.value), state.placeholder,
-                    state.placeholder, oPart, lsePart,
-                ]
-                if acrossHeads {
-                    arguments.append(try state.buffer(bytes: 12 * plan.splits * totalRows, flags: readWrite))
-                }
-                for (i, buffer) in arguments.enumerated() { try partial.set(i, buffer) }
-                let next = arguments.count
-                try partial.set(next, value: params)
-                try partial.set(next + 1, value: Int32(plan.keysPerSplit))
-                try partial.set(next + 2, value: Int32(plan.splits))
-                // Held until the launches have finished (a released buffer is no argument).
-                let (lengthBuffer, tableBuffer) = (try small(lengths), try small(table))
-                try partial.set(next + 3, lengthBuffer)
-                try partial.set(next + 4, tableBuffer)
-                try partial.set(next + 5, value: Int32(pageSize))
-                try partial.set(next + 6, value: Int32(maxPages))
-                // One work-item per group, as in the single-problem launch.
-                let items = acrossHeads ? batch.count : batch.count * batch.keyValueHeads
-                try state.enqueue(partial, global: [plan.splits, items], local: [1, 1])
-
-                let merge = try state.kernel("decode_merge", source: launch.source, options: options)
-                try merge.set(0, oPart)
-                try merge.set(1, lsePart)
-                try merge.set(2, oDense)
-                try merge.set(3, lse)
-                try merge.set(4, value: Int32(totalRows))
-                try merge.set(5, value: Int32(batch.valueDim))
-                try merge.set(6, value: Int32(plan.splits))
-                try state.enqueue(merge, global: [totalRows], local: nil)
-                if !o.isDenseF32 { try scatter(oDense, into: (oHost, o), launch, state: state) }
-                try state.finish()
-                withExtendedLifetime((arguments, lengthBuffer, tableBuffer)) {}
-                if zeroCopy {
-                    try state.synchronizeHostMemory(oHost)
-                    if lseHost != nil { try state.synchronizeHostMemory(lse) }
-                } else {
-                    try state.read(oHost, into: buffers.output.address, bytes: o.bytes)
-                }
-                if let host = buffers.logSumExp, let base = host.baseAddress, lseHost == nil {
-                    try state.read(lse, into: UnsafeMutableRawPointer(base), bytes: lseCount * 4)
+                try withHostOutputs(
+                    buffers, output: o, logSumExpCount: batch.logSumExpCount, zeroCopy: zeroCopy, state: state
+                ) { (oHost, lse) throws(OpenCLError) in
+                    // The kernels read dense fp32 Q and write dense fp32 O (converted where they are not).
+                    let qBuffer = try hostInput(q, buffers.query, zeroCopy: zeroCopy, state: state)
+                    let qDense = q.isDenseF32 ? qBuffer : try denseF32((qBuffer, q), launch, state: state)
+                    let oDense =
+                        o.isDenseF32
+                        ? oHost
+                        : try state.buffer(bytes: 4 * batch.outputShape.reduce(1, *), flags: Int32(CL_MEM_READ_WRITE))
+                    var params = Self.parameters(problem, keyPadding: launch.config.vectorWidth)
+                    (params.kStrideB, params.kStrideH, params.kStrideS) = (
+                        Int32(k.strides.batch), Int32(k.strides.head), Int32(k.strides.sequence)
+                    )
+                    (params.vStrideB, params.vStrideH, params.vStrideS) = (
+                        Int32(v.strides.batch), Int32(v.strides.head), Int32(v.strides.sequence)
+                    )
+                    let call = CallBuffers(
+                        q: qDense, k: try hostInput(k, buffers.key, zeroCopy: zeroCopy, state: state),
+                        v: try hostInput(v, buffers.value, zeroCopy: zeroCopy, state: state), o: oDense, lse: lse,
+                        additiveMask: state.placeholder, booleanMask: state.placeholder)
+                    let arguments = BatchArguments(
+                        form: plan.form, lengths: try small(lengths), blockTable: try small(table),
+                        pageSize: pageSize, maxPages: maxPages)
+                    // A head's rows far apart (pages, [B, N, H, D] caches): each work-item walks its
+                    // keys across every head, reading adjacent memory; else one work-item per K/V head.
+                    let acrossHeads = k.strides.sequence != batch.headDim || v.strides.sequence != batch.valueDim
+                    try launchSplitKV(
+                        problem, params, launch, call, keyValueType: k.type, acrossHeads: acrossHeads,
+                        splits: plan.splits, keysPerSplit: plan.keysPerSplit, state: state, batch: arguments)
+                    if !o.isDenseF32 { try scatter(oDense, into: (oHost, o), launch, state: state) }
+                    try state.finish()
+                    // The buffers the launches used live until they have finished.
+                    withExtendedLifetime((call, arguments)) {}
                 }
             }
         } catch {
@@ -139,4 +94,14 @@ extension OpenCLBackend {
         else { return nil }
         return (problem, splits, keysPerSplit, form)
     }
+}
+
+/// The extra arguments of the split-KV kernels built for batches (`BATCH_FORM` in decode.cl).
+struct BatchArguments {
+    /// 1: cache lengths; 2: pages.
+    let form: Int
+    let lengths: CLBuffer
+    let blockTable: CLBuffer
+    let pageSize: Int
+    let maxPages: Int
 }

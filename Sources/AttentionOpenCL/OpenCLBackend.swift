@@ -184,37 +184,54 @@ public struct OpenCLBackend: AttentionBackend {
         let zeroCopy = device.info.isCPU || device.info.hostUnifiedMemory
         do {
             try device.withExecution { (state) throws(OpenCLError) in
-                let readOnly = Int32(CL_MEM_READ_ONLY)
-                func input(_ operand: DeviceOperand, _ view: TensorView) throws(OpenCLError) -> CLBuffer {
-                    try state.buffer(bytes: operand.bytes, flags: readOnly, host: view.address, useHostMemory: zeroCopy)
-                }
-                // The flash kernel accumulates in O, so outputs are read and written.
-                let readWrite = Int32(CL_MEM_READ_WRITE)
-                // Copied devices start from the host bytes too, so that reading the whole span back
-                // leaves the memory between a strided output's elements as it was.
-                let oHost = try state.buffer(
-                    bytes: o.bytes, flags: readWrite, host: UnsafeRawPointer(buffers.output.address),
-                    useHostMemory: zeroCopy)
-                let lseCount = problem.lseShape.reduce(1, *)
-                let lseHost = buffers.logSumExp.flatMap { zeroCopy ? UnsafeRawPointer($0.baseAddress) : nil }
-                let lse = try state.buffer(
-                    bytes: lseCount * 4, flags: readWrite, host: lseHost, useHostMemory: lseHost != nil)
-                let call = DeviceCall(
-                    q: (try input(q, buffers.query), q), k: (try input(k, buffers.key), k),
-                    v: (try input(v, buffers.value), v), o: (oHost, o), lse: lse)
-                try execute(problem, launch, call, state: state)
-                if zeroCopy {
-                    try state.synchronizeHostMemory(oHost)
-                    if lseHost != nil { try state.synchronizeHostMemory(lse) }
-                } else {
-                    try state.read(oHost, into: buffers.output.address, bytes: o.bytes)
-                }
-                if let host = buffers.logSumExp, let base = host.baseAddress, lseHost == nil {
-                    try state.read(lse, into: UnsafeMutableRawPointer(base), bytes: lseCount * 4)
+                try withHostOutputs(
+                    buffers, output: o, logSumExpCount: problem.lseShape.reduce(1, *), zeroCopy: zeroCopy, state: state
+                ) { (oHost, lse) throws(OpenCLError) in
+                    let call = DeviceCall(
+                        q: (try hostInput(q, buffers.query, zeroCopy: zeroCopy, state: state), q),
+                        k: (try hostInput(k, buffers.key, zeroCopy: zeroCopy, state: state), k),
+                        v: (try hostInput(v, buffers.value, zeroCopy: zeroCopy, state: state), v), o: (oHost, o),
+                        lse: lse)
+                    try execute(problem, launch, call, state: state)
                 }
             }
         } catch {
             throw .backendFailure(backend: name, message: error.description)
+        }
+    }
+
+    /// A read-only device buffer of a caller's input view (its host memory itself where the device
+    /// can use it).
+    func hostInput(_ operand: DeviceOperand, _ view: TensorView, zeroCopy: Bool, state: ExecutionState)
+        throws(OpenCLError) -> CLBuffer
+    {
+        try state.buffer(
+            bytes: operand.bytes, flags: Int32(CL_MEM_READ_ONLY), host: view.address, useHostMemory: zeroCopy)
+    }
+
+    /// Device buffers for the caller's O and log-sum-exp, `body(o, lse)`, then the results in the
+    /// caller's memory (synchronised in place, or read back).
+    func withHostOutputs(
+        _ buffers: AttentionBuffers, output o: DeviceOperand, logSumExpCount lseCount: Int, zeroCopy: Bool,
+        state: ExecutionState, _ body: (CLBuffer, CLBuffer) throws(OpenCLError) -> Void
+    ) throws(OpenCLError) {
+        // The kernels may accumulate in O, so outputs are read and written. Copied devices start from
+        // the host bytes too, so that reading the whole span back leaves the memory between a strided
+        // output's elements as it was.
+        let readWrite = Int32(CL_MEM_READ_WRITE)
+        let oHost = try state.buffer(
+            bytes: o.bytes, flags: readWrite, host: UnsafeRawPointer(buffers.output.address), useHostMemory: zeroCopy)
+        let lseHost = buffers.logSumExp.flatMap { zeroCopy ? UnsafeRawPointer($0.baseAddress) : nil }
+        let lse = try state.buffer(bytes: lseCount * 4, flags: readWrite, host: lseHost, useHostMemory: lseHost != nil)
+        try body(oHost, lse)
+        if zeroCopy {
+            try state.synchronizeHostMemory(oHost)
+            if lseHost != nil { try state.synchronizeHostMemory(lse) }
+        } else {
+            try state.read(oHost, into: buffers.output.address, bytes: o.bytes)
+        }
+        if let host = buffers.logSumExp, let base = host.baseAddress, lseHost == nil {
+            try state.read(lse, into: UnsafeMutableRawPointer(base), bytes: lseCount * 4)
         }
     }
 
@@ -325,7 +342,7 @@ public struct OpenCLBackend: AttentionBackend {
 
     /// The buffers of one call as the attention kernels see them: dense fp32 Q (and V for the flash
     /// kernel), K and V as stored, a dense fp32 O, and the mask in whichever form it has.
-    private struct CallBuffers {
+    struct CallBuffers {
         var q, k, v, o, lse: CLBuffer
         var additiveMask: CLBuffer
         var booleanMask: CLBuffer
@@ -498,9 +515,9 @@ public struct OpenCLBackend: AttentionBackend {
     }
 
     /// Partial O and LSE per key slice, then the exact merge.
-    private func launchSplitKV(
+    func launchSplitKV(
         _ p: AttentionProblem, _ params: AKParams, _ launch: Launch, _ b: CallBuffers, keyValueType: StorageType,
-        acrossHeads: Bool, splits: Int, keysPerSplit: Int, state: ExecutionState
+        acrossHeads: Bool, splits: Int, keysPerSplit: Int, state: ExecutionState, batch: BatchArguments? = nil
     ) throws(OpenCLError) {
         let totalRows = p.batch * p.queryHeads * p.queryLength
         let oPart = try state.buffer(bytes: 4 * splits * totalRows * p.valueDim, flags: Int32(CL_MEM_READ_WRITE))
@@ -508,7 +525,7 @@ public struct OpenCLBackend: AttentionBackend {
         // K and V are read in place, as stored: one program per storage type.
         let options =
             launch.config.decodeOptions(rows: p.groupSize * p.queryLength)
-            + " -DKV_TYPE=\(keyValueType.kernelCode)"
+            + " -DKV_TYPE=\(keyValueType.kernelCode)" + (batch.map { " -DBATCH_FORM=\($0.form)" } ?? "")
         // A head's rows far apart: each work-item walks its keys across every head (adjacent memory).
         let name = acrossHeads ? "decode_partial_heads" : "decode_partial"
         let partial = try state.kernel(name, source: launch.source, options: options)
@@ -520,6 +537,12 @@ public struct OpenCLBackend: AttentionBackend {
         try partial.set(arguments.count, value: params)
         try partial.set(arguments.count + 1, value: Int32(keysPerSplit))
         try partial.set(arguments.count + 2, value: Int32(splits))
+        if let batch {
+            try partial.set(arguments.count + 3, batch.lengths)
+            try partial.set(arguments.count + 4, batch.blockTable)
+            try partial.set(arguments.count + 5, value: Int32(batch.pageSize))
+            try partial.set(arguments.count + 6, value: Int32(batch.maxPages))
+        }
         // One work-item per group: drivers left to choose (PoCL) may pack the whole small range
         // into a single group, which then runs on one core.
         let items = acrossHeads ? p.batch : p.batch * p.keyValueHeads

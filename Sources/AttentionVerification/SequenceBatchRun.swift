@@ -166,26 +166,10 @@ public struct SequenceBatchMemory: @unchecked Sendable {
             (ks, vs) = (order.strides(shapes.k), order.strides(shapes.v))
         case .paged(let pageSize):
             let nq = c.queryLengths.max() ?? 1
-            let perSequence = c.keyLengths.map { ($0 + pageSize - 1) / pageSize }
-            let pages = perSequence.reduce(0, +) + 2
-            var order = Array(0..<pages)
-            var generator = SplitMix64(seed: c.seed)
-            order.shuffle(using: &generator)
-            let maxPages = max(1, perSequence.max() ?? 1)
-            var table = [Int32](repeating: -1, count: count * maxPages)
-            var next = 0
-            for s in 0..<count {
-                var mine: [Int] = []
-                for slot in 0..<perSequence[s] {
-                    table[s * maxPages + slot] = Int32(order[next])
-                    mine.append(order[next])
-                    next += 1
-                }
-                pageOf.append(mine)
-            }
-            layout = .paged(
-                lengths: c.keyLengths.map { Int32($0) },
-                table: PageTable(pageSize: pageSize, maxPages: maxPages, blockTable: table))
+            let (table, pages, pagesOfSequence) = PageTable.shuffled(
+                keyLengths: c.keyLengths, pageSize: pageSize, sparePages: 2, seed: c.seed)
+            pageOf = pagesOfSequence
+            layout = .paged(lengths: c.keyLengths.map { Int32($0) }, table: table)
             shapes = ([count, hq, nq, d], [pages, pageSize, hkv, d], [pages, pageSize, hkv, dv])
             (qs, os) = (.bhsd(shapes.q), .bhsd([count, hq, nq, dv]))
             (ks, vs) = (.bshd([pages, hkv, pageSize, d]), .bshd([pages, hkv, pageSize, dv]))

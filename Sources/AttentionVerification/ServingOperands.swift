@@ -71,26 +71,14 @@ public struct ServingOperands: @unchecked Sendable {
             qp = Strides(batch: nq * qs.sequence, head: qs.head, sequence: qs.sequence)
             op = Strides(batch: nq * os.sequence, head: os.head, sequence: os.sequence)
         }
-        let perSequence = batch.keyLengths.map { ($0 + pageSize - 1) / pageSize }
-        let pages = max(1, perSequence.reduce(0, +))
-        var order = Array(0..<pages)
-        var generator = SplitMix64(seed: seed)
-        order.shuffle(using: &generator)
-        let maxPages = max(1, perSequence.max() ?? 1)
-        var table = [Int32](repeating: -1, count: count * maxPages)
-        var next = 0
-        for s in 0..<count {
-            for slot in 0..<perSequence[s] {
-                table[s * maxPages + slot] = Int32(order[next])
-                next += 1
-            }
-        }
+        let (table, pages, _) = PageTable.shuffled(
+            keyLengths: batch.keyLengths, pageSize: pageSize, sparePages: 0, seed: seed)
         let (hkv, d, dv) = (batch.keyValueHeads, batch.headDim, batch.valueDim)
         let paged = try SequenceBatch(
             query: [count, batch.queryHeads, nq, d], key: [pages, pageSize, hkv, d], value: [pages, pageSize, hkv, dv],
             layout: .paged(
                 lengths: batch.keyLengths.map { Int32($0) },
-                table: PageTable(pageSize: pageSize, maxPages: maxPages, blockTable: table)),
+                table: table),
             options: batch.options, storage: batch.storage)
         let type = batch.storage.keyValue
         let kPool = RawRegion(count: paged.keyShape.reduce(1, *), type: type)
@@ -99,7 +87,7 @@ public struct ServingOperands: @unchecked Sendable {
         let size = type.byteSize
         for s in 0..<count {
             for j in 0..<batch.keyLengths[s] {
-                let page = Int(table[s * maxPages + j / pageSize])
+                let page = table.page(sequence: s, key: j)
                 for h in 0..<hkv {
                     let (kFrom, vFrom) = (sourceKeyOffset(ks, s, h, j), sourceKeyOffset(vs, s, h, j))
                     (kPool.base + kp.offset(batch: page, head: h, position: j % pageSize) * size).copyMemory(
@@ -171,5 +159,30 @@ struct RawRegion {
 
     func view(_ strides: Strides) -> TensorView {
         TensorView(address: base, storage: type, strides: strides, capacity: count)
+    }
+}
+
+extension PageTable {
+    /// A block table for sequences of `keyLengths` keys over a pool of just enough pages plus
+    /// `sparePages`, in an order shuffled by `seed`; unused entries are -1. Also returns the pool's
+    /// page count and each sequence's pages in key order.
+    public static func shuffled(keyLengths: [Int], pageSize: Int, sparePages: Int, seed: UInt64)
+        -> (table: PageTable, pageCount: Int, pages: [[Int]])
+    {
+        let perSequence = keyLengths.map { ($0 + pageSize - 1) / pageSize }
+        let pageCount = max(1, perSequence.reduce(0, +) + sparePages)
+        var order = Array(0..<pageCount)
+        var generator = SplitMix64(seed: seed)
+        order.shuffle(using: &generator)
+        let maxPages = max(1, perSequence.max() ?? 1)
+        var blocks = [Int32](repeating: -1, count: keyLengths.count * maxPages)
+        var pages: [[Int]] = []
+        var next = 0
+        for (s, count) in perSequence.enumerated() {
+            pages.append(Array(order[next..<(next + count)]))
+            for (slot, page) in pages[s].enumerated() { blocks[s * maxPages + slot] = Int32(page) }
+            next += count
+        }
+        return (PageTable(pageSize: pageSize, maxPages: maxPages, blockTable: blocks), pageCount, pages)
     }
 }

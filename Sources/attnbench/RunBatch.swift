@@ -114,13 +114,10 @@ extension Run {
         }
     }
 
-    /// A file's values and stored shape, and whether it held fp16.
+    /// A file's values and stored shape (as stored: no reordering), and whether it held fp16.
     private func loadRaw(_ path: String, _ role: String) throws -> (values: [Float], shape: [Int], isHalf: Bool) {
-        let array = try NPYArray.read(contentsOf: path)
-        guard let values = array.floats else {
-            throw NPYError.wrongKind(file: path, expected: "floating-point \(role)", actual: array.fileDType.rawValue)
-        }
-        return (values, array.shape, array.halfBits != nil)
+        let (tensor, isHalf) = try loadOperand(path, role: role, layout: .bhsd)
+        return (tensor.storage, tensor.shape, isHalf)
     }
 
     /// A 1-D int32/int64 file as int32 values.

@@ -155,10 +155,10 @@ import Testing
             layout: .packed(queryOffsets: [0, 3], keyOffsets: [0, 5]))
         let small = [Float](repeating: 0, count: 79)
         var out = [Float](repeating: 0, count: 48)
-        try small.withUnsafeBufferPointer { k in
-            try out.withUnsafeMutableBufferPointer { o in
+        small.withUnsafeBufferPointer { k in
+            out.withUnsafeMutableBufferPointer { o in
                 let q = [Float](repeating: 0, count: 48)
-                try q.withUnsafeBufferPointer { q in
+                q.withUnsafeBufferPointer { q in
                     let buffers = AttentionBuffers(query: q, key: k, value: k, output: o, logSumExp: nil)
                     #expect(throws: AttentionError.self) { try NaiveBackend().forward(batch, buffers) }
                 }
