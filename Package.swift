@@ -8,6 +8,9 @@ let package = Package(
         .library(name: "AttentionKit", targets: ["AttentionKit"]),
         .library(name: "AttentionCore", targets: ["AttentionCore"]),
         .library(name: "NumPyIO", targets: ["NumPyIO"]),
+        /// The C ABI (`Sources/CAttentionKitABI/include/attentionkit.h`) as `libAttentionKitC.so`:
+        /// what C, C++, Rust and the Python package (`python/`) link or load.
+        .library(name: "AttentionKitC", type: .dynamic, targets: ["AttentionKitC"]),
         .executable(name: "attnbench", targets: ["attnbench"]),
     ],
     dependencies: [
@@ -36,6 +39,11 @@ let package = Package(
         .target(
             name: "AttentionKit",
             dependencies: ["AttentionCore", "AttentionMachine", "AttentionBLAS", "AttentionOpenCL"]),
+
+        /// The C ABI: `@_cdecl` entry points over AttentionKit, declared by the header of CAttentionKitABI.
+        .target(name: "AttentionKitC", dependencies: ["AttentionKit", "CAttentionKitABI"]),
+        /// `attentionkit.h`, the one public C header, plus compile-time checks of its struct layouts.
+        .target(name: "CAttentionKitABI"),
 
         /// Package-internal (no product): the verification every checker shares — cases, input and
         /// mask generators, the tolerance rule, the NaN-padded run, the standard benchmark shapes.

@@ -83,3 +83,29 @@ public struct BackendSelection: Sendable {
         }
     }
 }
+
+extension BackendSelection {
+    /// Selects a backend for a batch of sequences, as `select(_:for:)` does for one problem: a forced
+    /// choice must support the batch; `.auto` asks the dispatcher, which sums work over sequences.
+    public static func select(
+        _ choice: BackendChoice, for batch: SequenceBatch, dispatcher: Dispatcher = .process
+    ) throws(AttentionError) -> BackendSelection {
+        func forced(_ id: BackendID, reason: String) throws(AttentionError) -> BackendSelection {
+            let backend = try dispatcher.backend(id)
+            if case .unsupported(let why) = backend.support(for: batch) {
+                throw .unsupported(backend: id.description, reason: why)
+            }
+            return BackendSelection(backend: backend, reason: reason)
+        }
+        switch choice {
+        case .backend(let id):
+            return try forced(id, reason: "requested")
+        case .auto:
+            if let id = try dispatcher.configuration.backendOverride.get() {
+                return try forced(id, reason: "forced by \(AttentionConfiguration.backendVariable)=\(id)")
+            }
+            let decision = dispatcher.decide(batch)
+            return BackendSelection(backend: decision.chosen, decision: decision)
+        }
+    }
+}
