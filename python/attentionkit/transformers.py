@@ -134,10 +134,15 @@ def register(name: str = NAME, backend: str = "auto", *, threads: int = 0) -> Co
     """Registers `name` as an attention implementation (and its mask format, SDPA's) with
     transformers, running on a context of `backend`. Returns that context (its `last_backend` and
     `last_reason` say what ran)."""
+    context = Context(backend, threads=threads)
+    register_context(context, name)
+    return context
+
+
+def register_context(context: Context, name: str = NAME) -> None:
+    """Registers `name` to run on an existing context."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    context = Context(backend, threads=threads)
     AttentionInterface.register(name, make_attention_function(context))
     AttentionMaskInterface.register(name, sdpa_mask)
-    return context
