@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--backend", default="auto", help="AttentionKit backend: auto, blas, opencl:0, ...")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
@@ -71,7 +72,7 @@ def main() -> None:
     model = transformers.LlamaForCausalLM(config).eval().to(dtype)
     head_dim = args.hidden // args.heads
 
-    context = attentionkit.Context("auto")
+    context = attentionkit.Context(args.backend)
     ours = Timed(akt.make_attention_function(context))
     theirs = Timed(sdpa_attention_forward)
     transformers.AttentionInterface.register("attentionkit_timed", ours)

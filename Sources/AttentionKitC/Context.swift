@@ -36,9 +36,11 @@ final class Context: Sendable {
             throw CallError(.invalidConfiguration, "context backend: \(error.description)")
         }
         let useEnvironment = options.use_environment != 0
-        var environment = useEnvironment ? ProcessEnvironment.variables : [:]
-        if let isaName { environment[AttentionConfiguration.cpuISAVariable] = isaName }
-        let configuration = AttentionConfiguration(environment: environment)
+        var configuration = useEnvironment ? AttentionConfiguration.process : AttentionConfiguration()
+        if let isaName {  // parsed by the one parser of settings, as if it came from the environment
+            configuration.cpuISA =
+                AttentionConfiguration(environment: [AttentionConfiguration.cpuISAVariable: isaName]).cpuISA
+        }
         if case .failure(let error) = configuration.cpuISA {
             throw CallError(.invalidConfiguration, error.description)
         }
@@ -67,22 +69,6 @@ final class Context: Sendable {
         }
         return Context(choice: choice, dispatcher: dispatcher)
     }
-}
-
-/// The environment, read once (the same moment `AttentionConfiguration.process` reads it).
-enum ProcessEnvironment {
-    static let variables: [String: String] = {
-        var result: [String: String] = [:]
-        var entry = environ
-        while let pointer = entry.pointee {
-            let text = String(cString: pointer)
-            if let equals = text.firstIndex(of: "=") {
-                result[String(text[..<equals])] = String(text[text.index(after: equals)...])
-            }
-            entry += 1
-        }
-        return result
-    }()
 }
 
 /// An error on its way to C: a status code and the message `attentionkit_last_error` returns.

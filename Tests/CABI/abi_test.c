@@ -611,6 +611,16 @@ int main(void) {
                attentionkit_last_backend(ctx), attentionkit_last_reason(ctx));
         attentionkit_context_free(ctx);
     }
+    // A CPU kernel variant chosen by name (baseline runs everywhere on x86-64; aarch64 has only neon).
+#if defined(__x86_64__)
+    co = (attentionkit_context_options)ATTENTIONKIT_CONTEXT_OPTIONS_INIT;
+    co.backend = "blas";
+    co.cpu_isa = "baseline";
+    co.threads = 1;
+    CHECK(attentionkit_context_create(&co, &ctx) == ATTENTIONKIT_OK, "blas baseline: %s", attentionkit_last_error(NULL));
+    problems(ctx, "blas (baseline kernels, 1 thread)");
+    attentionkit_context_free(ctx);
+#endif
     printf("%d checks, %d failures\n", checks, failures);
     return failures == 0 ? 0 : 1;
 }

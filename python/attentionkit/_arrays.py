@@ -21,10 +21,16 @@ def is_torch(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def _torch_types() -> dict:
-    import torch
+_TORCH_TYPES: dict = {}
 
-    return {torch.float32: _abi.FLOAT32, torch.float16: _abi.FLOAT16, torch.bfloat16: _abi.BFLOAT16, torch.bool: _abi.BOOL}
+
+def _torch_types() -> dict:
+    if not _TORCH_TYPES:
+        import torch
+
+        _TORCH_TYPES.update({torch.float32: _abi.FLOAT32, torch.float16: _abi.FLOAT16, torch.bfloat16: _abi.BFLOAT16,
+                             torch.bool: _abi.BOOL})
+    return _TORCH_TYPES
 
 
 def dtype_code(x: Any, name: str, *, mask: bool = False) -> int:
