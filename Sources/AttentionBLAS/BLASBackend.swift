@@ -149,6 +149,10 @@ public struct BLASBackend: AttentionBackend {
 
     /// Sequence batches reading fewer K/V bytes than this run on one thread.
     static let inlineBatchBytes = 256.0 * 1024
+    /// Problems with less work than this (and K/V under `inlineBatchBytes`) run on the calling
+    /// thread: waking a helper (tens of µs, more when another runtime's threads spin on the cores,
+    /// as PyTorch's OpenMP workers do) would cost more than it saves.
+    static let inlineProblemFlops = 2e6
 
     /// Decode-like problems: key ranges over all heads (see `KeySplitPlan`), then the exact merge.
     private func runKeySplit(
@@ -173,7 +177,8 @@ public struct BLASBackend: AttentionBackend {
         _ count: Int, _ problem: AttentionProblem, _ buffers: AttentionBuffers, _ cpu: CPUKernels, _ tile: BLASTiling,
         maxRows: Int, _ body: @escaping @Sendable (TileKernel, Int) -> Void
     ) {
-        let workers = min(threads, count)
+        let tiny = problem.flops < Self.inlineProblemFlops && problem.keyValueBytes < Self.inlineBatchBytes
+        let workers = tiny ? 1 : min(threads, count)
         let next = WorkCounter()
         withMaskPointer(problem.options.mask) { mask in
             openBLASSerialiser.withLock { _ in
