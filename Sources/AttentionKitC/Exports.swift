@@ -119,7 +119,7 @@ public func cAttention(
         let v = try Operand(value, name: "value", rank: 4)
         let o = try Operand(output, name: "output", rank: 4)
         let storage = try storageTypes(query: q, key: k, value: v, output: o)
-        let options = try attentionOptions(options)
+        let options = try attentionOptions(options, target: [q.shape[0], q.shape[1], q.shape[2], k.shape[2]])
         return try lifted { () throws(AttentionError) in
             let problem = try AttentionProblem(
                 query: q.shape, key: k.shape, value: v.shape, options: options, storage: storage)
@@ -160,7 +160,7 @@ public func cAttentionSequences(
         let v = try Operand(value, name: "value", rank: rank)
         let o = try Operand(output, name: "output", rank: rank)
         let storage = try storageTypes(query: q, key: k, value: v, output: o)
-        let options = try attentionOptions(options)
+        let options = try attentionOptions(options, target: nil)  // masks are refused for batches
         let layout = try sequenceLayout(form, pageSize: paged ? k.shape[1] : 0)
         // Views in the library's (batch, head, sequence) terms: varlen [total, H, D]; pools
         // [pages, pageSize, H, D]; everything else [B, H, N, D].

@@ -92,8 +92,12 @@ func storageTypes(query: Operand, key: Operand, value: Operand, output: Operand)
     return StorageTypes(query: query.storage, keyValue: key.storage, output: output.storage)
 }
 
-/// The options a C caller passed (NULL: the defaults).
-func attentionOptions(_ pointer: UnsafePointer<attentionkit_options>?) throws(CallError) -> AttentionOptions {
+/// The options a C caller passed (NULL: the defaults). A mask is checked against `target`
+/// ([B, Hq, Nq, Nk]) before anything is gathered, so a descriptor's shape never sizes an allocation
+/// on its own; with no target (batches of sequences) masks are refused.
+func attentionOptions(
+    _ pointer: UnsafePointer<attentionkit_options>?, target: [Int]?
+) throws(CallError) -> AttentionOptions {
     guard let pointer else { return AttentionOptions() }
     let size = Int(pointer.withMemoryRebound(to: UInt32.self, capacity: 1) { $0.pointee })
     guard size >= MemoryLayout<attentionkit_options>.size else {
@@ -109,14 +113,25 @@ func attentionOptions(_ pointer: UnsafePointer<attentionkit_options>?) throws(Ca
     }
     if c.scale != 0 { options.scale = c.scale }
     if c.softcap != 0 { options.softcap = c.softcap }
-    if let mask = c.mask { options.mask = try attentionMask(mask.pointee) }
+    if let mask = c.mask {
+        guard let target else {
+            throw CallError(
+                .invalidOption,
+                AttentionError.unsupportedOption("masks are not accepted for a batch of sequences").description)
+        }
+        options.mask = try attentionMask(mask.pointee, target: target)
+    }
     return options
 }
 
 /// A mask descriptor gathered into the library's mask (masks are small next to K/V: Nq x Nk at
 /// most per batch and head). Leading dimensions of stride 0 are broadcast, so an expanded PyTorch
 /// mask is read once.
-func attentionMask(_ tensor: attentionkit_tensor) throws(CallError) -> AttentionMask {
+func attentionMask(_ tensor: attentionkit_tensor, target: [Int]) throws(CallError) -> AttentionMask {
+    let boolean = tensor.dtype == Int32(ATTENTIONKIT_BOOL.rawValue)
+    guard boolean || tensor.dtype == Int32(ATTENTIONKIT_FLOAT32.rawValue) else {
+        throw CallError(.invalidDType, "mask: dtype must be BOOL or FLOAT32, got \(tensor.dtype)")
+    }
     let rank = Int(tensor.rank)
     guard (2...4).contains(rank) else { throw CallError(.invalidShape, "mask must have rank 2 to 4, got \(rank)") }
     var (shape, strides) = Operand.dimensions(tensor, rank: rank)
@@ -125,6 +140,15 @@ func attentionMask(_ tensor: attentionkit_tensor) throws(CallError) -> Attention
         throw CallError(.invalidShape, "mask: strides must be >= 0, got \(strides)")
     }
     for d in 0..<(rank - 2) where strides[d] == 0 { shape[d] = 1 }
+    let aligned = Array(target.suffix(rank))
+    guard
+        zip(shape, aligned).enumerated().allSatisfy({
+            $0.element.0 == $0.element.1 || ($0.element.0 == 1 && $0.offset < rank - 2)
+        })
+    else {
+        throw CallError(
+            .invalidShape, AttentionError.maskNotBroadcastable(maskShape: shape, target: target).description)
+    }
     _ = try Operand.span(shape: shape, strides: strides, name: "mask")  // refuses overflowing strides
     guard let data = tensor.data else { throw CallError(.invalidArgument, "mask.data is NULL") }
     // Row-major walk over the (collapsed) shape.
@@ -143,10 +167,6 @@ func attentionMask(_ tensor: attentionkit_tensor) throws(CallError) -> Attention
             }
         }
         return out
-    }
-    let boolean = tensor.dtype == Int32(ATTENTIONKIT_BOOL.rawValue)
-    guard boolean || tensor.dtype == Int32(ATTENTIONKIT_FLOAT32.rawValue) else {
-        throw CallError(.invalidDType, "mask: dtype must be BOOL or FLOAT32, got \(tensor.dtype)")
     }
     do throws(AttentionError) {
         if boolean { return try AttentionMask(shape: shape, allowed: gather(UInt8.self) { $0 != 0 }) }
