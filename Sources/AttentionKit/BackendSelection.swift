@@ -64,9 +64,20 @@ public struct BackendSelection: Sendable {
             guard let tiling, backend.id == .blas else { return backend }
             return BLASBackend(threads: threads, tiling: tiling, configuration: dispatcher.configuration)
         }
+        return try resolve(
+            choice, dispatcher: dispatcher, adapt: withTiling, support: { $0.support(for: problem) },
+            decide: { dispatcher.decide(problem) })
+    }
+
+    /// The one resolution of a choice: a forced backend (requested, or `.auto` overridden by
+    /// `ATTENTIONKIT_BACKEND`) must be supported; `.auto` takes the dispatcher's decision.
+    private static func resolve(
+        _ choice: BackendChoice, dispatcher: Dispatcher, adapt: (any AttentionBackend) -> any AttentionBackend,
+        support: (any AttentionBackend) -> BackendSupport, decide: () -> DispatchDecision
+    ) throws(AttentionError) -> BackendSelection {
         func forced(_ id: BackendID, reason: String) throws(AttentionError) -> BackendSelection {
-            let backend = withTiling(try dispatcher.backend(id))
-            if case .unsupported(let why) = backend.support(for: problem) {
+            let backend = adapt(try dispatcher.backend(id))
+            if case .unsupported(let why) = support(backend) {
                 throw .unsupported(backend: id.description, reason: why)
             }
             return BackendSelection(backend: backend, reason: reason)
@@ -78,8 +89,8 @@ public struct BackendSelection: Sendable {
             if let id = try dispatcher.configuration.backendOverride.get() {
                 return try forced(id, reason: "forced by \(AttentionConfiguration.backendVariable)=\(id)")
             }
-            let decision = dispatcher.decide(problem)
-            return BackendSelection(backend: withTiling(decision.chosen), decision: decision)
+            let decision = decide()
+            return BackendSelection(backend: adapt(decision.chosen), decision: decision)
         }
     }
 }
@@ -90,22 +101,8 @@ extension BackendSelection {
     public static func select(
         _ choice: BackendChoice, for batch: SequenceBatch, dispatcher: Dispatcher = .process
     ) throws(AttentionError) -> BackendSelection {
-        func forced(_ id: BackendID, reason: String) throws(AttentionError) -> BackendSelection {
-            let backend = try dispatcher.backend(id)
-            if case .unsupported(let why) = backend.support(for: batch) {
-                throw .unsupported(backend: id.description, reason: why)
-            }
-            return BackendSelection(backend: backend, reason: reason)
-        }
-        switch choice {
-        case .backend(let id):
-            return try forced(id, reason: "requested")
-        case .auto:
-            if let id = try dispatcher.configuration.backendOverride.get() {
-                return try forced(id, reason: "forced by \(AttentionConfiguration.backendVariable)=\(id)")
-            }
-            let decision = dispatcher.decide(batch)
-            return BackendSelection(backend: decision.chosen, decision: decision)
-        }
+        try resolve(
+            choice, dispatcher: dispatcher, adapt: { $0 }, support: { $0.support(for: batch) },
+            decide: { dispatcher.decide(batch) })
     }
 }

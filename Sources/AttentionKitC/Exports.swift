@@ -40,14 +40,12 @@ public func cContextCreate(
         struct_size: UInt32(MemoryLayout<attentionkit_context_options>.size), backend: nil, threads: 0, cpu_isa: nil,
         use_environment: 1)
     if let options {
-        let size = Int(options.withMemoryRebound(to: UInt32.self, capacity: 1) { $0.pointee })
-        guard size >= MemoryLayout<attentionkit_context_options>.size else {
-            contextlessRecords.setError(
-                "options.struct_size is \(size), expected at least \(MemoryLayout<attentionkit_context_options>.size)"
-                    + " (start from ATTENTIONKIT_CONTEXT_OPTIONS_INIT)")
-            return .invalidArgument
+        do throws(CallError) {
+            settings = try versioned(options, name: "options", initializer: "ATTENTIONKIT_CONTEXT_OPTIONS_INIT")
+        } catch {
+            contextlessRecords.setError(error.message)
+            return error.status
         }
-        settings = options.pointee
     }
     do throws(CallError) {
         let made = try Context.make(settings)
@@ -144,14 +142,7 @@ public func cAttentionSequences(
 ) -> attentionkit_status {
     call(context) { (context) throws(CallError) in
         guard let sequences else { throw CallError(.invalidArgument, "sequences is NULL") }
-        let size = Int(sequences.withMemoryRebound(to: UInt32.self, capacity: 1) { $0.pointee })
-        guard size >= MemoryLayout<attentionkit_sequences>.size else {
-            throw CallError(
-                .invalidArgument,
-                "sequences.struct_size is \(size), expected at least \(MemoryLayout<attentionkit_sequences>.size)"
-                    + " (start from ATTENTIONKIT_SEQUENCES_INIT)")
-        }
-        let form = sequences.pointee
+        let form = try versioned(sequences, name: "sequences", initializer: "ATTENTIONKIT_SEQUENCES_INIT")
         let packed = form.form == Int32(ATTENTIONKIT_VARLEN.rawValue)
         let paged = form.form == Int32(ATTENTIONKIT_PAGED.rawValue)
         let rank = packed ? 3 : 4

@@ -1,6 +1,18 @@
 import AttentionKit
 import CAttentionKitABI
 
+/// The struct behind `pointer`, once its leading `struct_size` says the caller's struct holds every
+/// field this version reads (a larger one, from a later header, is fine).
+func versioned<T>(_ pointer: UnsafePointer<T>, name: String, initializer: String) throws(CallError) -> T {
+    let size = Int(UnsafeRawPointer(pointer).load(as: UInt32.self))
+    guard size >= MemoryLayout<T>.size else {
+        throw CallError(
+            .invalidArgument,
+            "\(name).struct_size is \(size), expected at least \(MemoryLayout<T>.size) (start from \(initializer))")
+    }
+    return pointer.pointee
+}
+
 /// A C tensor descriptor, checked and turned into the library's terms.
 struct Operand {
     let name: String
@@ -99,14 +111,7 @@ func attentionOptions(
     _ pointer: UnsafePointer<attentionkit_options>?, target: [Int]?
 ) throws(CallError) -> AttentionOptions {
     guard let pointer else { return AttentionOptions() }
-    let size = Int(pointer.withMemoryRebound(to: UInt32.self, capacity: 1) { $0.pointee })
-    guard size >= MemoryLayout<attentionkit_options>.size else {
-        throw CallError(
-            .invalidArgument,
-            "options.struct_size is \(size), expected at least \(MemoryLayout<attentionkit_options>.size)"
-                + " (start from ATTENTIONKIT_OPTIONS_INIT)")
-    }
-    let c = pointer.pointee
+    let c = try versioned(pointer, name: "options", initializer: "ATTENTIONKIT_OPTIONS_INIT")
     var options = AttentionOptions(causal: c.causal != 0)
     if c.window_left != -1 || c.window_right != -1 {
         options.window = AttentionWindow(left: Int(c.window_left), right: Int(c.window_right))
