@@ -200,7 +200,7 @@ public final class KVCache: @unchecked Sendable {
                 layout: .paged(
                     lengths: lengths, table: PageTable(pageSize: pageSize, maxPages: maxPages, blockTable: table)),
                 options: options, storage: StorageTypes(keyValue: storage))
-            var runner: any AttentionBackend
+            let runner: any AttentionBackend
             if let backend { runner = backend } else { runner = try BackendSelection.select(.auto, for: batch).backend }
             var output = try Tensor(shape: batch.outputShape, name: "output")
             var lse = try Tensor(shape: Array(batch.outputShape.dropLast()), name: "logSumExp")
