@@ -228,3 +228,13 @@ def test_threads_share_a_context_and_keep_their_own_messages(rng):
     for t in threads:
         t.join()
     assert not failures, failures
+
+
+def test_numpy_bfloat16_through_ml_dtypes(rng):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = ml_dtypes.bfloat16
+    q, k, v = (values(rng, s).astype(bf16) for s in [(1, 4, 6, 16), (1, 2, 9, 16), (1, 2, 9, 16)])
+    out = ak.attention(q, k, v, causal=True)
+    assert out.dtype == np.dtype(bf16) and out.shape == (1, 4, 6, 16)
+    ref, _ = reference(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), causal=True)
+    assert_close(out.astype(np.float32), ref, 2**-8)
