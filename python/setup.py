@@ -6,6 +6,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
@@ -20,7 +21,8 @@ class BuildWithSwift(build_py):
             raise RuntimeError(f"attentionkit: {ROOT} is not the AttentionKit repository (no Package.swift)")
         swift = os.environ.get("ATTENTIONKIT_SWIFT") or shutil.which("swift") or "/opt/swift/usr/bin/swift"
         subprocess.run([swift, "build", "-c", "release", "--product", "AttentionKitC"], cwd=ROOT, check=True)
-        built = ROOT / ".build" / "release" / "libAttentionKitC.so"
+        name = "libAttentionKitC.dylib" if sys.platform == "darwin" else "libAttentionKitC.so"
+        built = ROOT / ".build" / "release" / name
         target = pathlib.Path(self.build_lib) / "attentionkit" / "_lib"
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy2(built, target / built.name)

@@ -72,21 +72,26 @@ public struct AttentionBuffers: @unchecked Sendable {
             guard view.storage == expected else {
                 throw .storageTypeMismatch(tensor: name, expected: expected.rawValue, actual: view.storage.rawValue)
             }
+            // An operand without elements (a varlen batch with no rows) is neither read nor written.
+            guard !shape.contains(0) else { continue }
             let last = try Self.lastElement(of: view, shape: shape, name: name)
             let start = UInt(bitPattern: view.address)
             extents.append((name, start...(start + UInt((last + 1) * view.storage.byteSize) - 1)))
         }
         let outputShape = operands[3].2
-        try Self.checkNoSelfOverlap(output.strides(for: outputShape), shape: outputShape)
-        let outputExtent = extents[3].1
-        for (name, extent) in extents.prefix(3) where extent.overlaps(outputExtent) {
-            throw .overlappingOutput("the output's memory overlaps the \(name)'s")
+        if !outputShape.contains(0) {
+            try Self.checkNoSelfOverlap(output.strides(for: outputShape), shape: outputShape)
+        }
+        if let outputExtent = extents.first(where: { $0.0 == operands[3].0 })?.1 {
+            for (name, extent) in extents where name != operands[3].0 && extent.overlaps(outputExtent) {
+                throw .overlappingOutput("the output's memory overlaps the \(name)'s")
+            }
         }
         if let lse = logSumExp {
             guard lse.count == logSumExpCount else {
                 throw .outputSizeMismatch(buffer: "logSumExp", expectedCount: logSumExpCount, actualCount: lse.count)
             }
-            if let base = lse.baseAddress {
+            if let base = lse.baseAddress, lse.count > 0 {
                 let start = UInt(bitPattern: base)
                 let lseExtent = start...(start + UInt(lse.count * 4) - 1)
                 for (name, extent) in extents where extent.overlaps(lseExtent) {

@@ -143,6 +143,10 @@ public func cAttentionSequences(
     call(context) { (context) throws(CallError) in
         guard let sequences else { throw CallError(.invalidArgument, "sequences is NULL") }
         let form = try versioned(sequences, name: "sequences", initializer: "ATTENTIONKIT_SEQUENCES_INIT")
+        guard (1...3).contains(form.form) else {
+            throw CallError(
+                .invalidArgument, "sequences.form must be VARLEN (1), CACHE_LENGTHS (2) or PAGED (3), got \(form.form)")
+        }
         let packed = form.form == Int32(ATTENTIONKIT_VARLEN.rawValue)
         let paged = form.form == Int32(ATTENTIONKIT_PAGED.rawValue)
         let rank = packed ? 3 : 4

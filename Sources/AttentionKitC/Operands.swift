@@ -47,7 +47,7 @@ struct Operand {
         guard strides.allSatisfy({ $0 >= 0 }) else {
             throw CallError(.invalidShape, "\(name): strides must be >= 0, got \(strides)")
         }
-        guard strides[rank - 1] == 1 || shape[rank - 1] <= 1 else {
+        guard strides[rank - 1] == 1 || shape[rank - 1] <= 1 || shape.contains(0) else {
             throw CallError(
                 .invalidShape, "\(name): the last dimension must be contiguous (stride 1), got strides \(strides)")
         }
@@ -129,11 +129,17 @@ func attentionOptions(
     return options
 }
 
+/// The most mask elements a call gathers (2^31: 2 GiB of booleans).
+let maskElementLimit = 1 << 31
+
 /// A mask descriptor gathered into the library's mask (masks are small next to K/V: Nq x Nk at
 /// most per batch and head). Leading dimensions of stride 0 are broadcast, so an expanded PyTorch
 /// mask is read once.
 func attentionMask(_ tensor: attentionkit_tensor, target: [Int]) throws(CallError) -> AttentionMask {
     let boolean = tensor.dtype == Int32(ATTENTIONKIT_BOOL.rawValue)
+    guard (0...3).contains(tensor.dtype) else {
+        throw CallError(.invalidArgument, "mask: unknown dtype \(tensor.dtype)")
+    }
     guard boolean || tensor.dtype == Int32(ATTENTIONKIT_FLOAT32.rawValue) else {
         throw CallError(.invalidDType, "mask: dtype must be BOOL or FLOAT32, got \(tensor.dtype)")
     }
@@ -155,6 +161,16 @@ func attentionMask(_ tensor: attentionkit_tensor, target: [Int]) throws(CallErro
             .invalidShape, AttentionError.maskNotBroadcastable(maskShape: shape, target: target).description)
     }
     _ = try Operand.span(shape: shape, strides: strides, name: "mask")  // refuses overflowing strides
+    // The gathered copy is sized by the shape alone (strides of 0 broadcast): bound it.
+    let count = shape.reduce(into: 1) { total, n in
+        total = total.multipliedReportingOverflow(by: n).overflow ? .max : total * n
+    }
+    guard count <= maskElementLimit else {
+        throw CallError(
+            .invalidShape,
+            "mask of shape \(shape) has \(count == .max ? "too many" : "\(count)") elements;"
+                + " at most \(maskElementLimit) are accepted")
+    }
     guard let data = tensor.data else { throw CallError(.invalidArgument, "mask.data is NULL") }
     // Row-major walk over the (collapsed) shape.
     let padded = [Int](repeating: 1, count: 4 - rank) + shape

@@ -31,6 +31,9 @@ import Testing
             options: .init(causal: true)),
         SequenceBatchCase(
             queryLengths: [33, 7], keyLengths: [0, 200], heads: (2, 1), d: 16, dv: 8, keyValue: .f16),
+        // No query rows at all, and no key rows at all: nothing to read or write, never a trap.
+        SequenceBatchCase(queryLengths: [0, 0], keyLengths: [3, 5], heads: (2, 1), d: 16, dv: 16),
+        SequenceBatchCase(queryLengths: [2, 1], keyLengths: [0, 0], heads: (2, 1), d: 16, dv: 16),
     ]
 
     static let forms: [SequenceForm] = [

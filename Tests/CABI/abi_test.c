@@ -338,6 +338,16 @@ static void errors(attentionkit_context *ctx) {
     EXPECT_ERROR(attentionkit_attention(ctx, &q, &k, &v, &o, NULL, &o1), ATTENTIONKIT_INVALID_SHAPE, "mask");
     mask.dtype = ATTENTIONKIT_FLOAT16;
     EXPECT_ERROR(attentionkit_attention(ctx, &q, &k, &v, &o, NULL, &o1), ATTENTIONKIT_INVALID_DTYPE, "mask");
+    mask.dtype = 42;
+    EXPECT_ERROR(attentionkit_attention(ctx, &q, &k, &v, &o, NULL, &o1), ATTENTIONKIT_INVALID_ARGUMENT, "mask");
+    // 2^40 broadcast keys (stride 0) and a broadcast mask over them: refused by size, never gathered.
+    attentionkit_tensor huge_k = k, huge_v = v;
+    huge_k.shape[2] = huge_v.shape[2] = (int64_t)1 << 40;
+    huge_k.strides[0] = huge_k.strides[1] = huge_k.strides[2] = 0;
+    huge_v.strides[0] = huge_v.strides[1] = huge_v.strides[2] = 0;
+    attentionkit_tensor huge_mask = {maskbits, ATTENTIONKIT_BOOL, 2, {4, (int64_t)1 << 40}, {0, 0}};
+    o1.mask = &huge_mask;
+    EXPECT_ERROR(attentionkit_attention(ctx, &q, &huge_k, &huge_v, &o, NULL, &o1), ATTENTIONKIT_INVALID_SHAPE, "elements");
     status = attentionkit_attention(NULL, &q, &k, &v, &o, NULL, NULL);
     CHECK(status == ATTENTIONKIT_INVALID_ARGUMENT && strstr(attentionkit_last_error(NULL), "context"),
           "NULL context: %d '%s'", status, attentionkit_last_error(NULL));
@@ -494,6 +504,17 @@ static void batches(attentionkit_context *ctx, const char *backend) {
         status = attentionkit_attention_sequences(ctx, &seq, &q, &k, &v, &o, NULL, &options);
         CHECK(status == ATTENTIONKIT_INVALID_OPTION && strstr(attentionkit_last_error(ctx), "mask"),
               "mask for a batch: %d %s", status, attentionkit_last_error(ctx));
+        // A varlen batch with no rows at all: nothing to read or write.
+        int32_t zeros[2] = {0, 0};
+        attentionkit_sequences empty = ATTENTIONKIT_SEQUENCES_INIT;
+        empty.form = ATTENTIONKIT_VARLEN;
+        empty.count = 1;
+        empty.query_offsets = empty.key_offsets = zeros;
+        attentionkit_tensor eq = {q.data, ATTENTIONKIT_FLOAT32, 3, {0, hq, d}, {hq * d, d, 1}};
+        attentionkit_tensor ek = {k.data, ATTENTIONKIT_BFLOAT16, 3, {0, hkv, d}, {hkv * d, d, 1}};
+        attentionkit_tensor eo = {o.data, ATTENTIONKIT_FLOAT32, 3, {0, hq, d}, {hq * d, d, 1}};
+        status = attentionkit_attention_sequences(ctx, &empty, &eq, &ek, &ek, &eo, lse, NULL);
+        CHECK(status == ATTENTIONKIT_OK, "empty varlen batch: %d %s", status, attentionkit_last_error(ctx));
         seq.form = 7;
         status = attentionkit_attention_sequences(ctx, &seq, &q, &k, &v, &o, NULL, NULL);
         CHECK(status == ATTENTIONKIT_INVALID_ARGUMENT && strstr(attentionkit_last_error(ctx), "form"),

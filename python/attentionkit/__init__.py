@@ -133,6 +133,8 @@ class Context:
         [B, Hq, Nq, Dv] (into `out` when given), and the log-sum-exp [B, Hq, Nq] (float32) with
         `return_lse`."""
         unbatched = len(getattr(q, "shape", ())) == 3
+        if out is not None and unbatched != (len(getattr(out, "shape", ())) == 3):
+            raise ShapeError("out must have the rank of q")
         if unbatched:
             q, k, v = q[None], k[None], v[None]
             if out is not None:
@@ -142,7 +144,7 @@ class Context:
         vt = _arrays.describe(v, "value", 4)
         if out is None:
             out = _arrays.empty_like_kind(q, (q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
-        ot = _arrays.describe(out, "out", 4)
+        ot = _arrays.describe(out, "out", 4, writable=True)
         mask_tensor = None
         if mask is not None:
             mask = _arrays.as_mask(mask, q)
@@ -172,7 +174,7 @@ class Context:
         qt = _arrays.describe(q, "query", rank)
         kt = _arrays.describe(k, "key", rank)
         vt = _arrays.describe(v, "value", rank)
-        ot = _arrays.describe(out, "out", rank)
+        ot = _arrays.describe(out, "out", rank, writable=True)
         options = _options(causal, window, scale, softcap, None)
         status = _lib.attentionkit_attention_sequences(
             self._handle, ctypes.byref(seq), ctypes.byref(qt), ctypes.byref(kt), ctypes.byref(vt), ctypes.byref(ot),
@@ -190,6 +192,8 @@ class Context:
         if cuq.ndim != 1 or cuk.ndim != 1 or cuq.shape != cuk.shape or cuq.size < 1:
             raise ShapeError(f"cu_seqlens_q and cu_seqlens_k must be two 1-D arrays of S + 1 offsets, "
                              f"got shapes {list(cuq.shape)} and {list(cuk.shape)}")
+        for x, name in ((q, "query"), (k, "key"), (v, "value")):
+            _arrays.check_rank(x, name, 3)
         if out is None:
             out = _arrays.empty_like_kind(q, (q.shape[0], q.shape[1], v.shape[2]))
         lse = _arrays.empty_like_kind(q, (q.shape[0], q.shape[1]), float32=True) if return_lse else None
@@ -215,6 +219,8 @@ class Context:
                 raise ShapeError(f"block_table must be [{lengths.size}, maxPages], got {list(table.shape)}")
             arrays["block_table"] = table
             form = _abi.PAGED
+        for x, name in ((q, "query"), (k_cache, "key"), (v_cache, "value")):
+            _arrays.check_rank(x, name, 4)
         dv = v_cache.shape[3]
         if out is None:
             out = _arrays.empty_like_kind(q, (q.shape[0], q.shape[1], q.shape[2], dv))

@@ -60,9 +60,20 @@ def check_device(x: Any, name: str) -> None:
         )
 
 
-def describe(x: Any, name: str, rank: int | tuple[int, ...], *, mask: bool = False) -> _abi.Tensor:
+def check_rank(x: Any, name: str, rank: int) -> None:
+    """A TypeError for anything but an array, a ShapeError for the wrong rank: before shapes are read."""
+    if not (is_torch(x) or isinstance(x, np.ndarray)):
+        raise TypeError(f"{name} must be a numpy.ndarray or a CPU torch.Tensor, got {type(x).__name__}")
+    if len(x.shape) != rank:
+        raise ShapeError(f"{name} must have rank {rank}, got shape {list(x.shape)}")
+
+
+def describe(x: Any, name: str, rank: int | tuple[int, ...], *, mask: bool = False,
+             writable: bool = False) -> _abi.Tensor:
     """The C descriptor of `x` (no copy). `x` must stay alive while the descriptor is used."""
     check_device(x, name)
+    if writable and isinstance(x, np.ndarray) and not x.flags.writeable:
+        raise ArgumentError(f"{name} is a read-only array")
     if is_torch(x) and x.requires_grad:
         import torch
 

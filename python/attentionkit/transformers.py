@@ -70,14 +70,15 @@ def _explicit_mask(query: torch.Tensor, key: torch.Tensor, mask: Any, causal: bo
         if not causal:
             return None
         offset = kv_len - q_len if (q_len == 1 or kv_len == q_len) else 0
-        i = torch.arange(q_len)[:, None] + offset
-        j = torch.arange(kv_len)[None, :]
+        i = torch.arange(q_len, device=query.device)[:, None] + offset
+        j = torch.arange(kv_len, device=query.device)[None, :]
         allowed = j <= i
         if window:
             allowed &= j > i - window
         mask = allowed[None, None]
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=query.dtype).masked_fill(~mask, torch.finfo(query.dtype).min)
+        return torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
     return mask
 
 
@@ -115,8 +116,10 @@ def make_attention_function(context: Context) -> Any:
             k, v = key[:, :, :q_len], value[:, :, :q_len]
         if mask is not None and mask.shape[-1] > kv_len:
             mask = mask[..., :kv_len]
+        # A mask from transformers already holds the window (and whatever else the model needs, e.g.
+        # bidirectional image tokens): the window applies only where there is no mask.
         sliding_window = kwargs.get("sliding_window")
-        window = (int(sliding_window) - 1, 0) if sliding_window else None
+        window = (int(sliding_window) - 1, 0) if sliding_window and mask is None else None
         batch, heads, _, dv = query.shape[0], query.shape[1], query.shape[2], value.shape[3]
         output = torch.empty((batch, q_len, heads, dv), dtype=query.dtype)
         try:

@@ -238,3 +238,18 @@ def test_numpy_bfloat16_through_ml_dtypes(rng):
     assert out.dtype == np.dtype(bf16) and out.shape == (1, 4, 6, 16)
     ref, _ = reference(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), causal=True)
     assert_close(out.astype(np.float32), ref, 2**-8)
+
+
+def test_empty_varlen_batches_and_argument_errors(rng):
+    q, k = values(rng, (0, 4, 16)), values(rng, (0, 2, 16))
+    out = ak.attention_varlen(q, k, k, [0, 0], [0, 0])
+    assert out.shape == (0, 4, 16)
+    with pytest.raises(ak.ShapeError, match="rank 4"):
+        ak.attention_with_kvcache(values(rng, (4, 1, 16)), values(rng, (1, 2, 8, 16)), values(rng, (1, 2, 8, 16)), [3])
+    with pytest.raises(ak.ShapeError, match="rank 3"):
+        ak.attention_varlen(values(rng, (1, 4, 1, 16)), k, k, [0, 1], [0, 0])
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        ak.attention_varlen([[1.0]], k, k, [0, 1], [0, 0])
+    readonly = np.frombuffer(bytes(4 * 4 * 3 * 8), dtype=np.float32).reshape(1, 4, 3, 8)
+    with pytest.raises(ak.ArgumentError, match="read-only"):
+        ak.attention(values(rng, (1, 4, 3, 8)), values(rng, (1, 2, 5, 8)), values(rng, (1, 2, 5, 8)), out=readonly)

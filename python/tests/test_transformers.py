@@ -176,3 +176,9 @@ def test_attention_function_maps_transformers_arguments():
     out, _ = forward(Module(), q, k, v, mask)
     ref, _ = reference(q.numpy(), k.numpy(), v.numpy(), mask=mask[..., :10].numpy())
     assert_close(out.transpose(1, 2).numpy(), ref)
+    # With a mask, the mask alone decides (it already holds the window, and e.g. Gemma 3's
+    # bidirectional image tokens see later keys): sliding_window must not cut it further.
+    everything = torch.ones(1, 1, 10, 10, dtype=torch.bool)
+    out, _ = forward(Module(), q, k, v, everything, sliding_window=4)
+    ref, _ = reference(q.numpy(), k.numpy(), v.numpy())
+    assert_close(out.transpose(1, 2).numpy(), ref)

@@ -46,11 +46,12 @@ extern "C" {
 /** Return codes. Stable numeric values. */
 typedef enum attentionkit_status {
     ATTENTIONKIT_OK = 0,
-    /** A NULL where a pointer is required, an unknown enum value, a struct_size too small. */
+    /** A NULL where a pointer is required, an unknown enum value (dtype, form), a struct_size too small. */
     ATTENTIONKIT_INVALID_ARGUMENT = 1,
     /** Ranks, shapes, head counts, strides, overlapping outputs, offsets, lengths, page tables. */
     ATTENTIONKIT_INVALID_SHAPE = 2,
-    /** A storage type this operand cannot have, or Q/K/V/O types that do not fit together. */
+    /** A known storage type this operand cannot have (BOOL for Q, FLOAT16 for a mask), or K and V of
+        different types. */
     ATTENTIONKIT_INVALID_DTYPE = 3,
     /** Scale, softcap, window or mask values outside the contract. */
     ATTENTIONKIT_INVALID_OPTION = 4,
@@ -72,7 +73,8 @@ typedef enum attentionkit_dtype {
 
 /**
  * A tensor in caller-owned memory. `shape[i]` and `strides[i]` (in elements, not bytes) for
- * i < rank; entries past `rank` are ignored. Strides of 0 broadcast (masks only).
+ * i < rank; entries past `rank` are ignored. Strides of 0 broadcast an input (the same rows for every
+ * batch entry or head); the output's elements must not share memory.
  *
  * Q, K, V, O of attentionkit_attention: rank 4, [B, H, N, D] in that order whatever the memory
  * order: a [B, N, H, D] buffer is shape {B, H, N, D} with strides {N*H*D, D, H*D, 1}.
@@ -102,7 +104,7 @@ typedef struct attentionkit_options {
     /** Optional mask, broadcast over [B|1, Hq|1, Nq, Nk] (rank 2 to 4, leading dimensions may be
         omitted or have stride 0). ATTENTIONKIT_BOOL: nonzero = may attend; ATTENTIONKIT_FLOAT32:
         added to the score after softcap (-INFINITY hides the key). Combined with causal and window
-        by AND. Not accepted for batches of sequences. NULL: none. */
+        by AND. At most 2^31 elements. Not accepted for batches of sequences. NULL: none. */
     const attentionkit_tensor *mask;
 } attentionkit_options;
 
@@ -144,8 +146,9 @@ attentionkit_status attentionkit_context_create(
 /** Frees a context and every string it handed out. NULL is ignored. */
 void attentionkit_context_free(attentionkit_context *context);
 
-/** The message of this thread's last failed call on `context` ("" if none). With a NULL context:
-    of this thread's last failed attentionkit_context_create. */
+/** The message of this thread's last call on `context` if it failed ("" after a success or before any
+    call). With a NULL context: of this thread's last failed call that had no context (a failed
+    attentionkit_context_create, or a call given a NULL context). */
 const char *attentionkit_last_error(const attentionkit_context *context);
 
 /** The backend of this thread's last successful attention call on `context` ("blas", "opencl:0",
