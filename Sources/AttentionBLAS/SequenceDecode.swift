@@ -77,18 +77,16 @@ struct RowIndex: @unchecked Sendable {
         case .paged(_, let t): (cuQ, cuK, table, form) = (none, none, t, .paged)
         }
         let blocks = table?.blockTable ?? none
-        var result: Result<R, AttentionError>!
-        cuQ.withUnsafeBufferPointer { q in
-            cuK.withUnsafeBufferPointer { k in
-                blocks.withUnsafeBufferPointer { b in
+        return try cuQ.withUnsafeBufferPointer { (q) throws(AttentionError) -> R in
+            try cuK.withUnsafeBufferPointer { (k) throws(AttentionError) -> R in
+                try blocks.withUnsafeBufferPointer { (b) throws(AttentionError) -> R in
                     let index = RowIndex(
                         form: form, queryOffsets: q.baseAddress!, keyOffsets: k.baseAddress!,
                         blockTable: b.baseAddress!, maxPages: table?.maxPages ?? 1, pageSize: table?.pageSize ?? 1)
-                    do throws(AttentionError) { result = .success(try body(index)) } catch { result = .failure(error) }
+                    return try body(index)
                 }
             }
         }
-        return try result.get()
     }
 
     /// The page holding key j of sequence s.

@@ -268,13 +268,9 @@ func withBuffers<R>(
     _ body: (UnsafeBufferPointer<Float>, UnsafeBufferPointer<Float>, UnsafeBufferPointer<Float>) throws(AttentionError)
         -> R
 ) throws(AttentionError) -> R {
-    var result: Result<R, AttentionError>!
-    a.storage.withUnsafeBufferPointer { pa in
-        b.storage.withUnsafeBufferPointer { pb in
-            c.storage.withUnsafeBufferPointer { pc in
-                do throws(AttentionError) { result = .success(try body(pa, pb, pc)) } catch { result = .failure(error) }
-            }
+    try a.storage.withUnsafeBufferPointer { (pa) throws(AttentionError) -> R in
+        try b.storage.withUnsafeBufferPointer { (pb) throws(AttentionError) -> R in
+            try c.storage.withUnsafeBufferPointer { (pc) throws(AttentionError) -> R in try body(pa, pb, pc) }
         }
     }
-    return try result.get()
 }

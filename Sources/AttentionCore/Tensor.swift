@@ -48,12 +48,7 @@ public struct Tensor: Sendable, Equatable {
     public mutating func withUnsafeMutableBufferPointer<R, E: Error>(
         _ body: (inout UnsafeMutableBufferPointer<Float>) throws(E) -> R
     ) throws(E) -> R {
-        // `Array.withUnsafeMutableBufferPointer` is not typed-throws; bridge through Result.
-        var result: Result<R, E>!
-        storage.withUnsafeMutableBufferPointer { buffer in
-            do throws(E) { result = .success(try body(&buffer)) } catch { result = .failure(error) }
-        }
-        return try result.get()
+        try storage.withUnsafeMutableBufferPointer { (buffer) throws(E) -> R in try body(&buffer) }
     }
 
     /// The element count of `shape`, or an error naming `name` when a dimension is negative or the
