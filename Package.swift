@@ -118,3 +118,19 @@ if ProcessInfo.processInfo.environment["ATTENTIONKIT_BENCHMARKS"] != nil {
             plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
         ))
 }
+
+// MARK: - Fuzz targets (opt-in; scripts/fuzz builds them with -sanitize=fuzzer,address)
+//
+//   ATTENTIONKIT_FUZZ=1 swift build -c release --build-path .build-fuzz \
+//       -Xswiftc -sanitize=fuzzer,address --product FuzzNPY
+
+if ProcessInfo.processInfo.environment["ATTENTIONKIT_FUZZ"] != nil {
+    let fuzzTargets: [(String, [Target.Dependency])] = [
+        ("FuzzNPY", ["NumPyIO"]),
+        ("FuzzShapes", ["AttentionCore", "AttentionVerification"]),
+        ("FuzzValidation", ["AttentionCore", "AttentionBLAS"]),
+    ]
+    for (name, dependencies) in fuzzTargets {
+        package.targets.append(.executableTarget(name: name, dependencies: dependencies, path: "Tests/Fuzz/\(name)"))
+    }
+}

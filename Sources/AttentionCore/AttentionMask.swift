@@ -21,9 +21,14 @@ public struct AttentionMask: Sendable, Equatable {
         self.values = .boolean(allowed)
     }
 
-    /// An additive float mask.
+    /// An additive float mask: finite values, or -infinity to hide a key. +infinity and NaN are refused
+    /// (they would make the softmax undefined: every backend would return NaN).
     public init(shape: [Int], additive: [Float]) throws(AttentionError) {
         try Self.check(shape: shape, count: additive.count)
+        if let i = additive.firstIndex(where: { $0.isNaN || $0 == .infinity }) {
+            throw .unsupportedOption(
+                "additive mask element \(i) is \(additive[i]): values must be finite, or -infinity to hide a key")
+        }
         self.shape = shape
         self.values = .additive(additive)
     }

@@ -8,6 +8,13 @@ public struct AttentionWindow: Sendable, Equatable, Hashable {
         self.left = left
         self.right = right
     }
+
+    /// This window with each bounded side at most `span`: a side reaching past every key is the same
+    /// as an unbounded one, and clamping it keeps position arithmetic (`pos ± side`) from overflowing.
+    @inlinable
+    public func clamped(to span: Int) -> AttentionWindow {
+        AttentionWindow(left: left < 0 ? left : min(left, span), right: right < 0 ? right : min(right, span))
+    }
 }
 
 /// Everything about an attention call except the tensors' shapes.

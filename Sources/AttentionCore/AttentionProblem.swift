@@ -145,7 +145,7 @@ public struct AttentionProblem: Sendable, Equatable {
         var lo = 0
         var hi = keyLength - 1
         if causal { hi = min(hi, pos) }
-        if let window {
+        if let window = window?.clamped(to: keyLength + queryLength) {
             if window.left >= 0 { lo = max(lo, pos - window.left) }
             if window.right >= 0 { hi = min(hi, pos + window.right) }
         }

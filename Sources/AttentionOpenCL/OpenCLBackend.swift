@@ -470,8 +470,9 @@ public struct OpenCLBackend: AttentionBackend {
         params.scale = p.scale
         params.softcap = p.options.softcap ?? 0
         params.causal = p.options.causal ? 1 : 0
-        params.winLeft = Int32(p.options.window?.left ?? -1)
-        params.winRight = Int32(p.options.window?.right ?? -1)
+        let window = p.options.window?.clamped(to: p.queryLength + p.keyLength)
+        params.winLeft = Int32(clamping: window?.left ?? -1)
+        params.winRight = Int32(clamping: window?.right ?? -1)
         params.maskBatchStride = Int32(p.maskLayout?.batchStride ?? 0)
         params.maskHeadStride = Int32(p.maskLayout?.headStride ?? 0)
         return params
