@@ -130,7 +130,9 @@ if ProcessInfo.processInfo.environment["ATTENTIONKIT_FUZZ"] != nil {
         ("FuzzShapes", ["AttentionCore", "AttentionVerification"]),
         ("FuzzValidation", ["AttentionCore", "AttentionBLAS"]),
     ]
+    package.targets.append(.target(name: "FuzzSupport", path: "Tests/Fuzz/FuzzSupport"))
     for (name, dependencies) in fuzzTargets {
-        package.targets.append(.executableTarget(name: name, dependencies: dependencies, path: "Tests/Fuzz/\(name)"))
+        package.targets.append(
+            .executableTarget(name: name, dependencies: dependencies + ["FuzzSupport"], path: "Tests/Fuzz/\(name)"))
     }
 }

@@ -1,6 +1,7 @@
 // libFuzzer target: the `.npy` reader. Any input must parse or throw an NPYError, never crash; what
 // parses must survive an encode / parse round trip with its shape and values. Built by scripts/fuzz.
 import Foundation
+import FuzzSupport
 import NumPyIO
 
 @_cdecl("LLVMFuzzerTestOneInput")
@@ -16,20 +17,7 @@ public func fuzzNPY(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     return 0
 }
 
-// The entry point. SwiftPM gives executables its own entry symbol, so libFuzzer's `main` is not linked;
-// its driver is called instead (`LLVMFuzzerRunDriver`, public libFuzzer API), found with dlsym so that the
-// call uses the C calling convention.
-typealias FuzzerDriver =
-    @convention(c) (
-        UnsafeMutablePointer<CInt>, UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>>,
-        @convention(c) (UnsafePointer<UInt8>, Int) -> CInt
-    ) -> CInt
-guard let driver = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "LLVMFuzzerRunDriver") else {
-    fatalError("LLVMFuzzerRunDriver not found: build with -sanitize=fuzzer (scripts/fuzz)")
-}
-var argc = CommandLine.argc
-var argv = CommandLine.unsafeArgv
-exit(unsafeBitCast(driver, to: FuzzerDriver.self)(&argc, &argv, fuzzNPY))
+runLibFuzzer(fuzzNPY)
 
 /// Storage equality that holds for NaN too (bit patterns of floats).
 func sameBits(_ a: NPYArray.Storage, _ b: NPYArray.Storage) -> Bool {

@@ -1,12 +1,12 @@
-import AttentionBLAS
-import AttentionCore
 // libFuzzer target: problem and batch validation through the public API. The input picks shapes (small
 // or wild: 0, negative, huge), storage types, strides (dense, padded, or arbitrary and possibly wrong),
 // window / scale / softcap values (NaN and infinities included), masks, offsets, lengths and block
 // tables. Everything must validate or throw an AttentionError; whatever validates and is small runs on
 // the BLAS backend and the float64 reference, and the two must agree within the contract's tolerance.
 // A crash, or a disagreement (fatalError), is a finding. Built by scripts/fuzz.
-import Foundation
+import AttentionBLAS
+import AttentionCore
+import FuzzSupport
 
 /// Reads the fuzz input as a stream of choices (zeros once it runs out).
 struct Choices {
@@ -280,17 +280,4 @@ public func fuzzValidation(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     return 0
 }
 
-// The entry point. SwiftPM gives executables its own entry symbol, so libFuzzer's `main` is not linked;
-// its driver is called instead (`LLVMFuzzerRunDriver`, public libFuzzer API), found with dlsym so that the
-// call uses the C calling convention.
-typealias FuzzerDriver =
-    @convention(c) (
-        UnsafeMutablePointer<CInt>, UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>>,
-        @convention(c) (UnsafePointer<UInt8>, Int) -> CInt
-    ) -> CInt
-guard let driver = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "LLVMFuzzerRunDriver") else {
-    fatalError("LLVMFuzzerRunDriver not found: build with -sanitize=fuzzer (scripts/fuzz)")
-}
-var argc = CommandLine.argc
-var argv = CommandLine.unsafeArgv
-exit(unsafeBitCast(driver, to: FuzzerDriver.self)(&argc, &argv, fuzzValidation))
+runLibFuzzer(fuzzValidation)
