@@ -33,6 +33,8 @@ public struct BackendSelection: Sendable {
     /// The dispatcher's full decision, when it made one.
     public let decision: DispatchDecision?
     private let forcedReason: String?
+    /// Where `.auto` selections find the backends to fall back on.
+    private let dispatcher: Dispatcher?
 
     /// Why this backend was chosen, in one line (built on demand: selection stays cheap).
     public var reason: String { decision.map { "auto: " + $0.reason } ?? forcedReason ?? "" }
@@ -41,12 +43,14 @@ public struct BackendSelection: Sendable {
         self.backend = backend
         self.forcedReason = reason
         self.decision = nil
+        self.dispatcher = nil
     }
 
-    init(backend: any AttentionBackend, decision: DispatchDecision) {
+    init(backend: any AttentionBackend, decision: DispatchDecision, dispatcher: Dispatcher) {
         self.backend = backend
         self.forcedReason = nil
         self.decision = decision
+        self.dispatcher = dispatcher
     }
 
     /// Selects a backend for `problem` from `dispatcher`'s candidates (default: this machine's, with
@@ -90,7 +94,7 @@ public struct BackendSelection: Sendable {
                 return try forced(id, reason: "forced by \(AttentionConfiguration.backendVariable)=\(id)")
             }
             let decision = decide()
-            return BackendSelection(backend: adapt(decision.chosen), decision: decision)
+            return BackendSelection(backend: adapt(decision.chosen), decision: decision, dispatcher: dispatcher)
         }
     }
 }
@@ -104,5 +108,81 @@ extension BackendSelection {
         try resolve(
             choice, dispatcher: dispatcher, adapt: { $0 }, support: { $0.support(for: batch) },
             decide: { dispatcher.decide(batch) })
+    }
+}
+
+/// What `BackendSelection.run` did: the backend whose result the caller has, and every backend that
+/// failed at run time before it.
+public struct AttentionRun: Sendable, CustomStringConvertible {
+    public struct Failure: Sendable {
+        public let backend: BackendID
+        /// Always `.backendFailure`: the device error (the OpenCL call and its status, a build log...).
+        public let error: AttentionError
+    }
+
+    /// The backend that computed the outputs.
+    public let backend: BackendID
+    /// Backends that failed first, in the order they were tried (empty: no fallback).
+    public let failures: [Failure]
+
+    public var fellBack: Bool { !failures.isEmpty }
+
+    /// "opencl:0", or "blas (after opencl:0 failed: clEnqueueNDRangeKernel(...) failed with CL_OUT_OF_RESOURCES)".
+    public var description: String {
+        guard !failures.isEmpty else { return backend.description }
+        let reasons = failures.map { failure -> String in
+            if case .backendFailure(_, let message) = failure.error { return "\(failure.backend) failed: \(message)" }
+            return "\(failure.backend) failed: \(failure.error)"
+        }
+        return "\(backend) (after \(reasons.joined(separator: "; ")))"
+    }
+}
+
+extension BackendSelection {
+    /// Validates and runs `problem` on the selected backend.
+    ///
+    /// When `.auto` chose the backend and it fails at run time (`.backendFailure`: an OpenCL call
+    /// that failed, a program that did not build, a device out of memory), the next supported
+    /// candidate by estimated time runs instead, and so on; the result says which backend produced
+    /// the outputs and why the others did not. Backends overwrite every output element, so nothing
+    /// of a failed attempt remains. Invalid input is thrown at once; a forced backend never falls back.
+    public func run(_ problem: AttentionProblem, _ buffers: AttentionBuffers) throws(AttentionError) -> AttentionRun {
+        try runWithFallback { (backend) throws(AttentionError) in try backend.forward(problem, buffers) }
+    }
+
+    /// The same for a batch of sequences.
+    public func run(batch: SequenceBatch, _ buffers: AttentionBuffers) throws(AttentionError) -> AttentionRun {
+        try runWithFallback { (backend) throws(AttentionError) in try backend.forward(batch, buffers) }
+    }
+
+    private func runWithFallback(_ body: (any AttentionBackend) throws(AttentionError) -> Void)
+        throws(AttentionError) -> AttentionRun
+    {
+        do {
+            try body(backend)
+            return AttentionRun(backend: backend.id, failures: [])
+        } catch {
+            guard case .backendFailure = error, let decision, let dispatcher else { throw error }
+            var failures = [AttentionRun.Failure(backend: backend.id, error: error)]
+            let alternatives = decision.options.filter { $0.backend != backend.id && $0.estimatedSeconds != nil }
+                .sorted { ($0.estimatedSeconds ?? 0) < ($1.estimatedSeconds ?? 0) }
+            for option in alternatives {
+                guard let next = try? dispatcher.backend(option.backend) else { continue }
+                do {
+                    try body(next)
+                    return AttentionRun(backend: next.id, failures: failures)
+                } catch {
+                    guard case .backendFailure = error else { throw error }
+                    failures.append(AttentionRun.Failure(backend: next.id, error: error))
+                }
+            }
+            let summary = failures.map { failure -> String in
+                if case .backendFailure(_, let message) = failure.error { return "\(failure.backend): \(message)" }
+                return "\(failure.backend): \(failure.error)"
+            }
+            throw .backendFailure(
+                backend: backend.id.description,
+                message: "every candidate failed (\(summary.joined(separator: "; ")))")
+        }
     }
 }

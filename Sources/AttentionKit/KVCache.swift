@@ -200,8 +200,14 @@ public final class KVCache: @unchecked Sendable {
                 layout: .paged(
                     lengths: lengths, table: PageTable(pageSize: pageSize, maxPages: maxPages, blockTable: table)),
                 options: options, storage: StorageTypes(keyValue: storage))
-            let runner: any AttentionBackend
-            if let backend { runner = backend } else { runner = try BackendSelection.select(.auto, for: batch).backend }
+            // The caller's backend, or the dispatcher's choice (which falls back to the next candidate
+            // if it fails at run time).
+            let selection: BackendSelection
+            if let backend {
+                selection = BackendSelection(backend: backend, reason: "requested")
+            } else {
+                selection = try BackendSelection.select(.auto, for: batch)
+            }
             var output = try Tensor(shape: batch.outputShape, name: "output")
             var lse = try Tensor(shape: Array(batch.outputShape.dropLast()), name: "logSumExp")
             let pool = pageCapacity * pageSize * keyValueHeads
@@ -210,8 +216,8 @@ public final class KVCache: @unchecked Sendable {
             try output.withUnsafeMutableBufferPointer { (out) throws(AttentionError) in
                 try lse.withUnsafeMutableBufferPointer { (l) throws(AttentionError) in
                     try query.storage.withUnsafeBufferPointer { (q) throws(AttentionError) in
-                        try runner.forward(
-                            batch,
+                        _ = try selection.run(
+                            batch: batch,
                             AttentionBuffers(
                                 query: TensorView(q), key: keyView, value: valueView, output: TensorView(out),
                                 logSumExp: l))

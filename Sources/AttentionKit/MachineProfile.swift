@@ -46,15 +46,82 @@ public struct MachineProfile: Codable, Sendable, Equatable {
     public static let process = load(configuration: .process)
 
     /// The profile stored for `configuration` when it was measured on this machine, else the
-    /// built-in defaults. A missing, unreadable, foreign or outdated file means defaults.
+    /// built-in defaults. A missing file means defaults; an unreadable, truncated, foreign or
+    /// outdated one means defaults whose `source` says which file was ignored and why. Never throws.
     public static func load(configuration: AttentionConfiguration) -> MachineProfile {
         let identity = identity(configuration: configuration)
-        if let url = fileURL(configuration: configuration), let data = try? Data(contentsOf: url),
-            let stored = try? JSONDecoder().decode(MachineProfile.self, from: data), stored.identity == identity
-        {
-            return stored
+        guard let url = fileURL(configuration: configuration), FileManager.default.fileExists(atPath: url.path) else {
+            return defaults(configuration: configuration)
         }
-        return defaults(configuration: configuration)
+        let reason: String
+        do {
+            let stored = try JSONDecoder().decode(MachineProfile.self, from: Data(contentsOf: url))
+            if stored.identity != identity {
+                reason = "measured on another machine or configuration (\(stored.identity))"
+            } else if let problem = stored.problem {
+                reason = "invalid value: \(problem)"
+            } else {
+                return stored
+            }
+        } catch let error as DecodingError {
+            reason = "not a profile: \(describe(error))"
+        } catch {
+            reason = "unreadable: \(error.localizedDescription)"
+        }
+        var profile = defaults(configuration: configuration)
+        profile.source += " (\(url.path) ignored: \(reason); `attnbench tune` rewrites it)"
+        return profile
+    }
+
+    /// The first value a stored profile must not hold (decoding checks types, not ranges): curve
+    /// points at key lengths below 1 or with negative or non-finite throughput, negative overheads,
+    /// tilings and kernel configurations the backends cannot run.
+    var problem: String? {
+        func curve(_ c: ThroughputCurve, _ name: String) -> String? {
+            for point in c.points where point.keyLength < 1 || !point.value.isFinite || point.value < 0 {
+                return "\(name) point (Nk \(point.keyLength), \(point.value))"
+            }
+            return nil
+        }
+        for entry in backends {
+            let name = entry.backend.description
+            for head in entry.gflops {
+                if head.headDim < 1 { return "\(name) GFLOP/s curve for head dim \(head.headDim)" }
+                if let bad = curve(head.curve, "\(name) GFLOP/s") { return bad }
+            }
+            if let bad = curve(entry.decodeGBps, "\(name) decode GB/s") { return bad }
+            if !entry.overheadSeconds.isFinite || entry.overheadSeconds < 0 {
+                return "\(name) overhead \(entry.overheadSeconds) s"
+            }
+            if let rate = entry.transferGBps, !rate.isFinite || rate <= 0 { return "\(name) transfer \(rate) GB/s" }
+            for tuned in entry.blasTilings ?? [] {
+                let t = tuned.value
+                guard (1...4096).contains(t.queryRows), (16...65536).contains(t.keyBlock), t.keyBlock % 16 == 0 else {
+                    return "\(name) tiling \(t) for head dim \(tuned.headDim)"
+                }
+            }
+            for tuned in entry.openclConfigs ?? [] {
+                let c = tuned.value
+                guard [4, 8, 16].contains(c.vectorWidth), (1...64).contains(c.rows), (1...4096).contains(c.workGroup),
+                    (1...4096).contains(c.decodeRows), (1...(1 << 24)).contains(c.minKeysPerSplit)
+                else { return "\(name) kernel configuration \(c) for head dim \(tuned.headDim)" }
+            }
+        }
+        return nil
+    }
+
+    private static func describe(_ error: DecodingError) -> String {
+        func path(_ context: DecodingError.Context) -> String {
+            let keys = context.codingPath.map { $0.intValue.map(String.init) ?? $0.stringValue }
+            return keys.isEmpty ? "" : " at \(keys.joined(separator: "."))"
+        }
+        switch error {
+        case .dataCorrupted(let context): return "invalid JSON\(path(context)) (\(context.debugDescription))"
+        case .keyNotFound(let key, let context): return "missing \"\(key.stringValue)\"\(path(context))"
+        case .typeMismatch(_, let context): return "wrong type\(path(context)) (\(context.debugDescription))"
+        case .valueNotFound(_, let context): return "missing value\(path(context))"
+        @unknown default: return "\(error)"
+        }
     }
 
     /// Writes the profile where `load(configuration:)` finds it.

@@ -129,6 +129,7 @@ final class ThreadRecords: Sendable {
         var backend: UnsafeMutablePointer<CChar>?
         var reason: UnsafeMutablePointer<CChar>?
         var selection: BackendSelection?
+        var run: AttentionRun?
         var backendID: BackendID?
     }
 
@@ -162,15 +163,18 @@ final class ThreadRecords: Sendable {
         }
     }
 
-    func setSelection(_ selection: BackendSelection) {
+    /// A successful call: the selection and which backend produced the outputs (another one than
+    /// selected when `.auto` fell back).
+    func setOutcome(_ selection: BackendSelection, _ run: AttentionRun) {
         records.withLock { all in
             var record = all[Self.thread, default: Record()]
-            if record.backendID != selection.backend.id {
+            if record.backendID != run.backend {
                 free(record.backend)
-                record.backend = strdup(selection.backend.name)
-                record.backendID = selection.backend.id
+                record.backend = strdup(run.backend.description)
+                record.backendID = run.backend
             }
             record.selection = selection
+            record.run = run.fellBack ? run : nil
             free(record.reason)
             record.reason = nil
             free(record.error)
@@ -192,7 +196,9 @@ final class ThreadRecords: Sendable {
         records.withLock { all -> UnsafePointer<CChar>? in
             guard var record = all[Self.thread], let selection = record.selection else { return nil }
             if record.reason == nil {
-                record.reason = strdup(selection.reason)
+                var text = selection.reason
+                if let run = record.run { text += "; ran on \(run)" }
+                record.reason = strdup(text)
                 all[Self.thread] = record
             }
             return UnsafePointer(record.reason)

@@ -85,14 +85,15 @@ public func cLastReason(_ context: OpaquePointer?) -> UnsafePointer<CChar> {
 
 /// Runs `body` for a call on `context`: records the selection or the error for this thread.
 private func call(
-    _ handle: OpaquePointer?, _ body: (Context) throws(CallError) -> BackendSelection
+    _ handle: OpaquePointer?, _ body: (Context) throws(CallError) -> (BackendSelection, AttentionRun)
 ) -> attentionkit_status {
     guard let context = resolve(handle) else {
         contextlessRecords.setError("context is NULL (create one with attentionkit_context_create)")
         return .invalidArgument
     }
     do throws(CallError) {
-        context.records.setSelection(try body(context))
+        let (selection, run) = try body(context)
+        context.records.setOutcome(selection, run)
         return .ok
     } catch {
         context.records.setError(error.message)
@@ -126,9 +127,9 @@ public func cAttention(
             }
             let selection = try BackendSelection.select(context.choice, for: problem, dispatcher: context.dispatcher)
             let lse = logSumExp.map { UnsafeMutableBufferPointer(start: $0, count: problem.lseShape.reduce(1, *)) }
-            try selection.backend.forward(
+            let run = try selection.run(
                 problem, AttentionBuffers(query: q.bhsd, key: k.bhsd, value: v.bhsd, output: o.bhsd, logSumExp: lse))
-            return selection
+            return (selection, run)
         }
     }
 }
@@ -173,8 +174,7 @@ public func cAttentionSequences(
             let buffers = AttentionBuffers(
                 query: view(q, pool: false), key: view(k, pool: paged), value: view(v, pool: paged),
                 output: view(o, pool: false), logSumExp: lse)
-            try selection.backend.forward(batch, buffers)
-            return selection
+            return (selection, try selection.run(batch: batch, buffers))
         }
     }
 }

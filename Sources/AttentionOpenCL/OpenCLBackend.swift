@@ -58,6 +58,21 @@ public struct OpenCLBackend: AttentionBackend {
         }
     }
 
+    /// The backend on a device found through another loader (`OpenCLRuntime.discover(libraryPath:)`);
+    /// its identity is `.opencl(device: device.info.index)`.
+    public init(
+        device: OpenCLDevice, config: OpenCLKernelConfig? = nil, tunedConfigs: [Tuned<OpenCLKernelConfig>] = [],
+        allowSplitKV: Bool = true
+    ) {
+        self.index = device.info.index
+        self.device = device
+        self.unavailableReason = nil
+        self.config = config
+        self.tunedConfigs = tunedConfigs
+        self.allowSplitKV = allowSplitKV
+        self.programs = { KernelSources.program($0) }
+    }
+
     public var id: BackendID { .opencl(device: index) }
 
     /// The kernel configuration a problem runs with, decided here and nowhere else: the fixed

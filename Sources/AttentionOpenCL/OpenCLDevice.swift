@@ -41,16 +41,35 @@ public final class OpenCLDevice: @unchecked Sendable {
     public let info: OpenCLDeviceInfo
     package let id: cl_device_id
     package let library: OpenCLLibrary
+    /// Where built program binaries are kept (nil: not kept).
+    package let programCache: URL?
     private let lock = NSLock()
     private var state: ExecutionState?
+    private let notesLock = NSLock()
+    private var notes: [String] = []
 
-    init(id: cl_device_id, info: OpenCLDeviceInfo, library: OpenCLLibrary) {
+    init(id: cl_device_id, info: OpenCLDeviceInfo, library: OpenCLLibrary, programCache: URL?) {
         self.id = id
         self.info = info
         self.library = library
+        self.programCache = programCache
+    }
+
+    /// What happened to this device's on-disk program cache that a caller may want to know: files
+    /// ignored and why (corrupt, truncated, rejected by the driver), programs rebuilt. The last 32.
+    public var programCacheNotes: [String] { notesLock.withLock { notes } }
+
+    func note(_ text: String) {
+        notesLock.withLock {
+            notes.append(text)
+            if notes.count > 32 { notes.removeFirst(notes.count - 32) }
+        }
     }
 
     /// Runs `body` with exclusive use of the device's context, queue and caches.
+    ///
+    /// When `body` fails, the queue is drained (best effort) before the error goes back, so that no
+    /// command of the failed call still reads or writes the caller's memory afterwards.
     package func withExecution<R>(_ body: (ExecutionState) throws(OpenCLError) -> R) throws(OpenCLError) -> R {
         lock.lock()
         defer { lock.unlock() }
@@ -61,7 +80,12 @@ public final class OpenCLDevice: @unchecked Sendable {
             current = try ExecutionState(device: self)
             state = current
         }
-        return try body(current)
+        do {
+            return try body(current)
+        } catch {
+            _ = library.api.Finish(current.queue.handle)
+            throw error
+        }
     }
 }
 
@@ -113,12 +137,22 @@ package final class ExecutionState {
     private func program(source: String, options: String, key: String) throws(OpenCLError) -> CLProgram {
         if let program = programs[key] { return program }
         let api = device.library.api
-        let cacheFile = ProgramDiskCache.file(for: device.info, key: key)
-        if let cacheFile, let binary = ProgramDiskCache.read(cacheFile),
-            let program = try? buildFromBinary(binary, options: options)
-        {
-            programs[key] = program
-            return program
+        let cacheFile = device.programCache.map { ProgramDiskCache.file(in: $0, for: device.info, key: key) }
+        if let cacheFile {
+            switch ProgramDiskCache.read(cacheFile) {
+            case .missing:
+                break
+            case .unusable(let reason):
+                device.note("\(cacheFile.path) ignored (\(reason)); rebuilt from source")
+            case .binary(let binary):
+                do {
+                    let program = try buildFromBinary(binary, options: options)
+                    programs[key] = program
+                    return program
+                } catch {
+                    device.note("\(cacheFile.path) ignored (the driver refused it: \(error)); rebuilt from source")
+                }
+            }
         }
         var status: cl_int = 0
         let handle: cl_program? = source.withCString { text in
@@ -132,7 +166,10 @@ package final class ExecutionState {
         let program = CLProgram(handle, library: device.library)
         try build(program, options: options)
         programs[key] = program
-        if let cacheFile, let binary = binary(of: program) { ProgramDiskCache.write(binary, to: cacheFile) }
+        if let cacheFile, let binary = binary(of: program), let failure = ProgramDiskCache.write(binary, to: cacheFile)
+        {
+            device.note("\(cacheFile.path) not written (\(failure)); the next process builds again")
+        }
         return program
     }
 
@@ -251,46 +288,90 @@ package final class ExecutionState {
 }
 
 /// 64-bit FNV-1a, for cache keys (stable across processes, unlike `Hasher`).
-func fnv1a(_ text: String) -> String {
-    var hash: UInt64 = 0xcbf2_9ce4_8422_2325
-    for byte in text.utf8 {
-        hash ^= UInt64(byte)
-        hash = hash &* 0x100_0000_01b3
-    }
-    return String(hash, radix: 16)
-}
+func fnv1a(_ text: String) -> String { String(fnv1a64(Array(text.utf8)), radix: 16) }
 
 /// Built program binaries on disk, so a second process does not pay the build.
 ///
 /// Location: `$ATTENTIONKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/attentionkit`, else
 /// `~/.cache/attentionkit`, under `opencl/`. `ATTENTIONKIT_OPENCL_DISK_CACHE=0` turns it off.
-/// A corrupt or stale file is ignored (the program is rebuilt from source and the file replaced).
+/// One file per device, driver and program: an 8-byte magic, the payload's length and FNV-1a hash
+/// (little-endian UInt64s), then the driver's binary. A file that is short, foreign, truncated or
+/// altered is never handed to the driver; it and a binary the driver refuses are ignored with the
+/// reason (`OpenCLDevice.programCacheNotes`), and the program is rebuilt and the file replaced.
 package enum ProgramDiskCache {
+    static let magic = Array("AKCLBIN1".utf8)
+
     package static var directory: URL? {
         let configuration = AttentionConfiguration.process
         guard configuration.openCLDiskCache else { return nil }
         return configuration.cacheDirectory?.appendingPathComponent("opencl")
     }
 
-    static func file(for info: OpenCLDeviceInfo, key: String) -> URL? {
+    static func file(in directory: URL, for info: OpenCLDeviceInfo, key: String) -> URL {
         let identity = [
             info.platformName, info.platformVersion, info.name, info.driverVersion, info.deviceVersion, key,
         ]
-        return directory?.appendingPathComponent(fnv1a(identity.joined(separator: "\u{1}")) + ".bin")
+        return directory.appendingPathComponent(fnv1a(identity.joined(separator: "\u{1}")) + ".bin")
     }
 
-    static func read(_ file: URL) -> [UInt8]? {
-        guard let data = try? Data(contentsOf: file), !data.isEmpty else { return nil }
-        return [UInt8](data)
+    package enum Entry: Equatable {
+        case missing
+        case unusable(String)
+        case binary([UInt8])
     }
 
-    static func write(_ bytes: [UInt8], to file: URL) {
+    package static func read(_ file: URL) -> Entry {
+        guard FileManager.default.fileExists(atPath: file.path) else { return .missing }
+        guard let data = try? Data(contentsOf: file) else { return .unusable("unreadable") }
+        let bytes = [UInt8](data)
+        guard bytes.count >= 24, Array(bytes[0..<8]) == magic else {
+            return .unusable("not a program cache file: \(bytes.count) bytes without the AKCLBIN1 header")
+        }
+        let length = UInt64(littleEndianBytes: bytes[8..<16])
+        let hash = UInt64(littleEndianBytes: bytes[16..<24])
+        guard length == UInt64(bytes.count - 24) else {
+            return .unusable("truncated: header says \(length) bytes of binary, file has \(bytes.count - 24)")
+        }
+        let payload = Array(bytes[24...])
+        guard !payload.isEmpty else { return .unusable("empty binary") }
+        guard fnv1a64(payload) == hash else { return .unusable("checksum mismatch") }
+        return .binary(payload)
+    }
+
+    /// Writes `payload` with its header (atomically); the reason when it could not.
+    static func write(_ payload: [UInt8], to file: URL) -> String? {
+        var bytes = magic
+        bytes.reserveCapacity(24 + payload.count)
+        for value in [UInt64(payload.count), fnv1a64(payload)] {
+            withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) }
+        }
+        bytes.append(contentsOf: payload)
         do {
             try FileManager.default.createDirectory(
                 at: file.deletingLastPathComponent(), withIntermediateDirectories: true)
             try Data(bytes).write(to: file, options: .atomic)
+            return nil
         } catch {
             // The disk cache is an optimisation: an unwritable cache folder only costs build time.
+            return error.localizedDescription
         }
+    }
+}
+
+/// 64-bit FNV-1a of bytes.
+func fnv1a64(_ bytes: [UInt8]) -> UInt64 {
+    var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+    for byte in bytes {
+        hash ^= UInt64(byte)
+        hash = hash &* 0x100_0000_01b3
+    }
+    return hash
+}
+
+extension UInt64 {
+    init(littleEndianBytes bytes: ArraySlice<UInt8>) {
+        var value: UInt64 = 0
+        for (shift, byte) in bytes.enumerated() { value |= UInt64(byte) << (8 * UInt64(shift)) }
+        self = value
     }
 }

@@ -7,7 +7,7 @@ public enum OpenCLRuntime {
     /// Uses the process-wide library (see `OpenCLLibrary.shared`) and is computed once.
     public static let devices: Result<[OpenCLDevice], OpenCLUnavailable> = {
         switch OpenCLLibrary.shared {
-        case .success(let library): return discover(library)
+        case .success(let library): return discover(library, programCache: ProgramDiskCache.directory)
         case .failure(let reason): return .failure(reason)
         }
     }()
@@ -15,12 +15,20 @@ public enum OpenCLRuntime {
     /// The devices, or an empty list (with no reason).
     public static var availableDevices: [OpenCLDevice] { (try? devices.get()) ?? [] }
 
-    /// Discovers devices through the OpenCL library at `libraryPath` (tests, other vendors' loaders).
+    /// Discovers devices through the OpenCL library at `libraryPath` (tests, other vendors' loaders);
+    /// their built programs are kept in this process's cache folder.
     public static func discover(libraryPath: String?) -> Result<[OpenCLDevice], OpenCLUnavailable> {
-        OpenCLLibrary.load(path: libraryPath).flatMap(discover)
+        discover(libraryPath: libraryPath, programCache: ProgramDiskCache.directory)
     }
 
-    static func discover(_ library: OpenCLLibrary) -> Result<[OpenCLDevice], OpenCLUnavailable> {
+    /// The same, with the folder their built programs are kept in (nil: not kept).
+    public static func discover(libraryPath: String?, programCache: URL?) -> Result<[OpenCLDevice], OpenCLUnavailable> {
+        OpenCLLibrary.load(path: libraryPath).flatMap { discover($0, programCache: programCache) }
+    }
+
+    static func discover(_ library: OpenCLLibrary, programCache: URL?)
+        -> Result<[OpenCLDevice], OpenCLUnavailable>
+    {
         let api = library.api
         var platformCount: cl_uint = 0
         let status = api.GetPlatformIDs(0, nil, &platformCount)
@@ -53,7 +61,7 @@ public enum OpenCLRuntime {
             }
             for case let id? in ids {
                 let info = describe(id, platform: platform, index: devices.count, api: api)
-                devices.append(OpenCLDevice(id: id, info: info, library: library))
+                devices.append(OpenCLDevice(id: id, info: info, library: library, programCache: programCache))
             }
         }
         guard !devices.isEmpty else {

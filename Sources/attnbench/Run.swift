@@ -109,14 +109,15 @@ struct Run: ParsableCommand {
         let memory = try OperandMemory(problem, layout: layout == .bhsd ? .bhsd : .bshd, q: q, k: k, v: v)
         defer { memory.deallocate() }
         var lse = [Float](repeating: 0, count: problem.lseShape.reduce(1, *))
-        try lse.withUnsafeMutableBufferPointer { buffer in
-            try selection.backend.forward(problem, memory.buffers(logSumExp: buffer))
+        let run = try lse.withUnsafeMutableBufferPointer { buffer in
+            try selection.run(problem, memory.buffers(logSumExp: buffer))
         }
         try writeOutput(memory.readOutput(), problem.outputShape)
         if let lsePath { try NPYArray(shape: problem.lseShape, floats: lse).write(to: lsePath) }
         printError(
-            "\(selection.backend.name) (\(selection.reason)): O \(problem.outputShape) [\(storage), \(layout)] "
+            "\(run.backend) (\(selection.reason)): O \(problem.outputShape) [\(storage), \(layout)] "
                 + "written to \(outPath)")
+        if run.fellBack { printError("warning: ran on \(run)") }
 
         if let repetitions {
             let times = try time(selection.backend, problem, memory, (q, k, v), repetitions: repetitions)

@@ -53,10 +53,11 @@ extension Run {
         defer { if pageSize != nil { operands.deallocate() } }
         let batch = operands.batch
 
-        let (runner, reason) = try batchBackend(batch)
+        let selection = try batchSelection(batch)
+        let runner = selection.backend
         var lse = [Float](repeating: 0, count: batch.logSumExpCount)
-        try lse.withUnsafeMutableBufferPointer { buffer in
-            try runner.forward(batch, operands.buffers(logSumExp: buffer))
+        let run = try lse.withUnsafeMutableBufferPointer { buffer in
+            try selection.run(batch: batch, operands.buffers(logSumExp: buffer))
         }
         let outputShape: [Int]
         if varlen {
@@ -77,8 +78,9 @@ extension Run {
         }
         let form = pageSize.map { "paged (page size \($0)) from \(base.batch.layout.name)" } ?? batch.layout.name
         printError(
-            "\(runner.name) (\(reason)): \(batch.count) sequences, \(form), O \(outputShape) [\(storage)] "
+            "\(run.backend) (\(selection.reason)): \(batch.count) sequences, \(form), O \(outputShape) [\(storage)] "
                 + "written to \(outPath)")
+        if run.fellBack { printError("warning: ran on \(run)") }
         if let repetitions {
             let buffers = operands.buffers(logSumExp: nil)
             // With --backend auto every timed call decides again, as a caller of the dispatcher pays.
@@ -101,16 +103,17 @@ extension Run {
     }
 
     /// `--backend` for a batch: the dispatcher's choice (auto) or the named backend.
-    private func batchBackend(_ batch: SequenceBatch) throws -> (any AttentionBackend, String) {
+    private func batchSelection(_ batch: SequenceBatch) throws -> BackendSelection {
         switch backend {
         case .auto:
-            let decision = Dispatcher.process.decide(batch)
-            return (decision.chosen, "auto: " + decision.reason)
+            return try BackendSelection.select(.auto, for: batch)
         case .backend(let id):
             var id = id
             if case .opencl = id, let device { id = .opencl(device: device) }
-            if id == .blas, let threads { return (BLASBackend(threads: threads, tiling: tiling), "requested") }
-            return (try Dispatcher.process.backend(id), "requested")
+            if id == .blas, let threads {
+                return BackendSelection(backend: BLASBackend(threads: threads, tiling: tiling), reason: "requested")
+            }
+            return try BackendSelection.select(.backend(id), for: batch)
         }
     }
 
