@@ -65,8 +65,9 @@ class Checker:
     def path(self, name):
         return os.path.join(self.tmp, name)
 
-    def run(self, args):
-        return subprocess.run([self.exe, "run", *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    def run(self, args, env=None):
+        return subprocess.run([self.exe, "run", *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              env=None if env is None else {**os.environ, **env})
 
     def record(self, ok, name, detail=""):
         if ok:
@@ -99,8 +100,8 @@ class Checker:
             ok = ok and np.all(np.abs(lse[finite] - rlse[finite]) <= 1e-3)
             self.record(ok, f"{name} [{backend}]", f"max err {np.max(np.abs(o - ro)) if o.shape == ro.shape else o.shape}")
 
-    def failure(self, name, args, must_mention):
-        r = self.run(args)
+    def failure(self, name, args, must_mention, env=None):
+        r = self.run(args, env)
         lines = [line for line in r.stderr.strip().splitlines() if line]
         ok = r.returncode != 0 and len(lines) == 1 and must_mention in lines[0] and "Traceback" not in r.stderr
         self.record(ok, f"error: {name}", f"exit {r.returncode}, stderr {r.stderr.strip()!r}")
@@ -310,6 +311,41 @@ def serving_checks(c, rng):
                                  "--page-size", "24"], "page size 24")
 
 
+def fault_checks(c, base):
+    """OpenCL calls failed on purpose through the fault-injection fixture, loaded the way users load
+    another OpenCL library (ATTENTIONKIT_OPENCL_LIBRARY): one line naming the call and the status."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Tests", "Fixtures", "faulty_opencl.c")
+    library = c.path("libfaulty_opencl.so")
+    build = subprocess.run([os.environ.get("CC", "cc"), "-std=c11", "-shared", "-fPIC", "-o", library, source, "-ldl"],
+                           capture_output=True, text=True)
+    if build.returncode != 0:
+        c.record(False, "fault fixture builds", build.stderr.strip())
+        return
+    cache = c.path("fault-cache")
+    for call, status, name in (("clEnqueueNDRangeKernel", -5, "CL_OUT_OF_RESOURCES"),
+                               ("clCreateBuffer", -4, "CL_MEM_OBJECT_ALLOCATION_FAILURE"),
+                               ("clBuildProgram", -11, "CL_BUILD_PROGRAM_FAILURE")):
+        env = {"ATTENTIONKIT_OPENCL_LIBRARY": library, "FAULTY_OPENCL_FAIL": f"{call}:{status}",
+               "ATTENTIONKIT_CACHE_DIR": cache}
+        r = c.run(base + ["--backend", "opencl"], env)
+        ok = r.returncode != 0 and call in r.stderr and name in r.stderr and "Traceback" not in r.stderr
+        c.record(ok, f"error: injected {call} -> {name}", f"exit {r.returncode}, stderr {r.stderr.strip()!r}")
+    r = c.run(base + ["--backend", "opencl"], {"ATTENTIONKIT_OPENCL_LIBRARY": library, "ATTENTIONKIT_CACHE_DIR": cache})
+    c.record(r.returncode == 0, "the fixture without a fault runs", r.stderr.strip())
+
+
+def profile_checks(c):
+    """A damaged profile.json: attnbench runs on the built-in defaults and says which file it ignored."""
+    cache = c.path("damaged-cache")
+    os.makedirs(cache, exist_ok=True)
+    with open(os.path.join(cache, "profile.json"), "w") as f:
+        f.write('{"identity": "cpu=x", "backends": [')
+    r = subprocess.run([c.exe, "devices"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                       env={**os.environ, "ATTENTIONKIT_CACHE_DIR": cache})
+    ok = r.returncode == 0 and "profile.json ignored: not a profile: invalid JSON" in r.stdout
+    c.record(ok, "damaged profile.json: defaults, and the reason", (r.stdout + r.stderr)[-400:])
+
+
 def main():
     exe = os.path.abspath(sys.argv[1])
     rng = np.random.default_rng(7)
@@ -388,6 +424,8 @@ def main():
             c.record(r.returncode == 0 and "not possible: opencl:0 (no OpenCL platform" in r.stderr, "auto falls back to the CPU and says why", r.stderr.strip())
         else:
             c.failure("no such OpenCL device", base + ["--backend", "opencl", "--device", "42"], "device 42")
+            fault_checks(c, base)
+        profile_checks(c)
 
         serving_checks(c, rng)
         harness_checks(c, q)

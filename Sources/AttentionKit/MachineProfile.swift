@@ -69,7 +69,7 @@ public struct MachineProfile: Codable, Sendable, Equatable {
             reason = "unreadable: \(error.localizedDescription)"
         }
         var profile = defaults(configuration: configuration)
-        profile.source += " (\(url.path) ignored: \(reason); `attnbench tune` rewrites it)"
+        profile.source += " (\(url.path) ignored: \(reason))"
         return profile
     }
 

@@ -142,7 +142,9 @@ public struct OpenCLBackend: AttentionBackend {
         return .supported
     }
 
-    /// Device memory of a call: copies of the inputs and outputs, the mask and the temporaries.
+    /// Memory a call adds: the temporaries and the mask, plus copies of the inputs and outputs on
+    /// devices that do not work on host memory in place (on CPU and host-unified devices the caller's
+    /// operands are used where they are).
     public func workspaceBytes(for problem: AttentionProblem) -> Int {
         bufferBytes(problem, choice: kernelChoice(for: problem).choice).reduce(0, +)
     }
@@ -156,14 +158,18 @@ public struct OpenCLBackend: AttentionBackend {
             deviceMemoryBytes: device.info.globalMemoryBytes, path: choice.description)
     }
 
-    /// Bytes of every device buffer a call allocates (inputs, outputs, mask, temporaries).
+    /// Bytes of every buffer a call allocates (copies of inputs and outputs where the device cannot
+    /// use host memory, mask, temporaries).
     private func bufferBytes(_ p: AttentionProblem, choice: OpenCLKernelChoice) -> [Int] {
         let types = p.storage
-        var sizes = [
-            types.query.byteSize * p.queryShape.reduce(1, *), types.keyValue.byteSize * p.keyShape.reduce(1, *),
-            types.keyValue.byteSize * p.valueShape.reduce(1, *), types.output.byteSize * p.outputShape.reduce(1, *),
-            4 * p.lseShape.reduce(1, *),
-        ]
+        var sizes = [4 * p.lseShape.reduce(1, *)]
+        if let info = device?.info, !(info.isCPU || info.hostUnifiedMemory) {
+            sizes += [
+                types.query.byteSize * p.queryShape.reduce(1, *), types.keyValue.byteSize * p.keyShape.reduce(1, *),
+                types.keyValue.byteSize * p.valueShape.reduce(1, *),
+                types.output.byteSize * p.outputShape.reduce(1, *),
+            ]
+        }
         // Dense fp32 copies of operands stored otherwise (strided fp32 views need them too; their
         // layout is only known per call).
         if types.query != .f32 { sizes.append(4 * p.queryShape.reduce(1, *)) }

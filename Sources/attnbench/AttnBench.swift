@@ -5,7 +5,10 @@ struct AttnBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "attnbench",
         abstract: "Run, check and time transformer attention with AttentionKit's backends.",
-        subcommands: [Report.self, Bench.self, Verify.self, Run.self, Devices.self, Explain.self, Tune.self, Map.self],
+        subcommands: [
+            Report.self, Bench.self, Verify.self, Run.self, Devices.self, Explain.self, Tune.self, Map.self,
+            Extremes.self,
+        ],
         defaultSubcommand: Report.self
     )
 }

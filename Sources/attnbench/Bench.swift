@@ -107,13 +107,14 @@ struct Bench: ParsableCommand {
 
 func runBench(
     shapes: [ShapeSpec], backends: [BenchBackend], options: BenchOptions, roofline: Roofline,
-    storage: StorageTypes? = nil
+    storage: StorageTypes? = nil, measureMemoryWhenWarm: Bool = false
 ) -> [BenchRow] {
     var engine = BenchEngine(
         repetitions: options.repetitions, cellBudget: options.cellBudget,
         maxRunSeconds: options.maxRunSeconds, roofline: roofline)
     engine.storage = storage ?? options.storage
     engine.layout = options.layout
+    engine.measureMemoryWhenWarm = measureMemoryWhenWarm
     let progress = Progress(total: shapes.count)
     var rows: [BenchRow] = []
     for shape in shapes {

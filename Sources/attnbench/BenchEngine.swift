@@ -28,6 +28,8 @@ struct BenchRow: Codable {
     var errorRowsChecked: Int?
     var withinTolerance: Bool?
     var peakExtraBytes: Int?
+    /// The same for a second call (`attnbench extremes`).
+    var warmPeakExtraBytes: Int?
     var dispatcherPick: String
     var skipped: String?
     /// The row's label: a backend name ("naive", "blas", "opencl:N") or "auto".
@@ -149,6 +151,9 @@ struct BenchEngine {
     /// How the operands of every cell are stored and laid out.
     var storage = StorageTypes.f32
     var layout = OperandLayout.bhsd
+    /// Also measure the peak memory of a second call (`warmPeakExtraBytes`): without the one-time
+    /// costs of the first (OpenCL program builds, worker threads, first-touch of library state).
+    var measureMemoryWhenWarm = false
 
     /// One shape's operands: the problem (with its storage types), the inputs as rounded to those
     /// types (for the error against the reference), and the laid-out memory the calls use.
@@ -231,6 +236,11 @@ struct BenchEngine {
             let entry = entries[index]
             do {
                 rows[index].peakExtraBytes = try PeakMemory.measure { try entry.forward(problem, inputs.buffers) }
+                if measureMemoryWhenWarm {
+                    rows[index].warmPeakExtraBytes = try PeakMemory.measure {
+                        try entry.forward(problem, inputs.buffers)
+                    }
+                }
                 let output = try Tensor(shape: problem.outputShape, storage: inputs.memory.readOutput())
                 let lse = try Tensor(shape: problem.lseShape)
                 let (q, k, v) = inputs.rounded

@@ -17,17 +17,30 @@ struct Roofline: Codable {
     }
 }
 
-/// Peak resident memory added by a piece of work: the kernel's high-water mark is reset
-/// (`/proc/self/clear_refs`), the work runs, and VmHWM minus the RSS before is the answer.
-/// `nil` where the kernel does not offer this (non-Linux, restricted /proc).
+/// Peak resident memory added by a piece of work: free heap memory is handed back to the kernel
+/// (`malloc_trim`, so that memory the work allocates counts even where the allocator would reuse
+/// pages freed earlier), the kernel's high-water mark is reset (`/proc/self/clear_refs`), the work
+/// runs, and VmHWM minus the RSS before is the answer. `nil` where the kernel does not offer this
+/// (non-Linux, restricted /proc).
 enum PeakMemory {
     static func measure(_ body: () throws -> Void) rethrows -> Int? {
+        trimHeap?(0)
         let reset = (try? "5".write(toFile: "/proc/self/clear_refs", atomically: false, encoding: .utf8)) != nil
         let before = status("VmRSS")
         try body()
         guard reset, let before, let peak = status("VmHWM") else { return nil }
         return max(0, peak - before)
     }
+
+    /// glibc's `malloc_trim` (not in the Glibc module's headers), where there is one.
+    private static let trimHeap: (@convention(c) (Int) -> Int32)? = {
+        #if os(Linux)
+            guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "malloc_trim") else { return nil }
+            return unsafeBitCast(symbol, to: (@convention(c) (Int) -> Int32).self)
+        #else
+            return nil
+        #endif
+    }()
 
     /// A `/proc/self/status` field in bytes.
     private static func status(_ field: String) -> Int? {

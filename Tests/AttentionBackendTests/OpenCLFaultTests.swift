@@ -375,3 +375,12 @@ extension ProgramDiskCache.Entry {
         return false
     }
 }
+
+/// In CI (with a C compiler and PoCL) the fault-injection suite must run, not be skipped.
+@Suite struct FaultFixtureAvailability {
+    @Test(.enabled(if: ProcessInfo.processInfo.environment["CI"] == "true" && openCLAvailable))
+    func fixtureBuildsAndPresentsTheDevicesInCI() throws {
+        let fixture = try faultFixture.get()
+        #expect(fixture.devices(programCache: nil).count == openCLDevices.count)
+    }
+}

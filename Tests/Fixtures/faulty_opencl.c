@@ -11,6 +11,8 @@
 //     check that each object made on a failed path was released;
 //   - can present the device as a discrete GPU (faulty_pretend_gpu), so that the copy paths
 //     (clEnqueueReadBuffer read-back) run on a CPU driver.
+// Programs that cannot call faulty_fail() (attnbench, the C ABI test) arm one fault through the
+// environment: FAULTY_OPENCL_FAIL=<call>:<status>[:<skip>], e.g. clEnqueueNDRangeKernel:-5.
 // Not thread-safe for arming; the counters are atomic.
 
 #define CL_TARGET_OPENCL_VERSION 120
@@ -20,6 +22,7 @@
 
 #include <dlfcn.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -77,6 +80,14 @@ void faulty_fail(const char *call, cl_int status, int skip, int times) {
     atomic_store(&fault_skip, skip);
     atomic_store(&fault_times, times);
     atomic_store(&fault_hits, 0);
+}
+
+__attribute__((constructor)) static void arm_from_environment(void) {
+    const char *spec = getenv("FAULTY_OPENCL_FAIL");
+    if (spec == NULL || spec[0] == '\0') return;
+    char call[64];
+    int status = 0, skip = 0;
+    if (sscanf(spec, "%63[^:]:%d:%d", call, &status, &skip) >= 2) faulty_fail(call, status, skip, -1);
 }
 
 void faulty_clear(void) {
