@@ -152,7 +152,10 @@ void attentionkit_context_free(attentionkit_context *context);
 const char *attentionkit_last_error(const attentionkit_context *context);
 
 /** The backend of this thread's last successful attention call on `context` ("blas", "opencl:0",
-    "naive"; "" before the first), and why it was chosen (the dispatcher's one-line reason). */
+    "naive"; "" before the first), and why it was chosen (the dispatcher's one-line reason). With an
+    "auto" context, a backend that fails at run time (an OpenCL build, allocation or enqueue) hands
+    the call to the next candidate: the backend is then the one that produced the outputs, and the
+    reason ends with "; ran on blas (after opencl:0 failed: <call> failed with <status>)". */
 const char *attentionkit_last_backend(const attentionkit_context *context);
 const char *attentionkit_last_reason(const attentionkit_context *context);
 
