@@ -53,6 +53,17 @@ public struct MachineProfile: Codable, Sendable, Equatable {
         guard let url = fileURL(configuration: configuration), FileManager.default.fileExists(atPath: url.path) else {
             return defaults(configuration: configuration)
         }
+        var isFolder: ObjCBool = false
+        // Folders and empty files are told apart before reading: Foundation's Data(contentsOf:) leaks a
+        // buffer on both (seen under LeakSanitizer).
+        let size = (try? FileManager.default.attributesOfItem(atPath: url.path)[.size] as? Int) ?? nil
+        if FileManager.default.fileExists(atPath: url.path, isDirectory: &isFolder), isFolder.boolValue || size == 0 {
+            var profile = defaults(configuration: configuration)
+            let what =
+                isFolder.boolValue ? "unreadable: a folder, not a file" : "not a profile: invalid JSON (empty file)"
+            profile.source += " (\(url.path) ignored: \(what))"
+            return profile
+        }
         let reason: String
         do {
             let stored = try JSONDecoder().decode(MachineProfile.self, from: Data(contentsOf: url))

@@ -321,7 +321,12 @@ package enum ProgramDiskCache {
     }
 
     package static func read(_ file: URL) -> Entry {
-        guard FileManager.default.fileExists(atPath: file.path) else { return .missing }
+        var isFolder: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: file.path, isDirectory: &isFolder) else { return .missing }
+        guard !isFolder.boolValue else { return .unusable("a folder, not a file") }
+        // Checked before reading: Foundation's Data(contentsOf:) leaks a buffer on an empty file.
+        let size = (try? FileManager.default.attributesOfItem(atPath: file.path)[.size] as? Int) ?? nil
+        guard size != 0 else { return .unusable("not a program cache file: 0 bytes without the AKCLBIN1 header") }
         guard let data = try? Data(contentsOf: file) else { return .unusable("unreadable") }
         let bytes = [UInt8](data)
         guard bytes.count >= 24, Array(bytes[0..<8]) == magic else {

@@ -59,22 +59,27 @@ final class FaultyOpenCL: Sendable {
         } catch {
             return .failure(FixtureUnavailable(description: "cannot create \(directory.path): \(error)"))
         }
+        let logPath = directory.appendingPathComponent("build.log").path
         for compiler in compilers {
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            process.arguments = [compiler, "-std=c11", "-O1", "-shared", "-fPIC", "-o", library, source, "-ldl"]
-            let log = Pipe()
-            process.standardError = log
-            process.standardOutput = log
-            do {
-                try process.run()
-                let output = log.fileHandleForReading.readDataToEndOfFile()
-                process.waitUntilExit()
-                if process.terminationStatus == 0 { break }
-                failures.append("\(compiler): \(String(decoding: output, as: UTF8.self))")
-            } catch {
-                failures.append("\(compiler): \(error)")
+            // posix_spawn rather than Foundation's Process, whose run() leaks a weak reference (LSan).
+            let arguments = [compiler, "-std=c11", "-O1", "-shared", "-fPIC", "-o", library, source, "-ldl"]
+            var actions = posix_spawn_file_actions_t()
+            posix_spawn_file_actions_init(&actions)
+            defer { posix_spawn_file_actions_destroy(&actions) }
+            posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            posix_spawn_file_actions_adddup2(&actions, 1, 2)
+            var argv = arguments.map { strdup($0) } + [nil]
+            defer { for pointer in argv { free(pointer) } }
+            var pid: pid_t = 0
+            guard posix_spawnp(&pid, compiler, &actions, nil, &argv, environ) == 0 else {
+                failures.append("\(compiler): not found")
+                continue
             }
+            var status: Int32 = 0
+            waitpid(pid, &status, 0)
+            if status == 0 { break }
+            let log = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
+            failures.append("\(compiler): exit status \(status): \(log)")
         }
         guard FileManager.default.fileExists(atPath: library), let handle = dlopen(library, RTLD_NOW | RTLD_LOCAL)
         else {
@@ -308,33 +313,45 @@ struct OpenCLFaultInjection {
         let c = Self.problemCase(decode: false)
         let problem = try c.problem()
         let (q, k, v) = try c.inputs()
-        let first = try OpenCLBackend(device: #require(fixture.devices(programCache: cache).first))
-            .attention(problem, query: q, key: k, value: v)
+        // Prefill and decode: the convert, flash and split-KV programs, so every kind of damage is used.
+        let decode = Self.problemCase(decode: true)
+        let decodeProblem = try decode.problem()
+        let (dq, dk, dv) = try decode.inputs()
+        let coldBackend = try OpenCLBackend(device: #require(fixture.devices(programCache: cache).first))
+        let first = try coldBackend.attention(problem, query: q, key: k, value: v)
+        let firstDecode = try coldBackend.attention(decodeProblem, query: dq, key: dk, value: dv)
         let files = try FileManager.default.contentsOfDirectory(at: cache, includingPropertiesForKeys: nil)
             .filter { $0.pathExtension == "bin" }.sorted { $0.path < $1.path }
-        #expect(files.count >= 1)
+        #expect(files.count >= 2)
         for file in files { #expect(ProgramDiskCache.read(file).isBinary, "\(file.lastPathComponent) unreadable") }
 
-        // Three kinds of damage, round robin over the files.
-        for (index, file) in files.enumerated() {
-            var bytes = [UInt8](try Data(contentsOf: file))
-            switch index % 3 {
-            case 0: bytes = Array(bytes.prefix(bytes.count / 2))  // truncated
-            case 1: bytes[bytes.count - 7] ^= 0x5a  // one byte altered
-            default: bytes = Array("\u{7f}ELF garbage, not a program".utf8)  // foreign
+        // Four kinds of damage, each applied to every file in turn.
+        let damages: [(reason: String, damage: ([UInt8]) -> [UInt8])] = [
+            ("truncated", { Array($0.prefix($0.count / 2)) }),
+            (
+                "checksum mismatch",
+                { bytes in
+                    var altered = bytes
+                    altered[altered.count - 7] ^= 0x5a
+                    return altered
+                }
+            ),
+            ("not a program cache file", { _ in Array("\u{7f}ELF garbage, not a program".utf8) }),
+            ("0 bytes", { _ in [] }),
+        ]
+        for (reason, damage) in damages {
+            for file in files { try Data(damage([UInt8](try Data(contentsOf: file)))).write(to: file) }
+            let device = try #require(fixture.devices(programCache: cache).first)
+            let backend = OpenCLBackend(device: device)
+            #expect(try backend.attention(problem, query: q, key: k, value: v) == first)
+            #expect(try backend.attention(decodeProblem, query: dq, key: dk, value: dv) == firstDecode)
+            let notes = device.programCacheNotes
+            #expect(notes.count == files.count, "\(reason): \(notes)")
+            #expect(notes.allSatisfy { $0.contains(reason) && $0.contains("rebuilt") }, "\(reason): \(notes)")
+            for file in files {
+                #expect(ProgramDiskCache.read(file).isBinary, "\(reason): \(file.lastPathComponent) not rewritten")
             }
-            try Data(bytes).write(to: file)
         }
-        let device = try #require(fixture.devices(programCache: cache).first)
-        let again = try OpenCLBackend(device: device).attention(problem, query: q, key: k, value: v)
-        #expect(again == first)
-        let notes = device.programCacheNotes
-        #expect(notes.count == files.count, "\(notes)")
-        let reasons = ["truncated", "checksum mismatch", "not a program cache file"]
-        for (index, reason) in reasons.enumerated() where index < files.count {
-            #expect(notes.contains { $0.contains(reason) && $0.contains("rebuilt") }, "\(reason) not in \(notes)")
-        }
-        for file in files { #expect(ProgramDiskCache.read(file).isBinary, "\(file.lastPathComponent) not rewritten") }
     }
 
     /// A well-formed cache file the driver refuses (another driver build, a binary it cannot load) is
