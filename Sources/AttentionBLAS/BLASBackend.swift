@@ -32,6 +32,8 @@ public struct BLASBackend: AttentionBackend {
     public let tunedTilings: [Tuned<BLASTiling>]
     /// The CPU kernel variant, or why none can be used (a forced instruction set this CPU lacks).
     public let kernels: Result<CPUKernels, AttentionError>
+    /// How prefill tiles compute S = Q Kᵀ and O += P V.
+    public let products: BLASProducts
 
     /// - Parameters:
     ///   - threads: worker threads per call (default: every core).
@@ -39,10 +41,13 @@ public struct BLASBackend: AttentionBackend {
     ///   - tunedTilings: measured tilings by head dimension, preferred over the table for prefill.
     ///   - isa: the CPU kernel variant; `nil` takes `configuration`'s (`ATTENTIONKIT_CPU_ISA`, else
     ///     the widest this machine runs).
+    ///   - products: SGEMM or the CPU variant's register-tiled products for prefill tiles (default:
+    ///     `.automatic`).
     public init(
         threads: Int? = nil, tiling: BLASTiling? = nil, tunedTilings: [Tuned<BLASTiling>] = [], isa: CPUISA? = nil,
-        configuration: AttentionConfiguration = .process
+        products: BLASProducts = .automatic, configuration: AttentionConfiguration = .process
     ) {
+        self.products = products
         self.threads = max(1, threads ?? CPUInfo.logicalCores)
         self.tiling = tiling
         self.tunedTilings = tunedTilings
@@ -74,7 +79,8 @@ public struct BLASBackend: AttentionBackend {
         let perThread =
             threads
             * (tile.scratchBytesPerThread
-                + TileKernel.tileBytes(problem, rows: tile.queryRows, keyBlock: tile.keyBlock))
+                + TileKernel.tileBytes(
+                    problem, rows: tile.queryRows, keyBlock: tile.keyBlock, tiledProducts: usesTiledProducts(problem)))
         // Decode by key ranges (a layout decision made per call) adds its partial results.
         return perThread + (KeySplitPlan.make(problem)?.partialBytes(problem) ?? 0)
     }
@@ -83,8 +89,9 @@ public struct BLASBackend: AttentionBackend {
         let support = support(for: problem)
         let tile = tiling(for: problem)
         let kernels = isa.map { "\($0) kernels" } ?? "no CPU kernels"
+        let how = usesTiledProducts(problem) ? ", tiled products" : problem.regime == .prefillLike ? ", SGEMM" : ""
         return ExecutionPlan(
-            support: support, workspaceBytes: workspaceBytes(for: problem), path: "\(kernels), tiles \(tile)")
+            support: support, workspaceBytes: workspaceBytes(for: problem), path: "\(kernels), tiles \(tile)\(how)")
     }
 
     /// The tiling a problem runs with, decided here and nowhere else: the fixed `tiling` if one was
@@ -171,6 +178,18 @@ public struct BLASBackend: AttentionBackend {
         }
     }
 
+    /// Whether prefill tiles of `problem` use the register-tiled products: `.tiled`, or `.automatic`
+    /// with an AVX2, AVX-512 or NEON kernel variant; and always only when Dv is a multiple of 16
+    /// (other value widths take SGEMM).
+    public func usesTiledProducts(_ problem: AttentionProblem) -> Bool {
+        guard problem.valueDim % 16 == 0, let isa else { return false }
+        switch products {
+        case .sgemm: return false
+        case .tiled: return true
+        case .automatic: return isa != .baseline
+        }
+    }
+
     /// Runs `body(kernel, index)` for index 0..<count on the worker threads (dynamic scheduling, one
     /// tile kernel per thread), with OpenBLAS single-threaded for the duration.
     private func parallel(
@@ -179,6 +198,7 @@ public struct BLASBackend: AttentionBackend {
     ) {
         let tiny = problem.flops < Self.inlineProblemFlops && problem.keyValueBytes < Self.inlineBatchBytes
         let workers = tiny ? 1 : min(threads, count)
+        let tiled = usesTiledProducts(problem)
         let next = WorkCounter()
         withMaskPointer(problem.options.mask) { mask in
             openBLASSerialiser.withLock { _ in
@@ -187,7 +207,8 @@ public struct BLASBackend: AttentionBackend {
                 defer { openblas_set_num_threads(saved) }
                 WorkerPool.shared.run(workers: workers) { _ in
                     let kernel = TileKernel(
-                        problem: problem, tiling: tile, kernels: cpu, maxRows: maxRows, buffers: buffers, mask: mask)
+                        problem: problem, tiling: tile, kernels: cpu, maxRows: maxRows, buffers: buffers, mask: mask,
+                        tiledProducts: tiled)
                     defer { kernel.deallocate() }
                     while true {
                         let index = next.value.add(1, ordering: .relaxed).oldValue
@@ -212,6 +233,18 @@ private func withMaskPointer(_ mask: AttentionMask?, _ body: (MaskPointer) -> Vo
 /// The next work item to take, shared by the workers of one call.
 private final class WorkCounter: Sendable {
     let value = Atomic<Int>(0)
+}
+
+/// How the BLAS backend's prefill tiles compute their two products.
+public enum BLASProducts: String, Sendable, Codable, CaseIterable {
+    /// The register-tiled products of the CPU kernel variant where there is one (AVX2, AVX-512,
+    /// NEON), SGEMM on the baseline variant.
+    case automatic
+    /// OpenBLAS `cblas_sgemm` for both products.
+    case sgemm
+    /// The CPU kernel variant's register-tiled products (K packed once per key block, accumulators
+    /// in registers), whatever the variant.
+    case tiled
 }
 
 /// Guards OpenBLAS's process-global thread count.

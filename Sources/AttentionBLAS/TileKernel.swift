@@ -63,10 +63,14 @@ struct TileKernel {
     let oTile: UnsafeMutablePointer<Float>
     let kTile: UnsafeMutablePointer<Float>?
     let vTile: UnsafeMutablePointer<Float>?
+    /// With the register-tiled products: the key block transposed ([D][keyBlock]), and whether V
+    /// rows are read in place.
+    let keysTransposed: UnsafeMutablePointer<Float>?
+    let valuesInPlace: Bool
 
     init(
         problem: AttentionProblem, tiling: BLASTiling, kernels: CPUKernels, maxRows rows: Int,
-        buffers: AttentionBuffers, mask: MaskPointer
+        buffers: AttentionBuffers, mask: MaskPointer, tiledProducts: Bool
     ) {
         p = problem
         self.tiling = tiling
@@ -86,20 +90,37 @@ struct TileKernel {
         // SGEMM reads K/V blocks in place only when they are fp32 with rows at least a row apart.
         let kInPlace = k.type == .f32 && k.strides.sequence >= problem.headDim
         let vInPlace = v.type == .f32 && v.strides.sequence >= problem.valueDim
-        kTile = kInPlace && vInPlace ? nil : .allocate(capacity: tiling.keyBlock * problem.headDim)
-        vTile = kInPlace && vInPlace ? nil : .allocate(capacity: tiling.keyBlock * problem.valueDim)
+        if tiledProducts {
+            // K is packed (transposed, widened) by the tiled products themselves; V needs a tile
+            // only when it cannot be read in place.
+            keysTransposed = .allocate(capacity: tiling.keyBlock * problem.headDim)
+            valuesInPlace = vInPlace
+            kTile = nil
+            vTile = vInPlace ? nil : .allocate(capacity: tiling.keyBlock * problem.valueDim)
+        } else {
+            keysTransposed = nil
+            valuesInPlace = false
+            kTile = kInPlace && vInPlace ? nil : .allocate(capacity: tiling.keyBlock * problem.headDim)
+            vTile = kInPlace && vInPlace ? nil : .allocate(capacity: tiling.keyBlock * problem.valueDim)
+        }
     }
 
     func deallocate() {
         for tile in [scores, rowMax, rowSum, qTile, oTile] { tile.deallocate() }
         kTile?.deallocate()
         vTile?.deallocate()
+        keysTransposed?.deallocate()
     }
 
     /// Extra bytes one worker allocates beyond the score tile and row statistics.
-    static func tileBytes(_ p: AttentionProblem, rows: Int, keyBlock: Int) -> Int {
+    static func tileBytes(_ p: AttentionProblem, rows: Int, keyBlock: Int, tiledProducts: Bool) -> Int {
         var floats = rows * (p.headDim + p.valueDim)
-        if p.storage.keyValue != .f32 { floats += keyBlock * (p.headDim + p.valueDim) }
+        if tiledProducts {
+            floats += keyBlock * p.headDim
+            if p.storage.keyValue != .f32 { floats += keyBlock * p.valueDim }
+        } else if p.storage.keyValue != .f32 {
+            floats += keyBlock * (p.headDim + p.valueDim)
+        }
         return 4 * floats
     }
 
@@ -189,6 +210,26 @@ struct TileKernel {
             let j1 = min(last.hi + 1, j0 + tiling.keyBlock)
             let width = j1 - j0
             // Streaming products read K and V as stored (widened in registers); SGEMM needs fp32 rows.
+            if let kt = keysTransposed, !streaming {
+                cpu.pack_keys(k.dtype, k.row(item.batch, group, j0), k.strides.sequence, width, d, kt, tiling.keyBlock)
+                cpu.qk_tile(rowCount, width, d, r.q, r.ldq, kt, tiling.keyBlock, p.scale, scores, ld)
+                if let cap = p.options.softcap { cpu.softcap(scores, ld, rowCount, width, cap) }
+                if hasMask || j0 < last.lo || j1 - 1 > first.hi {
+                    applyVisibility(item, span: span, rows: rowCount, keyStart: j0, width: width)
+                }
+                cpu.softmax_update(scores, ld, rowCount, width, rowMax, rowSum, r.o, r.ldo, dv)
+                let vRows = v.row(item.batch, group, j0)
+                if valuesInPlace {
+                    cpu.pv_tile(
+                        rowCount, width, scores, ld, vRows.assumingMemoryBound(to: Float.self), v.strides.sequence, dv,
+                        r.o, r.ldo)
+                } else if let vTile {
+                    cpu.load_rows(v.dtype, vRows, v.strides.sequence, width, dv, vTile, dv)
+                    cpu.pv_tile(rowCount, width, scores, ld, vTile, dv, dv, r.o, r.ldo)
+                }
+                j0 = j1
+                continue
+            }
             let kv: (k: UnsafePointer<Float>, ldk: Int, v: UnsafePointer<Float>, ldv: Int)? =
                 streaming ? nil : keyValueBlock(batch: item.batch, group: group, start: j0, width: width)
             if let kv {

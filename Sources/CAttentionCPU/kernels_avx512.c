@@ -3,6 +3,7 @@
 #define AK_SUFFIX avx512
 #define AK_ISA AK_ISA_AVX512
 #define AK_NAME "avx512"
+#define AK_TILE_CLASS 2 // 32 registers of 16 floats
 #define AK_HAS_F16C 1
 #define AK_HAS_FMA 1
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"))), \

@@ -36,7 +36,8 @@ typedef uint8_t v16b_u __attribute__((vector_size(16), aligned(1), may_alias));
 
 static inline v16f load16(const float *p) { return *(const v16f_u *)p; }
 static inline void store16(float *p, v16f v) { *(v16f_u *)p = v; }
-static inline v16f splat(float x) { return (v16f){0} + x; }
+/// Every lane x (a broadcast: `(v16f){0} + x` would cost an addition per call, 0 + x not being x for -0).
+static inline v16f splat(float x) { return (v16f){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 /// mask ? a : b, lane-wise (mask lanes are all ones or all zeros).
 static inline v16f select16(v16i mask, v16f a, v16f b) {
     return (v16f)((mask & (v16i)a) | (~mask & (v16i)b));
@@ -680,6 +681,181 @@ static void AK_FN(store_rows)(int dtype, const float *src, ptrdiff_t ld_src, ptr
     }
 }
 
+// MARK: Register-tiled products (prefill)
+//
+// S = scale * Q K^T and O += P V for blocks of many query rows, instead of two SGEMM calls: K is
+// transposed once per key block (`pack_keys`, widened from fp16/bf16 on the way) so that a step of
+// the score micro-tile is one contiguous load of keys per 16 columns and one broadcast per query
+// row; V rows are read as they are. Micro-tiles keep every accumulator in a register: 8 rows x 32
+// keys (scores) and 6 rows x 64 values (P V) with AVX-512's 32 zmm registers, 6 x 16 and 6 x 16
+// with AVX2's 16 ymm registers, 4 x 16 elsewhere.
+
+#if AK_TILE_CLASS == 2
+#define AK_QK_ROWS 8
+#define AK_QK_VECS 2
+#define AK_PV_ROWS 6
+#define AK_PV_VECS 4
+#elif AK_TILE_CLASS == 1
+#define AK_QK_ROWS 6
+#define AK_QK_VECS 1
+#define AK_PV_ROWS 6
+#define AK_PV_VECS 1
+#else
+#define AK_QK_ROWS 4
+#define AK_QK_VECS 1
+#define AK_PV_ROWS 4
+#define AK_PV_VECS 1
+#endif
+
+/// scores[r][j0 + 16v + t] for r < mr, v < nv (mr, nv constants after inlining).
+static inline __attribute__((always_inline)) void qk_micro(const int mr, const int nv, ptrdiff_t d, const float *q,
+                                                            ptrdiff_t ldq, const float *kt, ptrdiff_t ldk, float scale,
+                                                            float *s, ptrdiff_t ld) {
+    v16f acc[AK_QK_ROWS][AK_QK_VECS];
+    for (int r = 0; r < mr; r++)
+        for (int v = 0; v < nv; v++) acc[r][v] = splat(0.0f);
+    for (ptrdiff_t c = 0; c < d; c++) {
+        const float *k_row = kt + c * ldk;
+        v16f kv[AK_QK_VECS];
+        for (int v = 0; v < nv; v++) kv[v] = load16(k_row + 16 * v);
+        for (int r = 0; r < mr; r++) {
+            const v16f qb = splat(q[r * ldq + c]);
+            for (int v = 0; v < nv; v++) acc[r][v] = AK_FMA(qb, kv[v], acc[r][v]);
+        }
+    }
+    const v16f factor = splat(scale);
+    for (int r = 0; r < mr; r++)
+        for (int v = 0; v < nv; v++) store16(s + r * ld + 16 * v, acc[r][v] * factor);
+}
+
+/// Rows [0, rows) of the score tile for keys [j0, j0 + 16 nv) (nv a constant after inlining).
+static inline __attribute__((always_inline)) void qk_columns(const int nv, ptrdiff_t rows, ptrdiff_t d,
+                                                              const float *q, ptrdiff_t ldq, const float *kt,
+                                                              ptrdiff_t ldk, float scale, float *s, ptrdiff_t ld) {
+    ptrdiff_t r = 0;
+    for (; r + AK_QK_ROWS <= rows; r += AK_QK_ROWS)
+        qk_micro(AK_QK_ROWS, nv, d, q + r * ldq, ldq, kt, ldk, scale, s + r * ld, ld);
+    for (; r < rows; r++) qk_micro(1, nv, d, q + r * ldq, ldq, kt, ldk, scale, s + r * ld, ld);
+}
+
+static void AK_FN(qk_tile)(ptrdiff_t rows, ptrdiff_t width, ptrdiff_t d, const float *q, ptrdiff_t ldq,
+                           const float *kt, ptrdiff_t ldk, float scale, float *scores, ptrdiff_t ld) {
+    const ptrdiff_t cols = round16(width);
+    ptrdiff_t j = 0;
+    // Key-column outer loop: one micro-tile's d x 16nv slice of K^T stays in L1 across all rows.
+    for (; j + 16 * AK_QK_VECS <= cols; j += 16 * AK_QK_VECS)
+        qk_columns(AK_QK_VECS, rows, d, q, ldq, kt + j, ldk, scale, scores + j, ld);
+    for (; j < cols; j += 16) qk_columns(1, rows, d, q, ldq, kt + j, ldk, scale, scores + j, ld);
+}
+
+// A 16 x 16 transpose in registers: four butterfly stages, each swapping the off-diagonal b x b
+// blocks of every 2b x 2b block (b = 8, 4, 2, 1), two shuffles per pair of rows.
+#ifndef AK_T8_LO
+#define AK_T8_LO(a, c) __builtin_shufflevector(a, c, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+#define AK_T8_HI(a, c) __builtin_shufflevector(a, c, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31)
+#define AK_T4_LO(a, c) __builtin_shufflevector(a, c, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
+#define AK_T4_HI(a, c) __builtin_shufflevector(a, c, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31)
+#define AK_T2_LO(a, c) __builtin_shufflevector(a, c, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
+#define AK_T2_HI(a, c) __builtin_shufflevector(a, c, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31)
+#define AK_T1_LO(a, c) __builtin_shufflevector(a, c, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
+#define AK_T1_HI(a, c) __builtin_shufflevector(a, c, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31)
+#endif
+
+static inline __attribute__((always_inline)) void transpose16(v16f m[16]) {
+#define AK_STAGE(b)                                                                                                    \
+    for (int r = 0; r < 16; r++) {                                                                                     \
+        if (r & b) continue;                                                                                           \
+        const v16f a = m[r], c = m[r + b];                                                                             \
+        m[r] = AK_T##b##_LO(a, c);                                                                                     \
+        m[r + b] = AK_T##b##_HI(a, c);                                                                                 \
+    }
+    AK_STAGE(8)
+    AK_STAGE(4)
+    AK_STAGE(2)
+    AK_STAGE(1)
+#undef AK_STAGE
+}
+
+/// 16 keys x 16 head-dimension elements, transposed into dst (rows `ld_dst` apart); keys past
+/// `keys` (the block's end) are zero.
+static inline __attribute__((always_inline)) void pack16(int dtype, const char *k, ptrdiff_t row_bytes,
+                                                          ptrdiff_t keys, ptrdiff_t c0, float *dst, ptrdiff_t ld_dst) {
+    v16f m[16];
+    for (int t = 0; t < 16; t++) m[t] = t < keys ? load16_as(dtype, k + t * row_bytes, c0) : splat(0.0f);
+    transpose16(m);
+    for (int c = 0; c < 16; c++) store16(dst + c * ld_dst, m[c]);
+}
+
+static void AK_FN(pack_keys)(int dtype, const void *k, ptrdiff_t ldk, ptrdiff_t width, ptrdiff_t d, float *dst,
+                             ptrdiff_t ld_dst) {
+    const ptrdiff_t row_bytes = ldk * dtype_size(dtype);
+    const ptrdiff_t vector_end = d & ~(ptrdiff_t)15;
+    for (ptrdiff_t j0 = 0; j0 < width; j0 += 16) {
+        const char *rows = (const char *)k + j0 * row_bytes;
+        const ptrdiff_t keys = width - j0 < 16 ? width - j0 : 16;
+        for (ptrdiff_t c0 = 0; c0 < vector_end; c0 += 16) {
+            switch (dtype) {
+            case AK_DTYPE_F16: pack16(AK_DTYPE_F16, rows, row_bytes, keys, c0, dst + c0 * ld_dst + j0, ld_dst); break;
+            case AK_DTYPE_BF16: pack16(AK_DTYPE_BF16, rows, row_bytes, keys, c0, dst + c0 * ld_dst + j0, ld_dst); break;
+            default: pack16(AK_DTYPE_F32, rows, row_bytes, keys, c0, dst + c0 * ld_dst + j0, ld_dst); break;
+            }
+        }
+        // Head-dimension elements past the last whole vector: one at a time.
+        for (ptrdiff_t c = vector_end; c < d; c++) {
+            float *out = dst + c * ld_dst + j0;
+            for (ptrdiff_t t = 0; t < 16; t++) out[t] = t < keys ? load1_as(dtype, rows + t * row_bytes, c) : 0.0f;
+        }
+    }
+}
+
+/// out[r][16v + t] += sum_j p[r][j] v[j][16v + t] for r < mr, v < nv (constants after inlining).
+static inline __attribute__((always_inline)) void pv_micro(const int mr, const int nv, ptrdiff_t width,
+                                                            const float *p, ptrdiff_t ld, const float *v,
+                                                            ptrdiff_t ldv, float *out, ptrdiff_t ldo) {
+    v16f acc[AK_PV_ROWS][AK_PV_VECS];
+    for (int r = 0; r < mr; r++)
+        for (int x = 0; x < nv; x++) acc[r][x] = load16(out + r * ldo + 16 * x);
+    for (ptrdiff_t j = 0; j < width; j++) {
+        const float *v_row = v + j * ldv;
+        v16f vv[AK_PV_VECS];
+        for (int x = 0; x < nv; x++) vv[x] = load16(v_row + 16 * x);
+        for (int r = 0; r < mr; r++) {
+            const v16f pb = splat(p[r * ld + j]);
+            for (int x = 0; x < nv; x++) acc[r][x] = AK_FMA(pb, vv[x], acc[r][x]);
+        }
+    }
+    for (int r = 0; r < mr; r++)
+        for (int x = 0; x < nv; x++) store16(out + r * ldo + 16 * x, acc[r][x]);
+}
+
+/// Output columns [c0, c0 + 16 nv) for every row (nv a constant after inlining).
+static inline __attribute__((always_inline)) void pv_columns(const int nv, ptrdiff_t rows, ptrdiff_t width,
+                                                              const float *p, ptrdiff_t ld, const float *v,
+                                                              ptrdiff_t ldv, float *out, ptrdiff_t ldo) {
+    ptrdiff_t r = 0;
+    for (; r + AK_PV_ROWS <= rows; r += AK_PV_ROWS)
+        pv_micro(AK_PV_ROWS, nv, width, p + r * ld, ld, v, ldv, out + r * ldo, ldo);
+    for (; r < rows; r++) pv_micro(1, nv, width, p + r * ld, ld, v, ldv, out + r * ldo, ldo);
+}
+
+static void AK_FN(pv_tile)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, const float *v,
+                           ptrdiff_t ldv, ptrdiff_t dv, float *out, ptrdiff_t ldo) {
+    ptrdiff_t c = 0;
+    for (; c + 16 * AK_PV_VECS <= dv; c += 16 * AK_PV_VECS)
+        pv_columns(AK_PV_VECS, rows, width, p, ld, v + c, ldv, out + c, ldo);
+    switch ((dv - c) / 16) {
+#if AK_PV_VECS > 3
+    case 3: pv_columns(3, rows, width, p, ld, v + c, ldv, out + c, ldo); break;
+#endif
+#if AK_PV_VECS > 2
+    case 2: pv_columns(2, rows, width, p, ld, v + c, ldv, out + c, ldo); break;
+#endif
+    default:
+        for (; c < dv; c += 16) pv_columns(1, rows, width, p, ld, v + c, ldv, out + c, ldo);
+        break;
+    }
+}
+
 static void AK_FN(exp)(const float *x, float *y, ptrdiff_t count) { map16(exp16, x, y, count); }
 static void AK_FN(tanh)(const float *x, float *y, ptrdiff_t count) { map16(tanh16, x, y, count); }
 
@@ -699,6 +875,9 @@ const ak_cpu_kernels AK_CAT(ak_kernels, AK_SUFFIX) = {
     .load_rows = AK_FN(load_rows),
     .store_rows = AK_FN(store_rows),
     .read_sum = AK_FN(read_sum),
+    .pack_keys = AK_FN(pack_keys),
+    .qk_tile = AK_FN(qk_tile),
+    .pv_tile = AK_FN(pv_tile),
     .exp = AK_FN(exp),
     .tanh = AK_FN(tanh),
 };

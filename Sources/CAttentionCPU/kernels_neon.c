@@ -3,6 +3,7 @@
 #define AK_SUFFIX neon
 #define AK_ISA AK_ISA_NEON
 #define AK_NAME "neon"
+#define AK_TILE_CLASS 0
 #define AK_HAS_F16C 1
 #define AK_HAS_FMA 1
 #include "kernels_impl.h"

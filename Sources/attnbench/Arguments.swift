@@ -56,4 +56,5 @@ func listValues(_ words: [String]) -> [String] {
 
 extension TensorLayout: ExpressibleByArgument {}
 extension StorageType: ExpressibleByArgument {}
+extension BLASProducts: ExpressibleByArgument {}
 extension OperandLayout: ExpressibleByArgument {}

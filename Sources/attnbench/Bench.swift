@@ -35,6 +35,8 @@ struct BenchOptions: ParsableArguments {
         name: .customLong("repeat"),
         help: "Timed repetitions per cell (fewer when a cell would exceed its time budget).")
     var repetitions: Int = 5
+    @Option(help: "BLAS prefill products: automatic, sgemm (OpenBLAS) or tiled (the CPU kernels' own).")
+    var products: BLASProducts = .automatic
     @Option(help: "Seconds of timed runs per cell at most (at least one run is made).") var cellBudget: Double = 2
     @Option(help: "Skip a cell whose single run is estimated to exceed this many seconds.") var maxRunSeconds: Double =
         20
@@ -93,7 +95,8 @@ struct Bench: ParsableCommand {
         printError("measuring the roofline (SGEMM, memory bandwidth)...")
         let roofline = Roofline.measure()
         let backends = try BenchBackend.all(
-            names: options.backendNames(default: ["all"]), devices: try options.deviceIndices(), roofline: roofline)
+            names: options.backendNames(default: ["all"]), devices: try options.deviceIndices(), roofline: roofline,
+            products: options.products)
         var rows = runBench(shapes: shapes, backends: backends, options: options, roofline: roofline)
         rows += runServingBench(options.servingShapes(), backends: backends, options: options, roofline: roofline)
         print(renderTable(rows, roofline: roofline))

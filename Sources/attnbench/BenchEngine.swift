@@ -99,7 +99,9 @@ struct BenchBackend {
 
     /// The entries `names` asks for: "all" (naive, blas, every OpenCL device, auto) or some of
     /// naive, blas, opencl (every device in `devices`), opencl:N, auto.
-    static func all(names: [String], devices: [Int]?, roofline: Roofline) throws -> [BenchBackend] {
+    static func all(
+        names: [String], devices: [Int]?, roofline: Roofline, products: BLASProducts = .automatic
+    ) throws -> [BenchBackend] {
         let cpu = CPUInfo.modelName ?? "CPU"
         let wanted = names.isEmpty || names == ["all"] ? ["naive", "blas", "opencl", "auto"] : names
         var list: [BenchBackend] = []
@@ -115,7 +117,9 @@ struct BenchBackend {
                     BenchBackend(kind: .backend(NaiveBackend()), device: cpu, expectedGFLOPS: 2, maxRunSeconds: 2))
             case .blas:
                 list.append(
-                    BenchBackend(kind: .backend(BLASBackend()), device: cpu, expectedGFLOPS: 0.5 * roofline.sgemmGFLOPS)
+                    BenchBackend(
+                        kind: .backend(BLASBackend(products: products)), device: cpu,
+                        expectedGFLOPS: 0.5 * roofline.sgemmGFLOPS)
                 )
             case .opencl(let device):
                 // "opencl" alone: all of them.

@@ -24,7 +24,7 @@ struct Roofline: Codable {
 /// (non-Linux, restricted /proc).
 enum PeakMemory {
     static func measure(_ body: () throws -> Void) rethrows -> Int? {
-        trimHeap?(0)
+        _ = trimHeap?(0)
         let reset = (try? "5".write(toFile: "/proc/self/clear_refs", atomically: false, encoding: .utf8)) != nil
         let before = status("VmRSS")
         try body()

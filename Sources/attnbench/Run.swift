@@ -59,6 +59,8 @@ struct Run: ParsableCommand {
     @Option(
         help: ArgumentHelp("BLAS tiling: query rows x key block (default: from the tiling table).", valueName: "RxK"))
     var tiling: BLASTiling?
+    @Option(help: "BLAS prefill products: automatic, sgemm (OpenBLAS) or tiled (the CPU kernels' own).")
+    var products: BLASProducts?
     @Option(
         name: .customLong("cu-seqlens-q"),
         help: "Varlen: S + 1 query offsets (.npy, int32 or int64); Q/K/V/O files are then packed [total, H, D].")
@@ -141,6 +143,11 @@ struct Run: ParsableCommand {
         var choice = backend
         if case .backend(.opencl) = backend, let device { choice = .opencl(device: device) }
         let selection = try BackendSelection.select(choice, for: problem, threads: threads, tiling: tiling)
+        if let products, selection.backend.id == .blas {
+            let blas = BLASBackend(threads: threads, tiling: tiling, products: products)
+            return BackendSelection(
+                backend: blas, reason: "\(selection.reason); \(products) products (\(blas.plan(for: problem).path))")
+        }
         guard case .opencl(let index) = selection.backend.id, kernelConfig != nil || noSplitKV else { return selection }
         let config = try parseKernelConfig(
             kernelConfig ?? "", base: OpenCLBackend(device: index).kernelConfig(for: problem))

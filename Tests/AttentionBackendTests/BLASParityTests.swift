@@ -21,6 +21,31 @@ import Testing
         try expectParity(BLASBackend(isa: isa), c)
     }
 
+    /// The sweeps above take the default products (the register-tiled ones on AVX2/AVX-512/NEON,
+    /// SGEMM on the baseline variant): here the other choice of each, on every case.
+    @Test(arguments: [(CPUISA.best, BLASProducts.sgemm), (CPUISA.baseline, BLASProducts.tiled)])
+    func otherProducts(_ isa: CPUISA, _ products: BLASProducts) throws {
+        let backend = BLASBackend(isa: isa, products: products)
+        for c in Sweep.cases() + Sweep.featureCases { try expectParity(backend, c) }
+    }
+
+    /// Register-tile edges: row counts around the micro-tile heights, key blocks not a multiple of
+    /// 16 or 32, value widths of 1-8 vectors, head dims past the packing's 256-float chunk. (fp16/bf16
+    /// K/V through the tiled products: LayoutTests, whose shapes have Dv a multiple of 16.)
+    @Test(arguments: CPUISA.supported)
+    func tiledProductEdges(_ isa: CPUISA) throws {
+        let backend = BLASBackend(isa: isa, products: .tiled)
+        for (nq, nk, d, dv) in [
+            (1, 17, 3, 16), (5, 33, 16, 32), (7, 47, 24, 48), (9, 64, 64, 64), (13, 95, 40, 80), (25, 130, 64, 96),
+            (49, 300, 128, 112), (130, 517, 80, 128), (33, 33, 300, 16),
+        ] {
+            let c = ParityCase(
+                batch: 1, heads: (4, 2), nq: nq, nk: nk, d: d, dv: dv, options: .init(causal: nq % 2 == 1))
+            #expect(backend.usesTiledProducts(try c.problem()))
+            try expectParity(backend, c)
+        }
+    }
+
     @Test func fullyMaskedRowsAreExactlyZero() throws {
         // Rows 0..<3 see nothing through the mask; row 3 sees everything.
         let nq = 4

@@ -99,6 +99,22 @@ typedef struct ak_cpu_kernels {
     /// The sum of `count` floats (a multiple of 64), read with the widest loads: a memory probe.
     float (*read_sum)(const float *data, ptrdiff_t count);
 
+    /// dst[c][j] = K row j, element c, widened to fp32, for c < d and j < width, and 0 for
+    /// width <= j < round16(width): a key block transposed for `qk_tile`. K rows are `ldk` elements
+    /// apart and stored as `dtype`; dst rows `ld_dst` floats apart (at least round16(width)).
+    void (*pack_keys)(int dtype, const void *k, ptrdiff_t ldk, ptrdiff_t width, ptrdiff_t d, float *dst,
+                      ptrdiff_t ld_dst);
+
+    /// scores[r][j] = scale * sum over c < d of q[r][c] * kt[c][j], for r < rows and
+    /// j < round16(width) (the padding columns get 0 from zero keys): register-tiled, for many rows.
+    void (*qk_tile)(ptrdiff_t rows, ptrdiff_t width, ptrdiff_t d, const float *q, ptrdiff_t ldq, const float *kt,
+                    ptrdiff_t ldk, float scale, float *scores, ptrdiff_t ld);
+
+    /// out[r][c] += sum over j < width of p[r][j] * v[j][c], for r < rows and c < dv, where dv is a
+    /// multiple of 16; V is fp32 with rows `ldv` apart: register-tiled, for many rows.
+    void (*pv_tile)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, const float *v, ptrdiff_t ldv,
+                    ptrdiff_t dv, float *out, ptrdiff_t ldo);
+
     /// y = e^x and y = tanh(x) with the kernels' own approximations (for tests).
     void (*exp)(const float *x, float *y, ptrdiff_t count);
     void (*tanh)(const float *x, float *y, ptrdiff_t count);
