@@ -4,12 +4,14 @@ import CBLAS
 import Foundation
 import Synchronization
 
-/// Flash-style attention on the CPU with OpenBLAS SGEMM tiles.
+/// Flash-style attention on the CPU: register-tiled products of the CPU kernel variant, or
+/// OpenBLAS SGEMM tiles.
 ///
 /// Per work item (a block of query rows of one batch and one key/value head) it loops over key
-/// blocks: S = scale·Q_blk·K_blkᵀ (`cblas_sgemm`), softcap and masking where the block needs them,
-/// an online softmax (running max and sum, polynomial exp), O += P·V_blk (`cblas_sgemm`),
-/// and finally O /= l, lse = m + log l. The Nq × Nk score matrix is never materialised: extra
+/// blocks: S = scale·Q_blk·K_blkᵀ, softcap and masking where the block needs them, an online
+/// softmax (running max and sum, polynomial exp), O += P·V_blk, and finally O /= l,
+/// lse = m + log l. The two products are the CPU variant's register-tiled kernels (K block packed
+/// once, accumulators in registers; `products`, `usesTiledProducts(_:)`) or `cblas_sgemm`. The Nq × Nk score matrix is never materialised: extra
 /// memory is `tiling.scratchBytesPerThread` per thread (about 256 KiB for D = 64), independent of N.
 ///
 /// - Causal and window rules skip key blocks that no row of the item can see; only blocks that
@@ -20,9 +22,10 @@ import Synchronization
 ///   few-row decode products run in the CPU kernel variant for this machine's instruction set
 ///   (`CPUKernels`, chosen at run time; `isa` forces one).
 /// - Work items are spread over `threads` threads by dynamic scheduling (largest items first).
-///   OpenBLAS runs single-threaded inside tiles for the duration of the call (its global thread
-///   count is set to 1 and restored afterwards); calls to this backend are serialised process-wide
-///   for that reason, each using every thread it was given.
+///   With SGEMM products, OpenBLAS runs single-threaded inside tiles for the duration of the call
+///   (its global thread count is set to 1 and restored afterwards) and such calls are serialised
+///   process-wide for that reason; with the tiled products nothing calls OpenBLAS and nothing is
+///   serialised but the worker pool's fork-join.
 public struct BLASBackend: AttentionBackend {
     /// Worker threads per call.
     public let threads: Int
@@ -201,10 +204,7 @@ public struct BLASBackend: AttentionBackend {
         let tiled = usesTiledProducts(problem)
         let next = WorkCounter()
         withMaskPointer(problem.options.mask) { mask in
-            openBLASSerialiser.withLock { _ in
-                let saved = openblas_get_num_threads()
-                openblas_set_num_threads(1)
-                defer { openblas_set_num_threads(saved) }
+            let work = {
                 WorkerPool.shared.run(workers: workers) { _ in
                     let kernel = TileKernel(
                         problem: problem, tiling: tile, kernels: cpu, maxRows: maxRows, buffers: buffers, mask: mask,
@@ -216,6 +216,15 @@ public struct BLASBackend: AttentionBackend {
                         body(kernel, index)
                     }
                 }
+            }
+            // With the tiled products nothing calls OpenBLAS (few-row items use the streaming kernels):
+            // no process-wide lock, so single-threaded calls from several threads run side by side.
+            guard !tiled else { return work() }
+            openBLASSerialiser.withLock { _ in
+                let saved = openblas_get_num_threads()
+                openblas_set_num_threads(1)
+                defer { openblas_set_num_threads(saved) }
+                work()
             }
         }
     }
