@@ -63,10 +63,8 @@ struct TileKernel {
     let oTile: UnsafeMutablePointer<Float>
     let kTile: UnsafeMutablePointer<Float>?
     let vTile: UnsafeMutablePointer<Float>?
-    /// With the register-tiled products: the key block transposed ([D][keyBlock]), and whether V
-    /// rows are read in place.
+    /// With the register-tiled products: the key block transposed ([D][keyBlock]).
     let keysTransposed: UnsafeMutablePointer<Float>?
-    let valuesInPlace: Bool
 
     init(
         problem: AttentionProblem, tiling: BLASTiling, kernels: CPUKernels, maxRows rows: Int,
@@ -91,15 +89,13 @@ struct TileKernel {
         let kInPlace = k.type == .f32 && k.strides.sequence >= problem.headDim
         let vInPlace = v.type == .f32 && v.strides.sequence >= problem.valueDim
         if tiledProducts {
-            // K is packed (transposed, widened) by the tiled products themselves; V needs a tile
-            // only when it cannot be read in place.
+            // K is packed (transposed, widened) by the tiled products themselves, V rows are read
+            // and widened where they lie.
             keysTransposed = .allocate(capacity: tiling.keyBlock * problem.headDim)
-            valuesInPlace = vInPlace
             kTile = nil
-            vTile = vInPlace ? nil : .allocate(capacity: tiling.keyBlock * problem.valueDim)
+            vTile = nil
         } else {
             keysTransposed = nil
-            valuesInPlace = false
             kTile = kInPlace && vInPlace ? nil : .allocate(capacity: tiling.keyBlock * problem.headDim)
             vTile = kInPlace && vInPlace ? nil : .allocate(capacity: tiling.keyBlock * problem.valueDim)
         }
@@ -117,7 +113,6 @@ struct TileKernel {
         var floats = rows * (p.headDim + p.valueDim)
         if tiledProducts {
             floats += keyBlock * p.headDim
-            if p.storage.keyValue != .f32 { floats += keyBlock * p.valueDim }
         } else if p.storage.keyValue != .f32 {
             floats += keyBlock * (p.headDim + p.valueDim)
         }
@@ -218,15 +213,9 @@ struct TileKernel {
                     applyVisibility(item, span: span, rows: rowCount, keyStart: j0, width: width)
                 }
                 cpu.softmax_update(scores, ld, rowCount, width, rowMax, rowSum, r.o, r.ldo, dv)
-                let vRows = v.row(item.batch, group, j0)
-                if valuesInPlace {
-                    cpu.pv_tile(
-                        rowCount, width, scores, ld, vRows.assumingMemoryBound(to: Float.self), v.strides.sequence, dv,
-                        r.o, r.ldo)
-                } else if let vTile {
-                    cpu.load_rows(v.dtype, vRows, v.strides.sequence, width, dv, vTile, dv)
-                    cpu.pv_tile(rowCount, width, scores, ld, vTile, dv, dv, r.o, r.ldo)
-                }
+                cpu.pv_tile(
+                    rowCount, width, scores, ld, v.dtype, v.row(item.batch, group, j0), v.strides.sequence, dv, r.o,
+                    r.ldo)
                 j0 = j1
                 continue
             }

@@ -808,17 +808,19 @@ static void AK_FN(pack_keys)(int dtype, const void *k, ptrdiff_t ldk, ptrdiff_t 
     }
 }
 
-/// out[r][16v + t] += sum_j p[r][j] v[j][16v + t] for r < mr, v < nv (constants after inlining).
-static inline __attribute__((always_inline)) void pv_micro(const int mr, const int nv, ptrdiff_t width,
-                                                            const float *p, ptrdiff_t ld, const float *v,
-                                                            ptrdiff_t ldv, float *out, ptrdiff_t ldo) {
+/// out[r][16v + t] += sum_j p[r][j] v[j][16v + t] for r < mr, v < nv (constants after inlining);
+/// V rows stored as `dtype` (a constant after inlining), widened in registers.
+static inline __attribute__((always_inline)) void pv_micro(const int dtype, const int mr, const int nv,
+                                                            ptrdiff_t width, const float *p, ptrdiff_t ld,
+                                                            const char *v, ptrdiff_t row_bytes, float *out,
+                                                            ptrdiff_t ldo) {
     v16f acc[AK_PV_ROWS][AK_PV_VECS];
     for (int r = 0; r < mr; r++)
         for (int x = 0; x < nv; x++) acc[r][x] = load16(out + r * ldo + 16 * x);
     for (ptrdiff_t j = 0; j < width; j++) {
-        const float *v_row = v + j * ldv;
+        const char *v_row = v + j * row_bytes;
         v16f vv[AK_PV_VECS];
-        for (int x = 0; x < nv; x++) vv[x] = load16(v_row + 16 * x);
+        for (int x = 0; x < nv; x++) vv[x] = load16_as(dtype, v_row, 16 * x);
         for (int r = 0; r < mr; r++) {
             const v16f pb = splat(p[r * ld + j]);
             for (int x = 0; x < nv; x++) acc[r][x] = AK_FMA(pb, vv[x], acc[r][x]);
@@ -828,31 +830,45 @@ static inline __attribute__((always_inline)) void pv_micro(const int mr, const i
         for (int x = 0; x < nv; x++) store16(out + r * ldo + 16 * x, acc[r][x]);
 }
 
-/// Output columns [c0, c0 + 16 nv) for every row (nv a constant after inlining).
-static inline __attribute__((always_inline)) void pv_columns(const int nv, ptrdiff_t rows, ptrdiff_t width,
-                                                              const float *p, ptrdiff_t ld, const float *v,
-                                                              ptrdiff_t ldv, float *out, ptrdiff_t ldo) {
+/// Output columns [c0, c0 + 16 nv) for every row (dtype and nv constants after inlining).
+static inline __attribute__((always_inline)) void pv_columns(const int dtype, const int nv, ptrdiff_t rows,
+                                                              ptrdiff_t width, const float *p, ptrdiff_t ld,
+                                                              const char *v, ptrdiff_t row_bytes, float *out,
+                                                              ptrdiff_t ldo) {
     ptrdiff_t r = 0;
     for (; r + AK_PV_ROWS <= rows; r += AK_PV_ROWS)
-        pv_micro(AK_PV_ROWS, nv, width, p + r * ld, ld, v, ldv, out + r * ldo, ldo);
-    for (; r < rows; r++) pv_micro(1, nv, width, p + r * ld, ld, v, ldv, out + r * ldo, ldo);
+        pv_micro(dtype, AK_PV_ROWS, nv, width, p + r * ld, ld, v, row_bytes, out + r * ldo, ldo);
+    for (; r < rows; r++) pv_micro(dtype, 1, nv, width, p + r * ld, ld, v, row_bytes, out + r * ldo, ldo);
 }
 
-static void AK_FN(pv_tile)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, const float *v,
-                           ptrdiff_t ldv, ptrdiff_t dv, float *out, ptrdiff_t ldo) {
+static inline __attribute__((always_inline)) void pv_tile_body(const int dtype, ptrdiff_t rows, ptrdiff_t width,
+                                                                const float *p, ptrdiff_t ld, const void *v,
+                                                                ptrdiff_t ldv, ptrdiff_t dv, float *out,
+                                                                ptrdiff_t ldo) {
+    const ptrdiff_t size = dtype_size(dtype), row_bytes = ldv * size;
+    const char *base = (const char *)v;
     ptrdiff_t c = 0;
     for (; c + 16 * AK_PV_VECS <= dv; c += 16 * AK_PV_VECS)
-        pv_columns(AK_PV_VECS, rows, width, p, ld, v + c, ldv, out + c, ldo);
+        pv_columns(dtype, AK_PV_VECS, rows, width, p, ld, base + c * size, row_bytes, out + c, ldo);
     switch ((dv - c) / 16) {
 #if AK_PV_VECS > 3
-    case 3: pv_columns(3, rows, width, p, ld, v + c, ldv, out + c, ldo); break;
+    case 3: pv_columns(dtype, 3, rows, width, p, ld, base + c * size, row_bytes, out + c, ldo); break;
 #endif
 #if AK_PV_VECS > 2
-    case 2: pv_columns(2, rows, width, p, ld, v + c, ldv, out + c, ldo); break;
+    case 2: pv_columns(dtype, 2, rows, width, p, ld, base + c * size, row_bytes, out + c, ldo); break;
 #endif
     default:
-        for (; c < dv; c += 16) pv_columns(1, rows, width, p, ld, v + c, ldv, out + c, ldo);
+        for (; c < dv; c += 16) pv_columns(dtype, 1, rows, width, p, ld, base + c * size, row_bytes, out + c, ldo);
         break;
+    }
+}
+
+static void AK_FN(pv_tile)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, int v_dtype, const void *v,
+                           ptrdiff_t ldv, ptrdiff_t dv, float *out, ptrdiff_t ldo) {
+    switch (v_dtype) {
+    case AK_DTYPE_F16: pv_tile_body(AK_DTYPE_F16, rows, width, p, ld, v, ldv, dv, out, ldo); break;
+    case AK_DTYPE_BF16: pv_tile_body(AK_DTYPE_BF16, rows, width, p, ld, v, ldv, dv, out, ldo); break;
+    default: pv_tile_body(AK_DTYPE_F32, rows, width, p, ld, v, ldv, dv, out, ldo); break;
     }
 }
 

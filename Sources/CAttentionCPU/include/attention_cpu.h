@@ -111,9 +111,10 @@ typedef struct ak_cpu_kernels {
                     ptrdiff_t ldk, float scale, float *scores, ptrdiff_t ld);
 
     /// out[r][c] += sum over j < width of p[r][j] * v[j][c], for r < rows and c < dv, where dv is a
-    /// multiple of 16; V is fp32 with rows `ldv` apart: register-tiled, for many rows.
-    void (*pv_tile)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, const float *v, ptrdiff_t ldv,
-                    ptrdiff_t dv, float *out, ptrdiff_t ldo);
+    /// multiple of 16; V rows are `ldv` elements apart, stored as `v_dtype` and widened in registers:
+    /// register-tiled, for many rows.
+    void (*pv_tile)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, int v_dtype, const void *v,
+                    ptrdiff_t ldv, ptrdiff_t dv, float *out, ptrdiff_t ldo);
 
     /// y = e^x and y = tanh(x) with the kernels' own approximations (for tests).
     void (*exp)(const float *x, float *y, ptrdiff_t count);
