@@ -342,7 +342,7 @@ static inline ptrdiff_t dtype_size(int dtype) { return dtype == AK_DTYPE_F32 ? 4
 enum { AK_PREFETCH_ROWS = 8 };
 
 static inline __attribute__((always_inline)) void prefetch_row(const char *row, ptrdiff_t bytes) {
-    for (ptrdiff_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 0);
+    for (ptrdiff_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
 }
 
 /// Query rows the streaming kernels keep in registers at once (larger row counts run in chunks).
@@ -407,22 +407,9 @@ static inline __attribute__((always_inline)) void dot_scores_body(
         for (ptrdiff_t j = 0; j < width; j++) {
             const char *k_row = (const char *)k + j * row_bytes;
             if (j + AK_PREFETCH_ROWS < width) prefetch_row(k_row + AK_PREFETCH_ROWS * row_bytes, used_bytes);
-            if (dtype == AK_DTYPE_F32) {
-                // fp32: one row at a time, its accumulator in a register (K chunks come from L1).
-                for (ptrdiff_t r = 0; r < n; r++) {
-                    const float *q_row = qs + r * ldq;
-                    v16f acc = splat(0.0f);
-                    ptrdiff_t c = 0;
-                    for (; c < vector_end; c += 16) acc = AK_FMA(load16(q_row + c), load16_as(dtype, k_row, c), acc);
-                    float dot = hsum16(acc);
-                    for (; c < d; c++) dot += q_row[c] * load1_as(dtype, k_row, c);
-                    scores[(r0 + r) * ld + j] = dot * scale;
-                }
-                continue;
-            }
-            // fp16/bf16: each K element is widened once and used by every query row; the row count
+            // Each K element is loaded (and widened) once and used by every query row; the row count
             // is a constant in each case so the accumulators stay in registers. Up to four rows
-            // (decode with GQA groups of up to 4): four keys at a time.
+            // (decode with GQA groups of up to 4): four keys at a time, their sums reduced together.
             if (n <= 4 && j + 4 <= width) {
                 if (j + AK_PREFETCH_ROWS + 3 < width) {
                     for (int t = 1; t < 4; t++) prefetch_row(k_row + (AK_PREFETCH_ROWS + t) * row_bytes, used_bytes);
