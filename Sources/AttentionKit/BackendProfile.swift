@@ -21,6 +21,9 @@ public struct BackendProfile: Codable, Sendable, Equatable {
     public var blasTilings: [Tuned<BLASTiling>]?
     /// Tuned OpenCL kernel configurations by head dimension (OpenCL only).
     public var openclConfigs: [Tuned<OpenCLKernelConfig>]?
+    /// How BLAS prefill tiles compute their products, where `attnbench tune` found one faster than
+    /// the default (BLAS only; nil: `.automatic`).
+    public var blasProducts: BLASProducts?
 
     public struct HeadDimCurve: Codable, Sendable, Equatable {
         public var headDim: Int

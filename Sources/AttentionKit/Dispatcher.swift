@@ -50,7 +50,8 @@ public struct Dispatcher: Sendable {
                 backend = NaiveBackend()
             case .blas:
                 backend = BLASBackend(
-                    threads: threads, tunedTilings: entry.blasTilings ?? [], configuration: configuration)
+                    threads: threads, tunedTilings: entry.blasTilings ?? [], products: entry.blasProducts ?? .automatic,
+                    configuration: configuration)
             case .opencl(let device):
                 backend = OpenCLBackend(device: device, tunedConfigs: entry.openclConfigs ?? [])
             }

@@ -79,6 +79,7 @@ struct Devices: ParsableCommand {
             var line =
                 "  \(b.backend): \(format(g64)) GFLOP/s at N=2k D64, \(format(g128)) at D128; decode "
                 + "\(format(b.decodeGBps.value(at: 32768))) GB/s; overhead \(format(b.overheadSeconds * 1e6)) us"
+            if let products = b.blasProducts { line += "; \(products) products" }
             if let t = b.blasTilings {
                 line += "; tilings " + t.map { "D\($0.headDim) \($0.value)" }.joined(separator: ", ")
             }

@@ -52,11 +52,17 @@ struct Tune: ParsableCommand {
     }
 
     private func tuneBackend(_ base: BackendProfile, progress: Progress) throws -> BackendProfile {
-        let tuner = BackendTuner(id: base.backend, quick: quick)
+        var tuner = BackendTuner(id: base.backend, quick: quick)
         var profile = base
         var curves: [BackendProfile.HeadDimCurve] = []
         var tilings: [Tuned<BLASTiling>] = []
         var configs: [Tuned<OpenCLKernelConfig>] = []
+        // 0. BLAS: SGEMM against the CPU variant's tiled products, where the variant has them.
+        if base.backend == .blas {
+            tuner.products = try tuner.bestProducts()
+            profile.blasProducts = tuner.products
+            progress.step("blas products: \(tuner.products)")
+        }
         for d in [64, 128] {
             // 1. Block sizes, then 2. throughput against sequence length with them.
             let best = try tuner.bestBlockSizes(headDim: d)
@@ -88,7 +94,8 @@ struct Tune: ParsableCommand {
                 }.joined(separator: " ")
             }
             let blocks =
-                (b.blasTilings?.map { "D\($0.headDim) \($0.value)" } ?? [])
+                (b.blasProducts.map { ["\($0) products"] } ?? [])
+                + (b.blasTilings?.map { "D\($0.headDim) \($0.value)" } ?? [])
                 + (b.openclConfigs?.map {
                     "D\($0.headDim) vec\($0.value.vectorWidth) rows\($0.value.rows) "
                         + "wg\($0.value.workGroup)\($0.value.useLocalMemory ? " local" : "")"
@@ -164,6 +171,8 @@ func measureGFLOPS(_ backend: any AttentionBackend, shape: ShapeSpec, repetition
 private struct BackendTuner {
     let id: BackendID
     let quick: Bool
+    /// The BLAS products every measurement uses.
+    var products = BLASProducts.automatic
 
     var device: Int? {
         if case .opencl(let device) = id { return device }
@@ -172,7 +181,7 @@ private struct BackendTuner {
 
     /// The backend with given block sizes (nil: its own choice).
     func backend(tiling: BLASTiling? = nil, config: OpenCLKernelConfig? = nil) -> any AttentionBackend {
-        guard let device else { return BLASBackend(tiling: tiling) }
+        guard let device else { return BLASBackend(tiling: tiling, products: products) }
         return OpenCLBackend(device: device, config: config)
     }
 
@@ -192,7 +201,7 @@ private struct BackendTuner {
             let candidates = [(128, 512), (256, 256), (128, 256), (64, 256), (256, 512)].map {
                 BLASTiling(queryRows: $0.0, keyBlock: $0.1)
             }
-            let scored = try candidates.map { ($0, try score(BLASBackend(tiling: $0))) }
+            let scored = try candidates.map { ($0, try score(BLASBackend(tiling: $0, products: products))) }
             return (scored.max { $0.1 < $1.1 }?.0, nil)
         }
         guard let table = OpenCLBackend(device: device).kernelConfig(for: try probe.problem()) else {
@@ -213,6 +222,23 @@ private struct BackendTuner {
         }
         let scored = try variants.map { ($0, try score(OpenCLBackend(device: device, config: $0))) }
         return (nil, scored.max { $0.1 < $1.1 }?.0)
+    }
+
+    /// `.sgemm` or `.tiled`, whichever ran the D64 and D128 prefill probes (full and causal) faster;
+    /// `.automatic` where the CPU variant has no tiled products worth trying (baseline).
+    func bestProducts() throws -> BLASProducts {
+        guard let isa = BLASBackend().isa, isa != .baseline else { return .automatic }
+        var seconds: [BLASProducts: Double] = [:]
+        for products in [BLASProducts.sgemm, .tiled] {
+            let backend = BLASBackend(products: products)
+            for d in [64, 128] {
+                for causal in [false, true] {
+                    let shape = ShapeSpec.make("probe", hq: 8, nq: 1024, d: d, causal: causal)
+                    seconds[products, default: 0] += try measureSeconds(backend, shape: shape, repetitions: 3)
+                }
+            }
+        }
+        return (seconds[.sgemm] ?? 0) < (seconds[.tiled] ?? 0) ? .sgemm : .tiled
     }
 
     /// GFLOP/s against sequence length.

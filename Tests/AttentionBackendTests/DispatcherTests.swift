@@ -1,3 +1,4 @@
+import AttentionBLAS
 import AttentionKit
 import Foundation
 import Testing
@@ -132,6 +133,22 @@ func problem(
         )
         #expect(abs(tc / tf - 0.5) < 0.01)
         #expect(tw < tc / 7)
+    }
+
+    /// `attnbench tune` stores which BLAS products were faster; the dispatcher builds BLAS with them.
+    @Test(arguments: [BLASProducts.sgemm, .tiled, nil])
+    func tunedBLASProductsAreUsed(_ products: BLASProducts?) throws {
+        let configuration = AttentionConfiguration()
+        var profile = MachineProfile.defaults(configuration: configuration)
+        for index in profile.backends.indices where profile.backends[index].backend == .blas {
+            profile.backends[index].blasProducts = products
+        }
+        let dispatcher = Dispatcher(configuration: configuration, profile: profile)
+        let blas = try #require(try dispatcher.backend(.blas) as? BLASBackend)
+        #expect(blas.products == products ?? .automatic)
+        // And a stored profile says it in JSON, read back unchanged.
+        let decoded = try JSONDecoder().decode(MachineProfile.self, from: JSONEncoder().encode(profile))
+        #expect(decoded == profile)
     }
 
     @Test func curvesInterpolateInLogLength() {
