@@ -68,8 +68,9 @@ public final class OpenCLDevice: @unchecked Sendable {
 
     /// Runs `body` with exclusive use of the device's context, queue and caches.
     ///
-    /// When `body` fails, the queue is drained (best effort) before the error goes back, so that no
-    /// command of the failed call still reads or writes the caller's memory afterwards.
+    /// When `body` fails, the queue is drained before the error goes back (clFinish; if that fails
+    /// too, a blocking read enqueued behind the call's commands), so that no command of the failed
+    /// call still reads or writes the caller's memory afterwards.
     package func withExecution<R>(_ body: (ExecutionState) throws(OpenCLError) -> R) throws(OpenCLError) -> R {
         lock.lock()
         defer { lock.unlock() }
@@ -83,7 +84,13 @@ public final class OpenCLDevice: @unchecked Sendable {
         do {
             return try body(current)
         } catch {
-            _ = library.api.Finish(current.queue.handle)
+            // clFinish, or when it fails itself, a blocking read behind everything already enqueued
+            // (the queue is in order): either returns only once earlier commands are done.
+            if library.api.Finish(current.queue.handle) != CL_SUCCESS {
+                var word: UInt32 = 0
+                _ = library.api.EnqueueReadBuffer(
+                    current.queue.handle, current.placeholder.handle, cl_bool(CL_TRUE), 0, 4, &word, 0, nil, nil)
+            }
             throw error
         }
     }
