@@ -11,8 +11,8 @@ import Synchronization
 /// blocks: S = scale·Q_blk·K_blkᵀ, softcap and masking where the block needs them, an online
 /// softmax (running max and sum, polynomial exp), O += P·V_blk, and finally O /= l,
 /// lse = m + log l. The two products are the CPU variant's register-tiled kernels (K block packed
-/// once, accumulators in registers; `products`, `usesTiledProducts(_:)`) or `cblas_sgemm`. The Nq × Nk score matrix is never materialised: extra
-/// memory is `tiling.scratchBytesPerThread` per thread (about 256 KiB for D = 64), independent of N.
+/// once, accumulators in registers; `products`, `usesTiledProducts(_:)`) or `cblas_sgemm`. The
+/// Nq × Nk score matrix is never materialised: extra memory is `tiling.scratchBytesPerThread` per thread (about 256 KiB for D = 64), independent of N.
 ///
 /// - Causal and window rules skip key blocks that no row of the item can see; only blocks that
 ///   straddle a boundary (or any block, with an explicit mask) pay for per-element masking.

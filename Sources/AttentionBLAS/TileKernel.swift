@@ -197,52 +197,49 @@ struct TileKernel {
         rowMax.update(repeating: -.infinity, count: rowCount)
         rowSum.update(repeating: 0, count: rowCount)
 
-        // Few rows (decode): streaming loops instead of SGEMM, which would pack whole K/V blocks
-        // for a handful of rows; here K and V are read once, each row of them used by every query row.
-        let streaming = rowCount <= Self.streamingRows
+        // Few rows (decode): streaming loops instead of the tiled products or SGEMM, which pack whole
+        // K/V blocks for a handful of rows; here K and V are read once, each row of them used by every
+        // query row, widened in registers as they pass.
+        let products: BlockProducts =
+            rowCount <= Self.streamingRows ? .streaming : keysTransposed.map { .tiled($0) } ?? .sgemm
         var j0 = first.lo
         while j0 <= last.hi {
             let j1 = min(last.hi + 1, j0 + tiling.keyBlock)
             let width = j1 - j0
-            // Streaming products read K and V as stored (widened in registers); SGEMM needs fp32 rows.
-            if let kt = keysTransposed, !streaming {
-                cpu.pack_keys(k.dtype, k.row(item.batch, group, j0), k.strides.sequence, width, d, kt, tiling.keyBlock)
+            let kRows = k.row(item.batch, group, j0)
+            let vRows = v.row(item.batch, group, j0)
+            // SGEMM needs fp32 rows (converted K and V blocks unless they are fp32 in place).
+            var kv: (k: UnsafePointer<Float>, ldk: Int, v: UnsafePointer<Float>, ldv: Int)?
+            switch products {
+            case .tiled(let kt):
+                cpu.pack_keys(k.dtype, kRows, k.strides.sequence, width, d, kt, tiling.keyBlock)
                 cpu.qk_tile(rowCount, width, d, r.q, r.ldq, kt, tiling.keyBlock, p.scale, scores, ld)
-                if let cap = p.options.softcap { cpu.softcap(scores, ld, rowCount, width, cap) }
-                if hasMask || j0 < last.lo || j1 - 1 > first.hi {
-                    applyVisibility(item, span: span, rows: rowCount, keyStart: j0, width: width)
-                }
-                cpu.softmax_update(scores, ld, rowCount, width, rowMax, rowSum, r.o, r.ldo, dv)
-                cpu.pv_tile(
-                    rowCount, width, scores, ld, v.dtype, v.row(item.batch, group, j0), v.strides.sequence, dv, r.o,
-                    r.ldo)
-                j0 = j1
-                continue
-            }
-            let kv: (k: UnsafePointer<Float>, ldk: Int, v: UnsafePointer<Float>, ldv: Int)? =
-                streaming ? nil : keyValueBlock(batch: item.batch, group: group, start: j0, width: width)
-            if let kv {
+            case .sgemm:
+                let block = keyValueBlock(batch: item.batch, group: group, start: j0, width: width)
+                kv = block
                 cblas_sgemm(
                     CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rowCount), Int32(width), Int32(d),
-                    p.scale, r.q, Int32(r.ldq), kv.k, Int32(kv.ldk), 0, scores, Int32(ld))
-            } else {
+                    p.scale, r.q, Int32(r.ldq), block.k, Int32(block.ldk), 0, scores, Int32(ld))
+            case .streaming:
                 cpu.dot_scores(
-                    rowCount, width, r.q, r.ldq, k.dtype, k.row(item.batch, group, j0), k.strides.sequence, d, p.scale,
-                    scores, ld)
+                    rowCount, width, r.q, r.ldq, k.dtype, kRows, k.strides.sequence, d, p.scale, scores, ld)
             }
             if let cap = p.options.softcap { cpu.softcap(scores, ld, rowCount, width, cap) }
             if hasMask || j0 < last.lo || j1 - 1 > first.hi {
                 applyVisibility(item, span: span, rows: rowCount, keyStart: j0, width: width)
             }
             cpu.softmax_update(scores, ld, rowCount, width, rowMax, rowSum, r.o, r.ldo, dv)
-            if let kv {
-                cblas_sgemm(
-                    CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rowCount), Int32(dv), Int32(width),
-                    1, scores, Int32(ld), kv.v, Int32(kv.ldv), 1, r.o, Int32(r.ldo))
-            } else {
-                cpu.accumulate(
-                    rowCount, width, scores, ld, v.dtype, v.row(item.batch, group, j0), v.strides.sequence, dv, r.o,
-                    r.ldo)
+            switch products {
+            case .tiled:
+                cpu.pv_tile(rowCount, width, scores, ld, v.dtype, vRows, v.strides.sequence, dv, r.o, r.ldo)
+            case .sgemm:
+                if let kv {
+                    cblas_sgemm(
+                        CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rowCount), Int32(dv), Int32(width),
+                        1, scores, Int32(ld), kv.v, Int32(kv.ldv), 1, r.o, Int32(r.ldo))
+                }
+            case .streaming:
+                cpu.accumulate(rowCount, width, scores, ld, v.dtype, vRows, v.strides.sequence, dv, r.o, r.ldo)
             }
             j0 = j1
         }
@@ -252,6 +249,16 @@ struct TileKernel {
             let out = o.row(item.batch, item.head + hh, item.queryStart)
             cpu.store_rows(o.dtype, r.o + hh * span * dv, dv, span, dv, out, o.strides.sequence)
         }
+    }
+
+    /// How an item computes S = Q Kᵀ and O += P V for each key block.
+    private enum BlockProducts {
+        /// The CPU variant's register-tiled kernels, K packed into this [D][keyBlock] tile.
+        case tiled(UnsafeMutablePointer<Float>)
+        /// Two `cblas_sgemm` calls.
+        case sgemm
+        /// Few rows: the streaming kernels (K and V read once, as stored).
+        case streaming
     }
 
     /// Items with at most this many query rows use the streaming products (K and V read once)

@@ -50,34 +50,33 @@ public struct MachineProfile: Codable, Sendable, Equatable {
     /// outdated one means defaults whose `source` says which file was ignored and why. Never throws.
     public static func load(configuration: AttentionConfiguration) -> MachineProfile {
         let identity = identity(configuration: configuration)
-        guard let url = fileURL(configuration: configuration), FileManager.default.fileExists(atPath: url.path) else {
-            return defaults(configuration: configuration)
-        }
         var isFolder: ObjCBool = false
+        guard let url = fileURL(configuration: configuration),
+            FileManager.default.fileExists(atPath: url.path, isDirectory: &isFolder)
+        else { return defaults(configuration: configuration) }
         // Folders and empty files are told apart before reading: Foundation's Data(contentsOf:) leaks a
         // buffer on both (seen under LeakSanitizer).
         let size = (try? FileManager.default.attributesOfItem(atPath: url.path)[.size] as? Int) ?? nil
-        if FileManager.default.fileExists(atPath: url.path, isDirectory: &isFolder), isFolder.boolValue || size == 0 {
-            var profile = defaults(configuration: configuration)
-            let what =
-                isFolder.boolValue ? "unreadable: a folder, not a file" : "not a profile: invalid JSON (empty file)"
-            profile.source += " (\(url.path) ignored: \(what))"
-            return profile
-        }
         let reason: String
-        do {
-            let stored = try JSONDecoder().decode(MachineProfile.self, from: Data(contentsOf: url))
-            if stored.identity != identity {
-                reason = "measured on another machine or configuration (\(stored.identity))"
-            } else if let problem = stored.problem {
-                reason = "invalid value: \(problem)"
-            } else {
-                return stored
+        if isFolder.boolValue {
+            reason = "unreadable: a folder, not a file"
+        } else if size == 0 {
+            reason = "not a profile: invalid JSON (empty file)"
+        } else {
+            do {
+                let stored = try JSONDecoder().decode(MachineProfile.self, from: Data(contentsOf: url))
+                if stored.identity != identity {
+                    reason = "measured on another machine or configuration (\(stored.identity))"
+                } else if let problem = stored.problem {
+                    reason = "invalid value: \(problem)"
+                } else {
+                    return stored
+                }
+            } catch let error as DecodingError {
+                reason = "not a profile: \(describe(error))"
+            } catch {
+                reason = "unreadable: \(error.localizedDescription)"
             }
-        } catch let error as DecodingError {
-            reason = "not a profile: \(describe(error))"
-        } catch {
-            reason = "unreadable: \(error.localizedDescription)"
         }
         var profile = defaults(configuration: configuration)
         profile.source += " (\(url.path) ignored: \(reason))"

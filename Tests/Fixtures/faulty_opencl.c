@@ -69,6 +69,24 @@ static void made(int kind) {
 }
 
 #define FORWARD(name, ...) ((__typeof__(&name))real(#name))(__VA_ARGS__)
+
+/// In a stand-in that returns an object or pointer (clCreate*, clEnqueueMapBuffer): an armed fault
+/// returns NULL with its status in `*status`.
+#define FAIL_CREATE(name)                                                                                   \
+    do {                                                                                                    \
+        if (should_fail(#name)) {                                                                           \
+            if (status != NULL) *status = fault_status;                                                     \
+            return NULL;                                                                                    \
+        }                                                                                                   \
+    } while (0)
+
+/// The body of a clRelease* stand-in: forwards, and counts the object gone when the driver agrees.
+#define RELEASE(name, kind, object)                                                                         \
+    do {                                                                                                    \
+        cl_int released = FORWARD(name, object);                                                            \
+        if (released == CL_SUCCESS) atomic_fetch_sub(&live[kind], 1);                                       \
+        return released;                                                                                    \
+    } while (0)
 #define MISSING_REAL(name) (real(#name) == NULL)
 
 // MARK: Control (called by the tests through dlsym)
@@ -154,54 +172,39 @@ cl_int clGetDeviceInfo(cl_device_id device, cl_device_info param, size_t size, v
 cl_context clCreateContext(const cl_context_properties *properties, cl_uint count, const cl_device_id *devices,
                            void(CL_CALLBACK *notify)(const char *, const void *, size_t, void *), void *user,
                            cl_int *status) {
-    if (should_fail("clCreateContext")) {
-        if (status != NULL) *status = fault_status;
-        return NULL;
-    }
+    FAIL_CREATE(clCreateContext);
     cl_context context = FORWARD(clCreateContext, properties, count, devices, notify, user, status);
     if (context != NULL) made(KIND_CONTEXT);
     return context;
 }
 
 cl_int clReleaseContext(cl_context context) {
-    cl_int status = FORWARD(clReleaseContext, context);
-    if (status == CL_SUCCESS) atomic_fetch_sub(&live[KIND_CONTEXT], 1);
-    return status;
+    RELEASE(clReleaseContext, KIND_CONTEXT, context);
 }
 
 cl_command_queue clCreateCommandQueue(cl_context context, cl_device_id device, cl_command_queue_properties properties,
                                       cl_int *status) {
-    if (should_fail("clCreateCommandQueue")) {
-        if (status != NULL) *status = fault_status;
-        return NULL;
-    }
+    FAIL_CREATE(clCreateCommandQueue);
     cl_command_queue queue = FORWARD(clCreateCommandQueue, context, device, properties, status);
     if (queue != NULL) made(KIND_QUEUE);
     return queue;
 }
 
 cl_int clReleaseCommandQueue(cl_command_queue queue) {
-    cl_int status = FORWARD(clReleaseCommandQueue, queue);
-    if (status == CL_SUCCESS) atomic_fetch_sub(&live[KIND_QUEUE], 1);
-    return status;
+    RELEASE(clReleaseCommandQueue, KIND_QUEUE, queue);
 }
 
 // MARK: Buffers
 
 cl_mem clCreateBuffer(cl_context context, cl_mem_flags flags, size_t size, void *host, cl_int *status) {
-    if (should_fail("clCreateBuffer")) {
-        if (status != NULL) *status = fault_status;
-        return NULL;
-    }
+    FAIL_CREATE(clCreateBuffer);
     cl_mem mem = FORWARD(clCreateBuffer, context, flags, size, host, status);
     if (mem != NULL) made(KIND_MEM);
     return mem;
 }
 
 cl_int clReleaseMemObject(cl_mem mem) {
-    cl_int status = FORWARD(clReleaseMemObject, mem);
-    if (status == CL_SUCCESS) atomic_fetch_sub(&live[KIND_MEM], 1);
-    return status;
+    RELEASE(clReleaseMemObject, KIND_MEM, mem);
 }
 
 cl_int clEnqueueWriteBuffer(cl_command_queue queue, cl_mem buffer, cl_bool blocking, size_t offset, size_t size,
@@ -224,10 +227,7 @@ cl_int clEnqueueFillBuffer(cl_command_queue queue, cl_mem buffer, const void *pa
 
 void *clEnqueueMapBuffer(cl_command_queue queue, cl_mem buffer, cl_bool blocking, cl_map_flags flags, size_t offset,
                          size_t size, cl_uint waits, const cl_event *list, cl_event *event, cl_int *status) {
-    if (should_fail("clEnqueueMapBuffer")) {
-        if (status != NULL) *status = fault_status;
-        return NULL;
-    }
+    FAIL_CREATE(clEnqueueMapBuffer);
     return FORWARD(clEnqueueMapBuffer, queue, buffer, blocking, flags, offset, size, waits, list, event, status);
 }
 
@@ -245,10 +245,7 @@ static atomic_int failed_build_count;
 
 cl_program clCreateProgramWithSource(cl_context context, cl_uint count, const char **strings, const size_t *lengths,
                                      cl_int *status) {
-    if (should_fail("clCreateProgramWithSource")) {
-        if (status != NULL) *status = fault_status;
-        return NULL;
-    }
+    FAIL_CREATE(clCreateProgramWithSource);
     cl_program program = FORWARD(clCreateProgramWithSource, context, count, strings, lengths, status);
     if (program != NULL) made(KIND_PROGRAM);
     return program;
@@ -306,25 +303,18 @@ cl_int clReleaseProgram(cl_program program) {
     int count = atomic_load(&failed_build_count);
     for (int i = 0; i < count && i < 64; i++)
         if (failed_builds[i] == program) failed_builds[i] = NULL;
-    cl_int status = FORWARD(clReleaseProgram, program);
-    if (status == CL_SUCCESS) atomic_fetch_sub(&live[KIND_PROGRAM], 1);
-    return status;
+    RELEASE(clReleaseProgram, KIND_PROGRAM, program);
 }
 
 cl_kernel clCreateKernel(cl_program program, const char *name, cl_int *status) {
-    if (should_fail("clCreateKernel")) {
-        if (status != NULL) *status = fault_status;
-        return NULL;
-    }
+    FAIL_CREATE(clCreateKernel);
     cl_kernel kernel = FORWARD(clCreateKernel, program, name, status);
     if (kernel != NULL) made(KIND_KERNEL);
     return kernel;
 }
 
 cl_int clReleaseKernel(cl_kernel kernel) {
-    cl_int status = FORWARD(clReleaseKernel, kernel);
-    if (status == CL_SUCCESS) atomic_fetch_sub(&live[KIND_KERNEL], 1);
-    return status;
+    RELEASE(clReleaseKernel, KIND_KERNEL, kernel);
 }
 
 cl_int clSetKernelArg(cl_kernel kernel, cl_uint index, size_t size, const void *value) {
