@@ -85,9 +85,10 @@ struct TileKernel {
         rowSum = .allocate(capacity: rows)
         qTile = .allocate(capacity: rows * problem.headDim)
         oTile = .allocate(capacity: rows * problem.valueDim)
-        // SGEMM reads K/V blocks in place only when they are fp32 with rows at least a row apart.
-        let kInPlace = k.type == .f32 && k.strides.sequence >= problem.headDim
-        let vInPlace = v.type == .f32 && v.strides.sequence >= problem.valueDim
+        // SGEMM reads K/V blocks in place only when they are fp32 with rows at least a row apart and
+        // a leading dimension it can take (32-bit).
+        let kInPlace = k.type == .f32 && (problem.headDim...Self.sgemmLimit).contains(k.strides.sequence)
+        let vInPlace = v.type == .f32 && (problem.valueDim...Self.sgemmLimit).contains(v.strides.sequence)
         if tiledProducts {
             // K is packed (transposed, widened) by the tiled products themselves, V rows are read
             // and widened where they lie.
@@ -130,7 +131,8 @@ struct TileKernel {
     /// (at least a row: SGEMM refuses shorter leading dimensions); nil when they must be gathered.
     func queryRowsInPlace(of item: WorkItem) -> (UnsafePointer<Float>, Int)? {
         let span = item.queryEnd - item.queryStart
-        guard q.type == .f32, let ldq = q.uniformRowStride(heads: item.headCount, span: span), ldq >= p.headDim
+        guard q.type == .f32, let ldq = q.uniformRowStride(heads: item.headCount, span: span),
+            (p.headDim...Self.sgemmLimit).contains(ldq)
         else { return nil }
         return (UnsafePointer(q.row(item.batch, item.head, item.queryStart).assumingMemoryBound(to: Float.self)), ldq)
     }
@@ -152,7 +154,9 @@ struct TileKernel {
         let (b, h, start) = (item.batch, item.head, item.queryStart)
         let (query, ldq) = queryRowsInPlace(of: item) ?? gatherQueryRows(of: item, into: qTile)
         var result = ItemRows(q: query, ldq: ldq, o: oTile, ldo: dv, oInPlace: false)
-        if o.type == .f32, let ldo = o.uniformRowStride(heads: item.headCount, span: span), ldo >= dv {
+        if o.type == .f32, let ldo = o.uniformRowStride(heads: item.headCount, span: span),
+            (dv...Self.sgemmLimit).contains(ldo)
+        {
             result.o = o.row(b, h, start).assumingMemoryBound(to: Float.self)
             result.ldo = ldo
             result.oInPlace = true
@@ -250,6 +254,10 @@ struct TileKernel {
             cpu.store_rows(o.dtype, r.o + hh * span * dv, dv, span, dv, out, o.strides.sequence)
         }
     }
+
+    /// The largest leading dimension SGEMM takes (a 32-bit int): rows farther apart are gathered
+    /// into tiles (found by FuzzValidation: a huge V stride with Nk = 1 trapped in `Int32(ldv)`).
+    static let sgemmLimit = Int(Int32.max)
 
     /// How an item computes S = Q Kᵀ and O += P V for each key block.
     private enum BlockProducts {
