@@ -424,6 +424,14 @@ def main():
             c.record(r.returncode == 0 and "not possible: opencl:0 (no OpenCL platform" in r.stderr, "auto falls back to the CPU and says why", r.stderr.strip())
         else:
             c.failure("no such OpenCL device", base + ["--backend", "opencl", "--device", "42"], "device 42")
+            # The GPU kernel (tiles of a typical NVIDIA / small mobile GPU) on this device.
+            for vendor in ("NVIDIA", "Mali"):
+                c.parity(f"gpu-shaped-{vendor}", f32(1, 8, 37, 24), f32(1, 2, 90, 24), f32(1, 2, 90, 40),
+                         ["--causal", "--kernel-config", f"gpu={vendor}"], causal=True)
+                typed_parity(c, f"gpu-shaped-{vendor}-f16-kv-decode", f32(1, 8, 1, 64), f32(1, 2, 1500, 64),
+                             f32(1, 2, 1500, 64), layout="bshd", kvtype="f16", flags=["--kernel-config", f"gpu={vendor}"])
+            c.failure("malformed GPU tiles", base + ["--backend", "opencl", "--kernel-config", "tiles=5x4x2x8"],
+                      "5 rows do not split over 4 row groups")
             fault_checks(c, base)
         profile_checks(c)
 

@@ -54,12 +54,30 @@ extension OpenCLBackend {
                     let arguments = BatchArguments(
                         form: plan.form, lengths: try small(lengths), blockTable: try small(table),
                         pageSize: pageSize, maxPages: maxPages)
-                    // A head's rows far apart (pages, [B, N, H, D] caches): each work-item walks its
-                    // keys across every head, reading adjacent memory; else one work-item per K/V head.
-                    let acrossHeads = k.strides.sequence != batch.headDim || v.strides.sequence != batch.valueDim
-                    try launchSplitKV(
-                        problem, params, launch, call, keyValueType: k.type, acrossHeads: acrossHeads,
-                        splits: plan.splits, keysPerSplit: plan.keysPerSplit, state: state, batch: arguments)
+                    switch plan.choice {
+                    case .tiled(let tiled):
+                        // Dense Q and O (converted above where they are not).
+                        let qs = Strides.bhsd(batch.queryShape)
+                        let os = Strides.bhsd(batch.outputShape)
+                        (params.qStrideB, params.qStrideH, params.qStrideS) = (
+                            Int32(qs.batch), Int32(qs.head), Int32(qs.sequence)
+                        )
+                        (params.oStrideB, params.oStrideH, params.oStrideS) = (
+                            Int32(os.batch), Int32(os.head), Int32(os.sequence)
+                        )
+                        try launchTiled(
+                            problem, params, launch, call, tiled, keyValueType: k.type, state: state, batch: arguments)
+                    case .splitKV(let splits, let keysPerSplit):
+                        // A head's rows far apart (pages, [B, N, H, D] caches): each work-item walks its
+                        // keys across every head, reading adjacent memory; else one work-item per K/V head.
+                        let acrossHeads =
+                            k.strides.sequence != batch.headDim || v.strides.sequence != batch.valueDim
+                        try launchSplitKV(
+                            problem, params, launch, call, keyValueType: k.type, acrossHeads: acrossHeads,
+                            splits: splits, keysPerSplit: keysPerSplit, state: state, batch: arguments)
+                    case .flash:
+                        break  // never planned (batchDecodePlan)
+                    }
                     if !o.isDenseF32 { try scatter(oDense, into: (oHost, o), launch, state: state) }
                     try state.finish()
                     // The buffers the launches used live until they have finished.
@@ -72,10 +90,10 @@ extension OpenCLBackend {
     }
 
     /// The one-launch plan of a batch: the problem its kernel parameters come from (every sequence
-    /// at the longest length), the key splits, and the kernel's `BATCH_FORM`; nil when the batch
-    /// runs sequence by sequence.
+    /// at the longest length), the kernel (split-KV decode, or the tiled kernel on GPU
+    /// configurations) and its `BATCH_FORM`; nil when the batch runs sequence by sequence.
     func batchDecodePlan(_ batch: SequenceBatch)
-        -> (problem: AttentionProblem, splits: Int, keysPerSplit: Int, form: Int)?
+        -> (problem: AttentionProblem, choice: OpenCLKernelChoice, form: Int)?
     {
         let form: Int
         switch batch.layout {
@@ -89,10 +107,11 @@ extension OpenCLBackend {
                 query: [batch.count, batch.queryHeads, batch.outputShape[2], batch.headDim],
                 key: [batch.count, batch.keyValueHeads, longest, batch.headDim],
                 value: [batch.count, batch.keyValueHeads, longest, batch.valueDim], options: batch.options,
-                storage: batch.storage),
-            case .splitKV(let splits, let keysPerSplit) = kernelChoice(for: problem).choice
+                storage: batch.storage)
         else { return nil }
-        return (problem, splits, keysPerSplit, form)
+        let choice = kernelChoice(for: problem).choice
+        if case .flash = choice { return nil }
+        return (problem, choice, form)
     }
 }
 

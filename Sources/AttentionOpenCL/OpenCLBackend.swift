@@ -20,6 +20,10 @@ public struct OpenCLBackend: AttentionBackend {
     public let tunedConfigs: [Tuned<OpenCLKernelConfig>]
     /// Forces the flash kernel (`false`) or lets decode-shaped problems use split-KV (`true`).
     public let allowSplitKV: Bool
+    /// Runs the GPU table's configuration of a typical GPU of this vendor ("NVIDIA", "AMD", "Intel",
+    /// anything else: a small mobile GPU) on this device, whatever it is (`GPUTiles.GPU.typical`):
+    /// GPU-shaped kernels verified on PoCL. nil: the table for this device.
+    public var gpuShapedAs: String?
     private let index: Int
     /// The complete source of a kernel program by file name ("attention", "decode").
     private let programs: @Sendable (String) -> String?
@@ -75,18 +79,29 @@ public struct OpenCLBackend: AttentionBackend {
 
     public var id: BackendID { .opencl(device: index) }
 
+    /// This backend with the GPU table's configuration of a typical `vendor` GPU (see `gpuShapedAs`).
+    public func gpuShaped(as vendor: String) -> OpenCLBackend {
+        var copy = self
+        copy.gpuShapedAs = vendor
+        return copy
+    }
+
     /// The kernel configuration a problem runs with, decided here and nowhere else: the fixed
     /// `config` if one was given, else the tuned one of the nearest head dimension, else the table.
     public func kernelConfig(for problem: AttentionProblem) -> OpenCLKernelConfig? {
         guard let device else { return nil }
         if let config { return config }
         if let tuned = tunedConfigs.nearest(to: max(problem.headDim, problem.valueDim)) { return tuned }
+        if let vendor = gpuShapedAs {
+            return .gpu(.typical(vendor, on: device.info), headDim: problem.headDim, valueDim: problem.valueDim)
+        }
         return .default(for: device.info, headDim: problem.headDim, valueDim: problem.valueDim)
     }
 
     /// The kernel this backend would run, and why.
     public func kernelChoice(for problem: AttentionProblem) -> (choice: OpenCLKernelChoice, reason: String) {
         guard let device, let cfg = kernelConfig(for: problem) else { return (.flash, "no device") }
+        if let tiles = cfg.tiles { return tiledChoice(problem, cfg, tiles, computeUnits: device.info.computeUnits) }
         let rows = problem.groupSize * problem.queryLength
         guard allowSplitKV else { return (.flash, "split-KV disabled") }
         guard rows <= cfg.decodeRows else {
@@ -123,6 +138,9 @@ public struct OpenCLBackend: AttentionBackend {
             return .unsupported(reason: "a tensor of shape \(shape) has strides beyond the kernels' 32-bit range")
         }
         let (choice, _) = kernelChoice(for: problem)
+        if case .tiled(let launch) = choice, let reason = tiledProblem(launch.tiles, problem, device.info) {
+            return .unsupported(reason: reason)
+        }
         let sizes = bufferBytes(problem, choice: choice)
         let total = sizes.reduce(0, +)
         if let largest = sizes.max(), UInt64(largest) > device.info.maxAllocationBytes {
@@ -189,6 +207,12 @@ public struct OpenCLBackend: AttentionBackend {
             let rows = p.batch * p.queryHeads * p.queryLength
             sizes.append(4 * splits * rows * p.valueDim)
             sizes.append(4 * splits * rows)
+        case .tiled(let launch) where launch.splits > 1:
+            let rows = p.batch * p.queryHeads * p.queryLength
+            sizes.append(4 * launch.splits * rows * p.valueDim)
+            sizes.append(4 * launch.splits * rows)
+        case .tiled:
+            break
         }
         return sizes
     }
@@ -338,6 +362,8 @@ public struct OpenCLBackend: AttentionBackend {
         var source: String
         /// Gather/scatter kernels for operands that are strided or not fp32.
         var convertSource: String
+        /// The program holding decode_merge (the tiled kernel's key splits are merged by it).
+        var mergeSource: String
     }
 
     /// Resolves configuration and program source before any device work; a build that lacks a kernel
@@ -347,18 +373,21 @@ public struct OpenCLBackend: AttentionBackend {
             throw .unsupported(backend: name, reason: unavailableReason ?? "no OpenCL device")
         }
         let choice = kernelChoice(for: p).choice
-        let file: String
+        func program(_ file: String) throws(AttentionError) -> String {
+            guard let source = programs(file) else {
+                throw .backendFailure(backend: name, message: "kernel program '\(file).cl' is missing from this build")
+            }
+            return source
+        }
+        let source: String
         switch choice {
-        case .flash: file = "attention"
-        case .splitKV: file = "decode"
+        case .flash: source = try program("attention")
+        case .splitKV: source = try program("decode")
+        case .tiled: source = try program("tiled")
         }
-        guard let source = programs(file) else {
-            throw .backendFailure(backend: name, message: "kernel program '\(file).cl' is missing from this build")
-        }
-        guard let convertSource = programs("convert") else {
-            throw .backendFailure(backend: name, message: "kernel program 'convert.cl' is missing from this build")
-        }
-        return Launch(config: config, choice: choice, source: source, convertSource: convertSource)
+        return Launch(
+            config: config, choice: choice, source: source, convertSource: try program("convert"),
+            mergeSource: try program("decode"))
     }
 
     /// The buffers of one call as the attention kernels see them: dense fp32 Q (and V for the flash
@@ -373,14 +402,27 @@ public struct OpenCLBackend: AttentionBackend {
         _ p: AttentionProblem, _ launch: Launch, _ call: DeviceCall, state: ExecutionState
     ) throws(OpenCLError) {
         var params = Self.parameters(p, keyPadding: launch.config.vectorWidth)
-        let flash = launch.choice == .flash
         // The flash kernel reads fp32 Q and writes fp32 O through their strides, and (unless V is staged
-        // in local memory) reads V as stored; the decode kernel reads K/V as stored and needs dense Q, O.
-        let qInPlace = flash ? call.q.layout.type == .f32 : call.q.layout.isDenseF32
-        let oInPlace = flash ? call.o.layout.type == .f32 : call.o.layout.isDenseF32
-        // V rows far apart ([B, N, H, D]) cost the flash kernel a page per key: gathered in memory order.
-        let vRowsAdjacent = call.v.layout.strides.sequence == p.valueDim
-        let vInPlace = !flash || (!launch.config.useLocalMemory && vRowsAdjacent) || call.v.layout.isDenseF32
+        // in local memory) reads V as stored; the decode kernel reads K/V as stored and needs dense Q, O;
+        // the tiled kernel reads fp32 Q, K and V as stored, and writes fp32 O through its strides
+        // (dense partials when its keys are split).
+        let qInPlace: Bool
+        let oInPlace: Bool
+        let vInPlace: Bool
+        switch launch.choice {
+        case .flash:
+            qInPlace = call.q.layout.type == .f32
+            oInPlace = call.o.layout.type == .f32
+            // V rows far apart ([B, N, H, D]) cost the flash kernel a page per key: gathered in memory order.
+            let vRowsAdjacent = call.v.layout.strides.sequence == p.valueDim
+            vInPlace = (!launch.config.useLocalMemory && vRowsAdjacent) || call.v.layout.isDenseF32
+        case .splitKV:
+            (qInPlace, oInPlace, vInPlace) = (call.q.layout.isDenseF32, call.o.layout.isDenseF32, true)
+        case .tiled(let tiled):
+            qInPlace = call.q.layout.type == .f32
+            oInPlace = tiled.splits == 1 ? call.o.layout.type == .f32 : call.o.layout.isDenseF32
+            vInPlace = true
+        }
         typealias Operand = (buffer: CLBuffer, layout: DeviceOperand)
         let q: Operand = qInPlace ? call.q : (try denseF32(call.q, launch, state: state), .dense(p.queryShape))
         let v: Operand = vInPlace ? call.v : (try denseF32(call.v, launch, state: state), .dense(p.valueShape))
@@ -421,6 +463,8 @@ public struct OpenCLBackend: AttentionBackend {
             try launchSplitKV(
                 p, params, launch, buffers, keyValueType: call.k.layout.type, acrossHeads: !adjacent, splits: splits,
                 keysPerSplit: keysPerSplit, state: state)
+        case .tiled(let tiled):
+            try launchTiled(p, params, launch, buffers, tiled, keyValueType: call.k.layout.type, state: state)
         }
         if !oInPlace { try scatter(o.buffer, into: call.o, launch, state: state) }
         try state.finish()
@@ -570,13 +614,23 @@ public struct OpenCLBackend: AttentionBackend {
         let items = acrossHeads ? p.batch : p.batch * p.keyValueHeads
         try state.enqueue(partial, global: [splits, items], local: [1, 1])
 
-        let merge = try state.kernel("decode_merge", source: launch.source, options: options)
+        try enqueueMerge(
+            oPart, lsePart, into: b, rows: totalRows, valueDim: p.valueDim, splits: splits, source: launch.source,
+            options: options, state: state)
+    }
+
+    /// decode_merge: the exact combination of `splits` partial results per row into dense O and LSE.
+    func enqueueMerge(
+        _ oPart: CLBuffer, _ lsePart: CLBuffer, into b: CallBuffers, rows totalRows: Int, valueDim: Int, splits: Int,
+        source: String, options: String, state: ExecutionState
+    ) throws(OpenCLError) {
+        let merge = try state.kernel("decode_merge", source: source, options: options)
         try merge.set(0, oPart)
         try merge.set(1, lsePart)
         try merge.set(2, b.o)
         try merge.set(3, b.lse)
         try merge.set(4, value: Int32(totalRows))
-        try merge.set(5, value: Int32(p.valueDim))
+        try merge.set(5, value: Int32(valueDim))
         try merge.set(6, value: Int32(splits))
         try state.enqueue(merge, global: [totalRows], local: nil)
     }

@@ -33,8 +33,10 @@ struct Run: ParsableCommand {
     @Option(help: "OpenCL device index with --backend opencl (see `attnbench devices`).") var device: Int?
     @Option(
         help: ArgumentHelp(
-            "OpenCL kernel configuration, e.g. vec=16,rows=4,wg=4,local=0,decoderows=8,split=256 (omitted "
-                + "keys: the device table).",
+            "OpenCL kernel configuration, e.g. vec=16,rows=4,wg=4,local=0,decoderows=8,split=256; "
+                + "gpu=NVIDIA|AMD|Intel|Mali (that GPU's table configuration, on any device); "
+                + "tiles=32x32x16x128, decodetiles=8x64x32x128 (rows x keys x items per row x items of the "
+                + "GPU kernel) or off (omitted keys: the device table).",
             valueName: "k=v,..."))
     var kernelConfig: String?
     @Flag(help: "OpenCL: never use the split-KV decode kernel.") var noSplitKV = false
@@ -149,8 +151,7 @@ struct Run: ParsableCommand {
                 backend: blas, reason: "\(selection.reason); \(products) products (\(blas.plan(for: problem).path))")
         }
         guard case .opencl(let index) = selection.backend.id, kernelConfig != nil || noSplitKV else { return selection }
-        let config = try parseKernelConfig(
-            kernelConfig ?? "", base: OpenCLBackend(device: index).kernelConfig(for: problem))
+        let config = try parseKernelConfig(kernelConfig ?? "", device: index, problem: problem)
         let tuned = OpenCLBackend(device: index, config: config, allowSplitKV: !noSplitKV)
         let described = config.map { "\($0)" } ?? "table config"
         return BackendSelection(
@@ -198,10 +199,25 @@ struct Run: ParsableCommand {
         return line
     }
 
-    private func parseKernelConfig(_ text: String, base: OpenCLKernelConfig?) throws -> OpenCLKernelConfig? {
-        guard var config = base else { return nil }
-        for item in text.split(separator: ",") where !item.isEmpty {
+    /// `--kernel-config`: keys over the table's configuration of the device. `gpu=VENDOR` starts from a
+    /// typical VENDOR GPU's configuration instead (GPU-shaped kernels on any device); `tiles=` and
+    /// `decodetiles=` take `ROWSxKEYSxPERROWxITEMS` (the tiled kernel) or `off` (the CPU-shaped kernels).
+    private func parseKernelConfig(_ text: String, device index: Int, problem: AttentionProblem) throws
+        -> OpenCLKernelConfig?
+    {
+        let backend = OpenCLBackend(device: index)
+        let items = text.split(separator: ",").filter { !$0.isEmpty }
+        let vendor = items.first { $0.lowercased().hasPrefix("gpu=") }.map { String($0.dropFirst(4)) }
+        guard var config = (vendor.map { backend.gpuShaped(as: $0) } ?? backend).kernelConfig(for: problem) else {
+            return nil
+        }
+        for item in items where !item.lowercased().hasPrefix("gpu=") {
             let parts = item.split(separator: "=")
+            if parts.count == 2, ["tiles", "decodetiles"].contains(parts[0].lowercased()) {
+                let tiles = try parseTiles(String(parts[1]))
+                if parts[0].lowercased() == "tiles" { config.tiles = tiles } else { config.decodeTiles = tiles }
+                continue
+            }
             guard parts.count == 2, let value = Int(parts[1]) else {
                 throw CLIError("--kernel-config: cannot read '\(item)'")
             }
@@ -215,10 +231,24 @@ struct Run: ParsableCommand {
             case "decoderows": config.decodeRows = max(1, value)
             case "split": config.minKeysPerSplit = max(16, value)
             default:
-                throw CLIError("--kernel-config: unknown key '\(parts[0])' (vec, rows, wg, local, decoderows, split)")
+                throw CLIError(
+                    "--kernel-config: unknown key '\(parts[0])' (gpu, tiles, decodetiles, vec, rows, wg, local, "
+                        + "decoderows, split)")
             }
         }
         return config
+    }
+
+    /// `ROWSxKEYSxPERROWxITEMS` (nil for `off`), checked for shape.
+    private func parseTiles(_ text: String) throws -> GPUTiles? {
+        if text.lowercased() == "off" { return nil }
+        let numbers = text.lowercased().split(separator: "x").compactMap { Int($0) }
+        guard numbers.count == 4 else {
+            throw CLIError("--kernel-config: tiles '\(text)' is not ROWSxKEYSxPERROWxITEMS (e.g. 32x32x16x128) or off")
+        }
+        let tiles = GPUTiles(rows: numbers[0], keys: numbers[1], rowThreads: numbers[2], workGroup: numbers[3])
+        if let problem = tiles.problem { throw CLIError("--kernel-config: tiles \(text): \(problem)") }
+        return tiles
     }
 
     private var coreTypeNote: String {

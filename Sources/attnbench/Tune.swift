@@ -207,6 +207,26 @@ private struct BackendTuner {
         guard let table = OpenCLBackend(device: device).kernelConfig(for: try probe.problem()) else {
             return (nil, nil)
         }
+        if let tiles = table.tiles {
+            // The GPU kernel: the table's tiles and neighbours that fit this device.
+            let shapes = [
+                (64, 32, 16, 128), (32, 32, 16, 128), (64, 64, 16, 256), (128, 32, 16, 256), (32, 16, 8, 64),
+                (16, 32, 16, 64), (64, 32, 32, 256),
+            ]
+            let problems = [try probe.problem(), try causalProbe.problem()]
+            let variants =
+                ([tiles] + shapes.map { GPUTiles(rows: $0.0, keys: $0.1, rowThreads: $0.2, workGroup: $0.3) })
+                .map { candidate in
+                    var c = table
+                    c.tiles = candidate
+                    return c
+                }
+                .filter { c in
+                    problems.allSatisfy { OpenCLBackend(device: device, config: c).support(for: $0).isSupported }
+                }
+            let scored = try variants.map { ($0, try score(OpenCLBackend(device: device, config: $0))) }
+            return (nil, scored.max { $0.1 < $1.1 }?.0)
+        }
         let gpu = OpenCLRuntime.availableDevices[device].info.isGPU
         let shapes =
             gpu

@@ -50,7 +50,8 @@ struct Verify: ParsableCommand {
 }
 
 /// Every backend `verify` checks: naive, BLAS, and every OpenCL device twice (as chosen, and with
-/// split-KV disabled so that both OpenCL kernels are verified).
+/// split-KV disabled so that both OpenCL kernels are verified), CPU devices a third time with the
+/// GPU-shaped kernels.
 func verificationBackends() -> [(backend: any AttentionBackend, device: String)] {
     var backends: [(any AttentionBackend, String)] = [(NaiveBackend(), "CPU"), (BLASBackend(), "CPU")]
     for index in OpenCLRuntime.availableDevices.indices {
@@ -58,6 +59,10 @@ func verificationBackends() -> [(backend: any AttentionBackend, device: String)]
         let name = backend.device?.info.name ?? "device \(index)"
         backends.append((backend, name))
         backends.append((OpenCLBackend(device: index, allowSplitKV: false), name + " (flash only)"))
+        if backend.device?.info.isGPU == false {
+            // The GPU kernels, shaped as on a typical NVIDIA GPU, checked here too.
+            backends.append((backend.gpuShaped(as: "NVIDIA"), name + " (GPU-shaped, NVIDIA tiles)"))
+        }
     }
     return backends
 }

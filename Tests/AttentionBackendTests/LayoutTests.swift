@@ -43,6 +43,9 @@ enum StorageSweep {
         for index in OpenCLRuntime.availableDevices.indices {
             list.append(OpenCLBackend(device: index))
             list.append(OpenCLBackend(device: index, allowSplitKV: false))
+            // The GPU kernel, in two tile families (16 items per row in groups of 128; 8 in groups of 64).
+            list.append(OpenCLBackend(device: index).gpuShaped(as: "NVIDIA"))
+            list.append(OpenCLBackend(device: index).gpuShaped(as: "Mali"))
         }
         return list
     }
