@@ -92,12 +92,12 @@ def main():
     for path in args.bench:
         with open(path) as f:
             data = json.load(f)
-        for row in data if isinstance(data, list) else data.get("rows", []):
-            s = parse(row.get("shapeSummary", ""))
-            if s is None or not row.get("medianSeconds") or "opencl" not in row.get("backend", ""):
+        for row in data if isinstance(data, list) else data.get("results", []):
+            s = parse(row.get("shape_summary", ""))
+            if s is None or not row.get("median_seconds") or "opencl" not in row.get("backend", ""):
                 continue
             half = "f16" in row.get("storage", "")
-            key = (row["shapeSummary"], half)
+            key = (row["shape_summary"], half)
             if key not in cache:
                 try:
                     cache[key] = sdpa_seconds(torch, F, s, half)
@@ -105,14 +105,14 @@ def main():
                     cache[key] = None
                     print(f"sdpa_peer: {row['shape']} ({'fp16' if half else 'fp32'}): {error}")
             peer = cache[key]
-            mine = row["medianSeconds"]
+            mine = row["median_seconds"]
             gflops = row.get("gflops") or 0
-            entry = dict(shape=row["shape"], storage=row.get("storage"), backend=row["backend"],
+            entry = dict(shape=row["shape"], storage=row.get("storage"), backend=row.get("backend_name", row["backend"]),
                          device=row.get("device"), kernel=row.get("kernel"), seconds=mine, gflops=gflops,
                          peak_fraction=gflops / roof["fp32_peak_gflops"] if roof["fp32_peak_gflops"] else None,
                          gemm_fraction=gflops / roof["fp32_gemm_gflops"],
-                         kv_gbps=row.get("keyValueGBps"),
-                         bandwidth_fraction=(row["keyValueGBps"] / roof["read_gbps"]) if row.get("keyValueGBps") else None,
+                         kv_gbps=row.get("key_value_g_bps"),
+                         bandwidth_fraction=(row["key_value_g_bps"] / roof["read_gbps"]) if row.get("key_value_g_bps") else None,
                          sdpa_seconds=peer, vs_sdpa=(peer / mine) if peer else None)
             rows.append(entry)
             def fmt(x, spec):
