@@ -122,6 +122,7 @@ struct Devices: ParsableCommand {
               max work-group \(d.maxWorkGroupSize), float vector width preferred \(d.preferredFloatVectorWidth) / \
               native \(d.nativeFloatVectorWidth), cl_khr_fp16 \(d.supportsFP16 ? "yes" : "no"), subgroups \
               \(d.supportsSubgroups ? "yes" : "no"), host-unified memory \(d.hostUnifiedMemory ? "yes" : "no")
+              kernels (table, D 128): \(OpenCLKernelConfig.default(for: d, headDim: 128, valueDim: 128))
             """
     }
 }
