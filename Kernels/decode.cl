@@ -266,3 +266,33 @@ __kernel void decode_partial_heads(__global const float *q, __global const kv_t 
                        rowState[r * 3 + 1], rowState[r * 3 + 2] != 0.0f);
     }
 }
+
+/// Global size (rows). The exact merge of two partial results (a then b) of `rows` rows of Dv
+/// values into (o, lse), with decode_merge's conventions (0 / -inf for rows neither part saw, NaN
+/// for a NaN part); o and lse may be a's buffers. OpenCLBackend.merge folds any number of parts
+/// through it, left to right.
+__kernel void merge_pair(__global const float *oA, __global const float *lseA, __global const float *oB,
+                         __global const float *lseB, __global float *o, __global float *lse, int rows, int Dv) {
+    const long row = get_global_id(0);
+    if (row >= rows) return;
+    const float a = lseA[row], b = lseB[row];
+    const float M = fmax(a, b);
+    __global float *out = o + row * Dv;
+    if (isnan(a) || isnan(b) || M == -INFINITY) {
+        const float fill = (isnan(a) || isnan(b)) ? NAN : 0.0f;
+        for (int c = 0; c < Dv; c++) out[c] = fill;
+        lse[row] = (isnan(a) || isnan(b)) ? NAN : -INFINITY;
+        return;
+    }
+    const float wa = exp(a - M), wb = exp(b - M);
+    const float inverse = 1.0f / (wa + wb);
+    __global const float *ra = oA + row * Dv;
+    __global const float *rb = oB + row * Dv;
+    for (int c = 0; c < Dv; c++) {
+        float acc = 0.0f;
+        if (wa != 0.0f) acc = wa * ra[c];
+        if (wb != 0.0f) acc = fma(wb, rb[c], acc);
+        out[c] = acc * inverse;
+    }
+    lse[row] = M + log(wa + wb);
+}

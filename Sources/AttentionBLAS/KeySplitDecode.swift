@@ -156,31 +156,12 @@ extension TileKernel {
 }
 
 /// The exact merge of `count` partial results of one query row (partial rows `first`, `first +
-/// stride`, ...): O = Σ e^(lse_r - M) O_r / Σ e^(lse_r - M) into `target`, and the merged LSE
-/// M + log Σ e^(lse_r - M) returned. A row that saw no key stays 0 / -inf; a NaN partial poisons it.
+/// stride`, ...) into `target`, returning the merged LSE (`mergePartialRows` in AttentionCore).
 func mergePartialRows(
     _ partials: SplitPartials, first: Int, stride: Int, count: Int, valueDim dv: Int,
     into target: UnsafeMutablePointer<Float>
 ) -> Float {
-    var m = -Float.infinity
-    var poisoned = false
-    for r in 0..<count {
-        let x = partials.logSumExp[first + r * stride]
-        if x.isNaN { poisoned = true } else if x > m { m = x }
-    }
-    target.update(repeating: poisoned ? .nan : 0, count: dv)
-    guard !poisoned else { return .nan }
-    guard m != -.infinity else { return -.infinity }
-    var total: Float = 0
-    for r in 0..<count {
-        let partial = first + r * stride
-        let weight = expf(partials.logSumExp[partial] - m)
-        guard weight > 0 else { continue }
-        total += weight
-        let source = partials.output + partial * dv
-        for c in 0..<dv { target[c] += weight * source[c] }
-    }
-    let inverse = 1 / total
-    for c in 0..<dv { target[c] *= inverse }
-    return m + logf(total)
+    mergePartialRows(
+        count: count, valueDim: dv, logSumExp: partials.logSumExp + first, logSumExpStride: stride,
+        outputs: partials.output + first * dv, outputStride: stride * dv, into: target)
 }

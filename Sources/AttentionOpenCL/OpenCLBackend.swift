@@ -353,6 +353,79 @@ public struct OpenCLBackend: AttentionBackend {
         }
     }
 
+    /// The exact merge of partial results over disjoint key ranges that live on this device (the
+    /// device counterpart of `AttentionResult.merging`): every part an output [..., Dv] and its LSE
+    /// [...], all of one shape; merged left to right, two at a time (`merge_pair` in decode.cl), so the
+    /// order, and with it every bit, is fixed. Rows no part saw are 0 / -inf; NaN parts give NaN rows.
+    public func merge(_ parts: [(output: OpenCLTensor, logSumExp: OpenCLTensor)]) throws(AttentionError) -> (
+        output: OpenCLTensor, logSumExp: OpenCLTensor
+    ) {
+        guard let device else { throw .unsupported(backend: name, reason: unavailableReason ?? "no OpenCL device") }
+        guard let first = parts.first else { throw .shapeMismatch("merging needs at least one partial result") }
+        let shape = first.output.shape
+        guard let dv = shape.last, first.logSumExp.shape == Array(shape.dropLast()) else {
+            throw .shapeMismatch(
+                "partial result 0: output \(shape) and log-sum-exp \(first.logSumExp.shape) do not match ([..., Dv] and [...])"
+            )
+        }
+        for (index, part) in parts.enumerated() {
+            guard part.output.shape == shape, part.logSumExp.shape == first.logSumExp.shape else {
+                throw .shapeMismatch(
+                    "partial result \(index) has output \(part.output.shape) and log-sum-exp \(part.logSumExp.shape); "
+                        + "partial result 0 has \(shape) and \(first.logSumExp.shape)")
+            }
+            guard part.output.device === device, part.logSumExp.device === device else {
+                throw .unsupported(
+                    backend: name,
+                    reason: "partial result \(index) lives on another device (\(part.output.device.info.name))")
+            }
+        }
+        guard let source = programs("decode") else {
+            throw .backendFailure(backend: name, message: "kernel program 'decode.cl' is missing from this build")
+        }
+        let rows = first.logSumExp.shape.reduce(1, *)
+        guard rows < Int(Int32.max), dv < Int(Int32.max) else {
+            throw .unsupported(backend: name, reason: "\(rows) rows of \(dv) exceed the kernels' 32-bit index range")
+        }
+        do {
+            return try device.withExecution { (state) throws(OpenCLError) in
+                let readWrite = Int32(CL_MEM_READ_WRITE)
+                let o = try state.buffer(bytes: 4 * max(rows * dv, 1), flags: readWrite)
+                let lse = try state.buffer(bytes: 4 * max(rows, 1), flags: readWrite)
+                var accumulated = (output: first.output.buffer, logSumExp: first.logSumExp.buffer)
+                // A single part is merged with an empty one (LSE -inf everywhere, O never read): itself.
+                var others = parts.dropFirst().map { (output: $0.output.buffer, logSumExp: $0.logSumExp.buffer) }
+                if others.isEmpty {
+                    let empty = try withBytes(of: [Float](repeating: -.infinity, count: max(rows, 1))) {
+                        (raw) throws(OpenCLError) in
+                        try state.buffer(bytes: raw.count, flags: Int32(CL_MEM_READ_ONLY), host: raw.baseAddress)
+                    }
+                    others = [(state.placeholder, empty)]
+                }
+                let kernel = try state.kernel("merge_pair", source: source, options: "-cl-std=CL1.2 -w")
+                for part in others where rows > 0 {
+                    for (index, buffer) in [
+                        accumulated.output, accumulated.logSumExp, part.output, part.logSumExp, o, lse,
+                    ]
+                    .enumerated() {
+                        try kernel.set(index, buffer)
+                    }
+                    try kernel.set(6, value: Int32(rows))
+                    try kernel.set(7, value: Int32(dv))
+                    try state.enqueue(kernel, global: [rows], local: nil)
+                    accumulated = (o, lse)
+                }
+                try state.finish()
+                return (
+                    OpenCLTensor(shape: shape, buffer: o, device: device),
+                    OpenCLTensor(shape: first.logSumExp.shape, buffer: lse, device: device)
+                )
+            }
+        } catch {
+            throw .backendFailure(backend: name, message: error.description)
+        }
+    }
+
     // MARK: Kernels
 
     /// What a call launches: the configuration, the kernel choice and the program source it needs.
