@@ -45,8 +45,9 @@ extension OpenCLBackend {
             return "tiles \(tiles) need \(bytes) bytes of local memory at D \(p.headDim), Dv \(p.valueDim); "
                 + "\(device.name) has \(device.localMemoryBytes)"
         }
-        if tiles.subgroups, !device.extensions.contains("cl_intel_subgroups") {
-            return "tiles use sub-group reductions; \(device.name) lacks cl_intel_subgroups"
+        if tiles.subgroups, let missing = GPUTiles.subgroupExtensions.first(where: { !device.extensions.contains($0) })
+        {
+            return "tiles use sub-group reductions; \(device.name) lacks \(missing)"
         }
         return nil
     }

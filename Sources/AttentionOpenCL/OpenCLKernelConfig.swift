@@ -141,8 +141,9 @@ public struct GPUTiles: Sendable, Hashable, Codable, CustomStringConvertible {
     public var rowThreads: Int
     /// Work-items per work-group (WG).
     public var workGroup: Int
-    /// Row reductions by `cl_intel_subgroups` shuffles (a sub-group of exactly `rowThreads` items)
-    /// instead of local memory; only where the device lists the extension.
+    /// Row reductions by `cl_intel_subgroups` shuffles (a sub-group of exactly `rowThreads` items,
+    /// pinned by `cl_intel_required_subgroup_size`) instead of local memory; only where the device
+    /// lists both extensions (`GPUTiles.subgroupExtensions`).
     public var subgroups: Bool
 
     public init(rows: Int, keys: Int, rowThreads: Int, workGroup: Int, subgroups: Bool = false) {
@@ -184,6 +185,10 @@ public struct GPUTiles: Sendable, Hashable, Codable, CustomStringConvertible {
             + "-DDVCAP=\(valueCapacity(dv)) -DSUBGROUPS=\(subgroups ? 1 : 0)"
     }
 
+    /// The extensions the sub-group reductions need: the shuffles, and the attribute that pins the
+    /// sub-group size to one row's items.
+    public static let subgroupExtensions = ["cl_intel_subgroups", "cl_intel_required_subgroup_size"]
+
     /// The facts of a GPU the table reads.
     public struct GPU: Sendable, Equatable {
         public var vendor: String
@@ -224,14 +229,14 @@ public struct GPUTiles: Sendable, Hashable, Codable, CustomStringConvertible {
     }
 
     /// The table: work-group shape by vendor (NVIDIA warps of 32: 128 items, 16 per row; AMD waves of
-    /// 64: 256 items; Intel: 128 items, 16 per row as one sub-group when `cl_intel_subgroups` is there;
+    /// 64: 256 items; Intel: 128 items, 16 per row as one sub-group when `subgroupExtensions` are there;
     /// others (Apple, ARM Mali, Qualcomm Adreno, ...): 64 items, 8 per row), then the largest rows x
     /// keys tile that fits the device's local memory and its work-group limit. Decode tiles
     /// (`decodeRows` set) hold that many rows (the GQA group of one query) with more items per row and
     /// longer key tiles. nil when nothing fits (the caller falls back to the CPU-shaped kernels).
     public static func table(_ gpu: GPU, headDim d: Int, valueDim dv: Int, decodeRows: Int? = nil) -> GPUTiles? {
         let vendor = gpu.vendor.lowercased()
-        let intelSubgroups = vendor.contains("intel") && gpu.extensions.contains("cl_intel_subgroups")
+        let intelSubgroups = vendor.contains("intel") && subgroupExtensions.allSatisfy(gpu.extensions.contains)
         var (group, perRow): (Int, Int)
         if vendor.contains("nvidia") {
             (group, perRow) = (128, 16)

@@ -162,14 +162,16 @@ struct GPUKernelParity {
                         vendor: "Intel(R) Corporation", localMemoryBytes: 64 << 10, maxWorkGroupSize: 512,
                         computeUnits: 96, extensions: extensions), headDim: 128, valueDim: 128))
         }
-        #expect(try intel(["cl_khr_fp16", "cl_intel_subgroups"]).subgroups)
+        #expect(try intel(["cl_khr_fp16", "cl_intel_subgroups", "cl_intel_required_subgroup_size"]).subgroups)
+        // The shuffles without the attribute that pins the sub-group size: the portable reductions.
+        #expect(try !intel(["cl_khr_fp16", "cl_intel_subgroups"]).subgroups)
         #expect(try !intel(["cl_khr_fp16"]).subgroups)
         // Another vendor listing the extension keeps the portable reductions.
         let amd = try #require(
             GPUTiles.table(
                 .init(
                     vendor: "AMD", localMemoryBytes: 64 << 10, maxWorkGroupSize: 256, computeUnits: 60,
-                    extensions: ["cl_intel_subgroups"]), headDim: 128, valueDim: 128))
+                    extensions: GPUTiles.subgroupExtensions), headDim: 128, valueDim: 128))
         #expect(!amd.subgroups)
     }
 
