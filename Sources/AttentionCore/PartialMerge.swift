@@ -8,23 +8,13 @@ extension AttentionResult {
     /// row no part saw (every LSE −∞, O 0) stays O = 0, LSE = −∞; a part row that is NaN makes the row NaN.
     /// Parts must share the output shape [..., Dv] and the LSE shape [...] (the output's without Dv).
     public static func merging(_ parts: [AttentionResult]) throws(AttentionError) -> AttentionResult {
-        guard let first = parts.first else { throw .shapeMismatch("merging needs at least one partial result") }
-        let shape = first.output.shape
-        guard let dv = shape.last, first.logSumExp.shape == Array(shape.dropLast()) else {
-            throw .shapeMismatch(
-                "partial result 0: output \(shape) and log-sum-exp \(first.logSumExp.shape) do not match "
-                    + "([..., Dv] and [...])")
-        }
-        for (index, part) in parts.enumerated().dropFirst()
-        where part.output.shape != shape || part.logSumExp.shape != first.logSumExp.shape {
-            throw .shapeMismatch(
-                "partial result \(index) has output \(part.output.shape) and log-sum-exp \(part.logSumExp.shape); "
-                    + "partial result 0 has \(shape) and \(first.logSumExp.shape)")
-        }
+        let (shape, lseShape) = try checkPartialShapes(parts.map { ($0.output.shape, $0.logSumExp.shape) })
+        let first = parts[0]
+        let dv = shape[shape.count - 1]
         let rows = first.logSumExp.count
         let count = parts.count
         var output = try Tensor(shape: shape, name: "merged output")
-        var logSumExp = try Tensor(shape: first.logSumExp.shape, name: "merged log-sum-exp")
+        var logSumExp = try Tensor(shape: lseShape, name: "merged log-sum-exp")
         // One row's parts side by side, then the shared row merge.
         var rowOutputs = [Float](repeating: 0, count: count * dv)
         var rowLSE = [Float](repeating: 0, count: count)
@@ -43,6 +33,27 @@ extension AttentionResult {
         }
         return AttentionResult(output: output, logSumExp: logSumExp)
     }
+}
+
+/// The output and log-sum-exp shapes partial results share ([..., Dv] and [...]), checked: at least one
+/// part, Dv present, every part alike; a `shapeMismatch` naming the first part that differs otherwise.
+/// (`AttentionResult.merging` and the OpenCL device merge check their parts through this.)
+public func checkPartialShapes(_ parts: [(output: [Int], logSumExp: [Int])]) throws(AttentionError) -> (
+    output: [Int], logSumExp: [Int]
+) {
+    guard let first = parts.first else { throw .shapeMismatch("merging needs at least one partial result") }
+    guard first.output.count > 0, first.logSumExp == Array(first.output.dropLast()) else {
+        throw .shapeMismatch(
+            "partial result 0: output \(first.output) and log-sum-exp \(first.logSumExp) do not match "
+                + "([..., Dv] and [...])")
+    }
+    for (index, part) in parts.enumerated().dropFirst()
+    where part.output != first.output || part.logSumExp != first.logSumExp {
+        throw .shapeMismatch(
+            "partial result \(index) has output \(part.output) and log-sum-exp \(part.logSumExp); "
+                + "partial result 0 has \(first.output) and \(first.logSumExp)")
+    }
+    return first
 }
 
 /// The exact merge of `count` partial results of one query row: part r's LSE at

@@ -203,16 +203,13 @@ public struct OpenCLBackend: AttentionBackend {
         switch choice {
         case .flash:
             sizes.append(4 * p.batch * p.keyValueHeads * p.headDim * ((p.keyLength + vec - 1) / vec * vec))
-        case .splitKV(let splits, _):
-            let rows = p.batch * p.queryHeads * p.queryLength
-            sizes.append(4 * splits * rows * p.valueDim)
-            sizes.append(4 * splits * rows)
-        case .tiled(let launch) where launch.splits > 1:
-            let rows = p.batch * p.queryHeads * p.queryLength
-            sizes.append(4 * launch.splits * rows * p.valueDim)
-            sizes.append(4 * launch.splits * rows)
-        case .tiled:
-            break
+        case .splitKV, .tiled:
+            // Partial O and LSE per key split (none for an unsplit tiled launch).
+            if choice.keySplits > 1 {
+                let rows = p.batch * p.queryHeads * p.queryLength
+                sizes.append(4 * choice.keySplits * rows * p.valueDim)
+                sizes.append(4 * choice.keySplits * rows)
+            }
         }
         return sizes
     }
@@ -361,29 +358,19 @@ public struct OpenCLBackend: AttentionBackend {
         output: OpenCLTensor, logSumExp: OpenCLTensor
     ) {
         guard let device else { throw .unsupported(backend: name, reason: unavailableReason ?? "no OpenCL device") }
-        guard let first = parts.first else { throw .shapeMismatch("merging needs at least one partial result") }
-        let shape = first.output.shape
-        guard let dv = shape.last, first.logSumExp.shape == Array(shape.dropLast()) else {
-            throw .shapeMismatch(
-                "partial result 0: output \(shape) and log-sum-exp \(first.logSumExp.shape) do not match ([..., Dv] and [...])"
-            )
-        }
-        for (index, part) in parts.enumerated() {
-            guard part.output.shape == shape, part.logSumExp.shape == first.logSumExp.shape else {
-                throw .shapeMismatch(
-                    "partial result \(index) has output \(part.output.shape) and log-sum-exp \(part.logSumExp.shape); "
-                        + "partial result 0 has \(shape) and \(first.logSumExp.shape)")
-            }
-            guard part.output.device === device, part.logSumExp.device === device else {
-                throw .unsupported(
-                    backend: name,
-                    reason: "partial result \(index) lives on another device (\(part.output.device.info.name))")
-            }
+        let (shape, lseShape) = try checkPartialShapes(parts.map { ($0.output.shape, $0.logSumExp.shape) })
+        let first = parts[0]
+        let dv = shape[shape.count - 1]
+        for (index, part) in parts.enumerated()
+        where part.output.device !== device || part.logSumExp.device !== device {
+            throw .unsupported(
+                backend: name,
+                reason: "partial result \(index) lives on another device (\(part.output.device.info.name))")
         }
         guard let source = programs("decode") else {
             throw .backendFailure(backend: name, message: "kernel program 'decode.cl' is missing from this build")
         }
-        let rows = first.logSumExp.shape.reduce(1, *)
+        let rows = lseShape.reduce(1, *)
         guard rows < Int(Int32.max), dv < Int(Int32.max) else {
             throw .unsupported(backend: name, reason: "\(rows) rows of \(dv) exceed the kernels' 32-bit index range")
         }
@@ -418,7 +405,7 @@ public struct OpenCLBackend: AttentionBackend {
                 try state.finish()
                 return (
                     OpenCLTensor(shape: shape, buffer: o, device: device),
-                    OpenCLTensor(shape: first.logSumExp.shape, buffer: lse, device: device)
+                    OpenCLTensor(shape: lseShape, buffer: lse, device: device)
                 )
             }
         } catch {

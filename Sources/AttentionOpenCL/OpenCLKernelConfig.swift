@@ -105,6 +105,15 @@ public enum OpenCLKernelChoice: Sendable, Equatable, CustomStringConvertible {
     /// The FlashAttention-2-shaped kernel (GPUs).
     case tiled(TiledLaunch)
 
+    /// Work-groups (or items) across each row's keys, whose partial results are merged: 1 when none are.
+    public var keySplits: Int {
+        switch self {
+        case .flash: return 1
+        case .splitKV(let splits, _): return splits
+        case .tiled(let launch): return launch.splits
+        }
+    }
+
     public var description: String {
         switch self {
         case .flash: return "flash"
