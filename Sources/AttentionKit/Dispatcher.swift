@@ -54,9 +54,12 @@ public struct Dispatcher: Sendable {
                     configuration: configuration)
             case .opencl(let device):
                 backend = OpenCLBackend(device: device, tunedConfigs: entry.openclConfigs ?? [])
+            case .multi:
+                continue  // built below from the members' candidates
             }
             candidates.append(DispatchCandidate(backend: backend, profile: entry))
         }
+        if let multi = Self.multiDevice(from: candidates) { candidates.append(multi) }
         if OpenCLRuntime.availableDevices.isEmpty {
             // No OpenCL: listed so that decisions say why.
             let none = BackendProfile(
@@ -71,11 +74,87 @@ public struct Dispatcher: Sendable {
     /// candidates built once.
     public static let process = Dispatcher()
 
+    /// Every device that can compute (BLAS and each OpenCL device; not the reference) as one
+    /// `MultiDeviceBackend`, weighted by the members' prefill rates (D 128, 4096 keys): nil with fewer
+    /// than two such devices.
+    static func multiDevice(from candidates: [DispatchCandidate]) -> DispatchCandidate? {
+        let devices = OpenCLRuntime.availableDevices.count
+        let usable = candidates.filter { candidate in
+            switch candidate.backend.id {
+            case .blas: return true
+            case .opencl(let device): return device < devices
+            case .naive, .multi: return false
+            }
+        }
+        guard usable.count >= 2 else { return nil }
+        let weights = usable.map { max($0.profile.gflops(headDim: 128, keyLength: 4096), 1e-3) }
+        guard let backend = try? MultiDeviceBackend(members: usable.map(\.backend), weights: weights) else {
+            return nil
+        }
+        let profile = BackendProfile(
+            backend: backend.id, device: usable.map(\.profile.device).joined(separator: " + "),
+            gflops: usable.max {
+                $0.profile.gflops(headDim: 128, keyLength: 4096) < $1.profile.gflops(headDim: 128, keyLength: 4096)
+            }!.profile.gflops,
+            decodeGBps: usable.max { $0.profile.decodeGBps.value(at: 4096) < $1.profile.decodeGBps.value(at: 4096) }!
+                .profile.decodeGBps,
+            overheadSeconds: usable.map(\.profile.overheadSeconds).max()! + multiDeviceOverheadSeconds,
+            memoryBytes: usable.map(\.profile.memoryBytes).min()!)
+        return DispatchCandidate(backend: backend, profile: profile)
+    }
+
+    /// Starting and joining the members' threads of a multi-device call.
+    static let multiDeviceOverheadSeconds = 50e-6
+
+    /// Whether a member computes on the host's own cores (BLAS, the reference, an OpenCL CPU device):
+    /// such members share them, so splitting a call between two of them gains nothing.
+    static func computesOnHost(_ id: BackendID) -> Bool {
+        switch id {
+        case .naive, .blas: return true
+        case .opencl(let device):
+            let devices = OpenCLRuntime.availableDevices
+            return device < devices.count && devices[device].info.isCPU
+        case .multi: return false
+        }
+    }
+
+    /// The multi-device estimate: each part on its member's profile; members that share the host's
+    /// cores add up, the rest overlap (the slowest counts); key splits add the merge (read the
+    /// partials, write the output, ~5 GB/s on one core).
+    func estimate(_ problem: AttentionProblem, multi: MultiDeviceBackend, profile: BackendProfile) -> Double? {
+        guard let partition = try? multi.partition(problem) else { return nil }
+        var host = 0.0
+        var slowest = 0.0
+        for part in partition.parts {
+            let id = multi.members[part.member].id
+            guard let member = candidates.first(where: { $0.backend.id == id }) else { return nil }
+            let seconds = Self.estimate(part.problem, profile: member.profile)
+            if Self.computesOnHost(id) { host += seconds } else { slowest = max(slowest, seconds) }
+        }
+        var seconds = max(host, slowest) + Self.multiDeviceOverheadSeconds
+        if partition.split == .keys {
+            let rows = Double(problem.batch * problem.queryHeads * problem.queryLength)
+            seconds += rows * Double(problem.valueDim + 1) * 4 * Double(partition.parts.count + 1) / 5e9
+        }
+        return seconds
+    }
+
     /// The candidate backend `id`; an OpenCL device this machine lacks gives a backend that says
-    /// why it cannot run anything; any other unknown backend is an error.
+    /// why it cannot run anything; `multi:A+B` splits across those candidates (equal weights unless it
+    /// is the dispatcher's own); any other unknown backend is an error.
     public func backend(_ id: BackendID) throws(AttentionError) -> any AttentionBackend {
         if let candidate = candidates.first(where: { $0.backend.id == id }) { return candidate.backend }
         if case .opencl(let device) = id { return OpenCLBackend(device: device) }
+        if case .multi(let members) = id {
+            var backends: [any AttentionBackend] = []
+            for member in members { backends.append(try backend(member)) }
+            let weights = members.map { member in
+                max(
+                    candidates.first { $0.backend.id == member }?.profile.gflops(headDim: 128, keyLength: 4096) ?? 1,
+                    1e-3)
+            }
+            return try MultiDeviceBackend(members: backends, weights: weights)
+        }
         let known = candidates.map(\.backend.name).joined(separator: ", ")
         throw .unsupported(backend: id.description, reason: "no such backend on this machine (have: \(known))")
     }
@@ -149,10 +228,20 @@ public struct Dispatcher: Sendable {
         var notes = [problem.regime.rawValue]
         if support.isSupported && !plan.path.isEmpty { notes.append(plan.path) }
         if plan.workspaceBytes > 0 { notes.append("workspace \(Self.bytes(plan.workspaceBytes))") }
+        var estimate: Double? = nil
+        if support.isSupported {
+            if let multi = candidate.backend as? MultiDeviceBackend {
+                estimate = self.estimate(problem, multi: multi, profile: candidate.profile)
+                if multi.members.filter({ Self.computesOnHost($0.id) }).count >= 2 {
+                    notes.append("members share the host's cores")
+                }
+            } else {
+                estimate = Self.estimate(problem, profile: candidate.profile)
+            }
+        }
         return DispatchDecision.Option(
             backend: candidate.backend.id, device: candidate.profile.device, support: support,
-            estimatedSeconds: support.isSupported ? Self.estimate(problem, profile: candidate.profile) : nil,
-            detail: notes.joined(separator: ", "))
+            estimatedSeconds: estimate, detail: notes.joined(separator: ", "))
     }
 
     /// Query-key pairs that causal and window rules leave visible (masks not counted).

@@ -98,7 +98,7 @@ struct BenchBackend {
     }
 
     /// The entries `names` asks for: "all" (naive, blas, every OpenCL device, auto) or some of
-    /// naive, blas, opencl (every device in `devices`), opencl:N, auto.
+    /// naive, blas, opencl (every device in `devices`), opencl:N, multi:A+B, auto.
     static func all(
         names: [String], devices: [Int]?, roofline: Roofline, products: BLASProducts = .automatic
     ) throws -> [BenchBackend] {
@@ -127,6 +127,13 @@ struct BenchBackend {
                 let indices = everyDevice ? devices ?? Array(OpenCLRuntime.availableDevices.indices) : [device]
                 // No OpenCL: one entry whose cells are skipped with the reason.
                 list += (indices.isEmpty ? [0] : indices).map { openCL(device: $0, roofline: roofline) }
+            case .multi(let members):
+                // One call split across the members (weights from the machine profile).
+                let backend = try Dispatcher.process.backend(.multi(members))
+                list.append(
+                    BenchBackend(
+                        kind: .backend(backend), device: members.map(\.description).joined(separator: " + "),
+                        expectedGFLOPS: nil))
             }
         }
         return list
