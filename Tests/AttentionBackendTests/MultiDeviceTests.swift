@@ -57,10 +57,10 @@ import Testing
                     let jl = j - block.keys.lowerBound
                     inBlock = lo <= jl && jl <= hi
                 }
-                let where_ = "(\(i), \(j)) of \(queries) x \(keys), \(p.queryLength)x\(p.keyLength)"
+                let position = "(\(i), \(j)) of \(queries) x \(keys), \(p.queryLength)x\(p.keyLength)"
                 #expect(
                     inBlock == seen(i, j),
-                    "\(where_) causal \(p.options.causal) window \(String(describing: p.options.window)): \(block)")
+                    "\(position) causal \(p.options.causal) window \(String(describing: p.options.window)): \(block)")
             }
         }
     }
