@@ -12,6 +12,17 @@ let package = Package(
         /// what C, C++, Rust and the Python package (`python/`) link or load.
         .library(name: "AttentionKitC", type: .dynamic, targets: ["AttentionKitC"]),
         .executable(name: "attnbench", targets: ["attnbench"]),
+        /// Context-parallel ring attention and sharded-K/V decode across ranks. Over the system's MPI
+        /// (`MPICommunicator`) only with the package trait "MPI"; without it, the in-process ring only.
+        .library(name: "AttentionDistributed", targets: ["AttentionDistributed"]),
+    ],
+    traits: [
+        .trait(
+            name: "MPI",
+            description:
+                "Builds AttentionDistributed's MPICommunicator and `attnbench ring` under mpirun over the system's "
+                + "MPI (Debian: libopenmpi-dev, found through pkg-config as mpi-c). Off by default: builds "
+                + "without it never need MPI."),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -39,6 +50,12 @@ let package = Package(
         .target(
             name: "AttentionKit",
             dependencies: ["AttentionCore", "AttentionMachine", "AttentionBLAS", "AttentionOpenCL"]),
+
+        /// Ring attention and sharded-K/V decode over a `RingCommunicator`: in-process ranks always, MPI
+        /// ranks with the trait "MPI".
+        .target(
+            name: "AttentionDistributed",
+            dependencies: ["AttentionKit", .target(name: "CMPI", condition: .when(traits: ["MPI"]))]),
 
         /// The C ABI: `@_cdecl` entry points over AttentionKit, declared by the header of CAttentionKitABI.
         .target(name: "AttentionKitC", dependencies: ["AttentionKit", "CAttentionKitABI"]),
@@ -73,6 +90,9 @@ let package = Package(
         /// OpenCL 1.2 headers plus a dlopen-based loader (no link-time dependency on libOpenCL).
         .target(name: "COpenCL", linkerSettings: [.linkedLibrary("dl")]),
 
+        /// The system's MPI, used only with the trait "MPI".
+        .systemLibrary(name: "CMPI", pkgConfig: "mpi-c", providers: [.apt(["libopenmpi-dev"])]),
+
         .systemLibrary(
             name: "CBLAS",
             pkgConfig: "openblas",
@@ -84,7 +104,7 @@ let package = Package(
         .executableTarget(
             name: "attnbench",
             dependencies: [
-                "AttentionKit", "AttentionVerification", "NumPyIO",
+                "AttentionKit", "AttentionVerification", "NumPyIO", "AttentionDistributed",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "TextTable", package: "TextTable"),
             ]
@@ -97,6 +117,7 @@ let package = Package(
             name: "AttentionBackendTests",
             dependencies: [
                 "AttentionCore", "AttentionBLAS", "AttentionOpenCL", "AttentionKit", "AttentionVerification",
+                "AttentionDistributed",
             ]),
         .testTarget(name: "NumPyIOTests", dependencies: ["NumPyIO"]),
     ],

@@ -66,7 +66,8 @@ public struct AttentionBuffers: @unchecked Sendable {
 
     /// The checks of `check(against:)` for operands of any logical [B, H, N, D] shapes, in the order
     /// query, key, value, output.
-    func check(operands: [(String, TensorView, [Int], StorageType)], logSumExpCount: Int) throws(AttentionError) {
+    public func check(operands: [(String, TensorView, [Int], StorageType)], logSumExpCount: Int) throws(AttentionError)
+    {
         var extents: [(String, ClosedRange<UInt>)] = []
         for (name, view, shape, expected) in operands {
             guard view.storage == expected else {

@@ -1,0 +1,506 @@
+import AttentionCore
+import AttentionKit
+import Foundation
+
+/// How a sequence of `length` positions is cut into the shards of `ranks` ranks.
+public struct RingPlan: Sendable, Equatable {
+    public enum Sharding: String, Sendable, CaseIterable, CustomStringConvertible {
+        /// Rank r holds positions [r·N/P, (r+1)·N/P).
+        case contiguous
+        /// The sequence in 2P chunks; rank r holds chunks r and 2P-1-r, so that under causal masking
+        /// every rank has one early and one late chunk and the same work (striped / zig-zag sharding).
+        case zigzag
+        public var description: String { rawValue }
+    }
+
+    public let length: Int
+    public let ranks: Int
+    public let sharding: Sharding
+
+    public init(length: Int, ranks: Int, sharding: Sharding) {
+        self.length = max(length, 0)
+        self.ranks = max(ranks, 1)
+        self.sharding = sharding
+    }
+
+    /// The global positions rank `rank` holds, as ranges in the order its local rows store them.
+    public func chunks(of rank: Int) -> [Range<Int>] {
+        func cut(_ index: Int, of parts: Int) -> Range<Int> { index * length / parts..<(index + 1) * length / parts }
+        switch sharding {
+        case .contiguous: return [cut(rank, of: ranks)].filter { !$0.isEmpty }
+        case .zigzag:
+            return [cut(rank, of: 2 * ranks), cut(2 * ranks - 1 - rank, of: 2 * ranks)].filter { !$0.isEmpty }
+        }
+    }
+
+    /// How many positions rank `rank` holds.
+    public func rows(of rank: Int) -> Int { chunks(of: rank).reduce(0) { $0 + $1.count } }
+
+    /// The local row of global position `position` on rank `rank` (nil if it is not held there).
+    public func localRow(of position: Int, on rank: Int) -> Int? {
+        var offset = 0
+        for chunk in chunks(of: rank) {
+            if chunk.contains(position) { return offset + position - chunk.lowerBound }
+            offset += chunk.count
+        }
+        return nil
+    }
+}
+
+/// Where a ring call's time went, on one rank.
+public struct RingTimings: Sendable, Equatable {
+    /// Seconds spent computing partial blocks and merging them.
+    public var computeSeconds: Double = 0
+    /// Seconds the rank waited for a K/V exchange after its compute of the step was done: the
+    /// communication compute did not hide.
+    public var exposedCommunicationSeconds: Double = 0
+    /// Bytes this rank sent.
+    public var bytesSent: Int = 0
+    /// Steps (= ranks).
+    public var steps: Int = 0
+    /// Blocks computed (pairs of a local query chunk and a visiting K/V chunk that see each other).
+    public var blocks: Int = 0
+    public init() {}
+}
+
+/// Context-parallel attention (Ring Attention): every rank holds a shard of the sequence's Q, K and V
+/// rows (`RingPlan`), computes its queries against each K/V shard as the shards travel around the
+/// ring, the next exchange running on a second thread while it computes, and merges the partial
+/// results with the log-sum-exp, ending with its own O and LSE rows, equal to those of one call over
+/// the whole sequence within the fp32 tolerance.
+///
+/// The global problem has Nq == Nk (self-attention over one sequence); causal (bottom-right aligned,
+/// which is top-left here), windows, softcap, GQA and fp16/bf16 K/V are supported; masks are not
+/// (a mask would have to be sharded too). Each block is an ordinary problem (`AttentionProblem.block`)
+/// run by `backend`, or by the dispatcher's choice when it is nil.
+public struct RingAttention: Sendable {
+    public let problem: AttentionProblem
+    public let plan: RingPlan
+    public let backend: (any AttentionBackend)?
+
+    public init(
+        problem: AttentionProblem, ranks: Int, sharding: RingPlan.Sharding = .zigzag,
+        backend: (any AttentionBackend)? = nil
+    ) throws(AttentionError) {
+        guard problem.queryLength == problem.keyLength else {
+            throw .unsupportedOption(
+                "ring attention shards one sequence's Q, K and V rows: Nq (\(problem.queryLength)) must equal Nk "
+                    + "(\(problem.keyLength)); for decode against a sharded cache use ShardedKVAttention")
+        }
+        guard problem.options.mask == nil else {
+            throw .unsupportedOption("ring attention does not take a mask (causal and window rules only)")
+        }
+        guard ranks >= 1 else {
+            throw .invalidConfiguration(setting: "ranks", value: "\(ranks)", reason: "at least one rank")
+        }
+        self.problem = problem
+        self.plan = RingPlan(length: problem.queryLength, ranks: ranks, sharding: sharding)
+        self.backend = backend
+    }
+
+    /// This rank's shapes: Q [B, Hq, n, D], K [B, Hkv, n, D], V [B, Hkv, n, Dv], O [B, Hq, n, Dv], LSE [B, Hq, n].
+    public func localShapes(rank: Int) -> (query: [Int], key: [Int], value: [Int], output: [Int], logSumExp: [Int]) {
+        let n = plan.rows(of: rank)
+        let p = problem
+        return (
+            [p.batch, p.queryHeads, n, p.headDim], [p.batch, p.keyValueHeads, n, p.headDim],
+            [p.batch, p.keyValueHeads, n, p.valueDim], [p.batch, p.queryHeads, n, p.valueDim],
+            [p.batch, p.queryHeads, n]
+        )
+    }
+
+    /// Bytes of rank `rank`'s K and V shard as it travels (dense [B, Hkv, n, D] then [B, Hkv, n, Dv],
+    /// in the K/V storage type).
+    func shardBytes(of rank: Int) -> Int {
+        let p = problem
+        return p.batch * p.keyValueHeads * plan.rows(of: rank) * (p.headDim + p.valueDim) * p.storage.keyValue.byteSize
+    }
+
+    /// Runs this rank's part. `query`, `key`, `value`: this rank's shard (`localShapes`), any strides,
+    /// in the problem's storage types; `output` (dense fp32) and `logSumExp` are written completely.
+    /// Every rank of `communicator` must call this with the same problem and plan.
+    public func run(
+        on communicator: some RingCommunicator, query: TensorView, key: TensorView, value: TensorView,
+        output: UnsafeMutableBufferPointer<Float>, logSumExp: UnsafeMutableBufferPointer<Float>
+    ) throws(AttentionError) -> RingTimings {
+        let rank = communicator.rank
+        guard communicator.size == plan.ranks, rank >= 0, rank < plan.ranks else {
+            throw .invalidConfiguration(
+                setting: "ranks", value: "\(communicator.size)", reason: "the plan is for \(plan.ranks) ranks")
+        }
+        let shapes = localShapes(rank: rank)
+        let localTypes = StorageTypes(query: problem.storage.query, keyValue: problem.storage.keyValue, output: .f32)
+        try AttentionBuffers(query: query, key: key, value: value, output: TensorView(output), logSumExp: logSumExp)
+            .check(
+                operands: [
+                    ("query", query, shapes.query, localTypes.query), ("key", key, shapes.key, localTypes.keyValue),
+                    ("value", value, shapes.value, localTypes.keyValue),
+                    ("output", TensorView(output), shapes.output, .f32),
+                ], logSumExpCount: shapes.logSumExp.reduce(1, *))
+        output.update(repeating: 0)
+        logSumExp.update(repeating: -.infinity)
+
+        let capacity = (0..<plan.ranks).map(shardBytes).max() ?? 0
+        let buffers = (
+            UnsafeMutableRawBufferPointer.allocate(byteCount: max(capacity, 1), alignment: 64),
+            UnsafeMutableRawBufferPointer.allocate(byteCount: max(capacity, 1), alignment: 64)
+        )
+        defer {
+            buffers.0.deallocate()
+            buffers.1.deallocate()
+        }
+        pack(key: key, value: value, rows: plan.rows(of: rank), into: buffers.0)
+        var current = buffers.0
+        var next = buffers.1
+        var timings = RingTimings()
+        timings.steps = plan.ranks
+        let queryStrides = query.strides(for: shapes.query)
+        for step in 0..<plan.ranks {
+            let source = (rank - step + plan.ranks) % plan.ranks
+            // The next shard travels while this one is used.
+            var exchange: Exchange?
+            if step < plan.ranks - 1 {
+                let incoming = (source - 1 + plan.ranks) % plan.ranks
+                let send = UnsafeRawBufferPointer(rebasing: current[0..<shardBytes(of: source)])
+                let receive = UnsafeMutableRawBufferPointer(rebasing: next[0..<shardBytes(of: incoming)])
+                exchange = Exchange(
+                    communicator, send: send, to: (rank + 1) % plan.ranks, receive: receive,
+                    from: (rank - 1 + plan.ranks) % plan.ranks)
+                timings.bytesSent += send.count
+            }
+            let started = DispatchTime.now().uptimeNanoseconds
+            var failure: AttentionError?
+            do throws(AttentionError) {
+                timings.blocks += try computeStep(
+                    rank: rank, source: source, shard: UnsafeRawBufferPointer(current), query: query,
+                    queryStrides: queryStrides, output: output, logSumExp: logSumExp)
+            } catch {
+                failure = error
+            }
+            let computed = DispatchTime.now().uptimeNanoseconds
+            timings.computeSeconds += Double(computed - started) * 1e-9
+            if let exchange {
+                let exchangeError = exchange.wait()
+                timings.exposedCommunicationSeconds += Double(DispatchTime.now().uptimeNanoseconds - computed) * 1e-9
+                if let exchangeError, failure == nil { failure = exchangeError }
+            }
+            if let failure { throw failure }
+            swap(&current, &next)
+        }
+        return timings
+    }
+
+    /// This rank's queries against the K/V shard of `source`: every pair of chunks that see each other,
+    /// one block each, merged into `output` / `logSumExp` in a fixed order.
+    private func computeStep(
+        rank: Int, source: Int, shard: UnsafeRawBufferPointer, query: TensorView, queryStrides: Strides,
+        output: UnsafeMutableBufferPointer<Float>, logSumExp: UnsafeMutableBufferPointer<Float>
+    ) throws(AttentionError) -> Int {
+        let p = problem
+        let localRows = plan.rows(of: rank)
+        let sourceRows = plan.rows(of: source)
+        let keyShape = [p.batch, p.keyValueHeads, sourceRows, p.headDim]
+        let valueShape = [p.batch, p.keyValueHeads, sourceRows, p.valueDim]
+        let kvType = p.storage.keyValue
+        let keyElements = keyShape.reduce(1, *)
+        let keys = TensorView(
+            reading: shard.baseAddress!, storage: kvType, strides: .bhsd(keyShape), capacity: keyElements)
+        let values = TensorView(
+            reading: shard.baseAddress! + keyElements * kvType.byteSize, storage: kvType, strides: .bhsd(valueShape),
+            capacity: valueShape.reduce(1, *))
+        var blocks = 0
+        var queryOffset = 0
+        for queryChunk in plan.chunks(of: rank) {
+            defer { queryOffset += queryChunk.count }
+            var keyOffset = 0
+            for keyChunk in plan.chunks(of: source) {
+                defer { keyOffset += keyChunk.count }
+                guard let block = p.block(queries: queryChunk, keys: keyChunk) else { continue }
+                let firstRow = queryOffset + block.queries.lowerBound - queryChunk.lowerBound
+                let firstKey = keyOffset + block.keys.lowerBound - keyChunk.lowerBound
+                let sub = try AttentionProblem(
+                    query: [p.batch, p.queryHeads, block.queries.count, p.headDim],
+                    key: [p.batch, p.keyValueHeads, block.keys.count, p.headDim],
+                    value: [p.batch, p.keyValueHeads, block.keys.count, p.valueDim], options: try block.options(of: p),
+                    storage: StorageTypes(query: p.storage.query, keyValue: kvType, output: .f32))
+                var partial = [Float](repeating: 0, count: sub.outputShape.reduce(1, *))
+                var partialLSE = [Float](repeating: 0, count: sub.lseShape.reduce(1, *))
+                let chosen = backend ?? Dispatcher.process.decide(sub).chosen
+                try partial.withUnsafeMutableBufferPointer { (out) throws(AttentionError) in
+                    try partialLSE.withUnsafeMutableBufferPointer { (lse) throws(AttentionError) in
+                        try chosen.forward(
+                            sub,
+                            AttentionBuffers(
+                                query: query.advanced(
+                                    by: queryStrides.offset(batch: 0, head: 0, position: firstRow),
+                                    strides: queryStrides),
+                                key: keys.advanced(by: firstKey * p.headDim, strides: .bhsd(keyShape)),
+                                value: values.advanced(by: firstKey * p.valueDim, strides: .bhsd(valueShape)),
+                                output: TensorView(out), logSumExp: lse))
+                    }
+                }
+                mergeRows(
+                    partial, partialLSE, rows: block.queries.count, firstRow: firstRow, localRows: localRows,
+                    output: output, logSumExp: logSumExp)
+                blocks += 1
+            }
+        }
+        return blocks
+    }
+
+    /// Merges a block's partial rows (dense [B, Hq, rows, Dv]) into the running result.
+    private func mergeRows(
+        _ partial: [Float], _ partialLSE: [Float], rows: Int, firstRow: Int, localRows: Int,
+        output: UnsafeMutableBufferPointer<Float>, logSumExp: UnsafeMutableBufferPointer<Float>
+    ) {
+        let dv = problem.valueDim
+        var pair = [Float](repeating: 0, count: 2 * dv)
+        var pairLSE: [Float] = [0, 0]
+        for bh in 0..<(problem.batch * problem.queryHeads) {
+            for i in 0..<rows {
+                let target = bh * localRows + firstRow + i
+                let from = bh * rows + i
+                pairLSE[0] = logSumExp[target]
+                pairLSE[1] = partialLSE[from]
+                for c in 0..<dv {
+                    pair[c] = output[target * dv + c]
+                    pair[dv + c] = partial[from * dv + c]
+                }
+                logSumExp[target] = mergePartialRows(
+                    count: 2, valueDim: dv, logSumExp: pairLSE, logSumExpStride: 1, outputs: pair, outputStride: dv,
+                    into: output.baseAddress! + target * dv)
+            }
+        }
+    }
+
+    /// K then V, dense in the K/V storage type, into `target`.
+    private func pack(key: TensorView, value: TensorView, rows: Int, into target: UnsafeMutableRawBufferPointer) {
+        let p = problem
+        let size = p.storage.keyValue.byteSize
+        var offset = 0
+        for (view, width) in [(key, p.headDim), (value, p.valueDim)] {
+            let shape = [p.batch, p.keyValueHeads, rows, width]
+            let s = view.strides(for: shape)
+            for b in 0..<p.batch {
+                for h in 0..<p.keyValueHeads {
+                    for n in 0..<rows {
+                        (target.baseAddress! + offset).copyMemory(
+                            from: view.address + s.offset(batch: b, head: h, position: n) * size,
+                            byteCount: width * size)
+                        offset += width * size
+                    }
+                }
+            }
+        }
+    }
+
+    /// Times `plan.ranks - 1` exchanges of the largest shard without compute: what the ring's
+    /// communication costs when nothing hides it (the denominator of the overlap figure).
+    public func measureCommunication(on communicator: some RingCommunicator) throws(AttentionError) -> Double {
+        let bytes = (0..<plan.ranks).map(shardBytes).max() ?? 0
+        let send = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bytes, 1), alignment: 64)
+        let receive = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bytes, 1), alignment: 64)
+        defer {
+            send.deallocate()
+            receive.deallocate()
+        }
+        send.initializeMemory(as: UInt8.self, repeating: 0)
+        let rank = communicator.rank
+        let started = DispatchTime.now().uptimeNanoseconds
+        for _ in 0..<(plan.ranks - 1) {
+            try communicator.sendReceive(
+                UnsafeRawBufferPointer(rebasing: send[0..<bytes]), to: (rank + 1) % plan.ranks,
+                UnsafeMutableRawBufferPointer(rebasing: receive[0..<bytes]), from: (rank - 1 + plan.ranks) % plan.ranks)
+        }
+        return Double(DispatchTime.now().uptimeNanoseconds - started) * 1e-9
+    }
+}
+
+/// One `sendReceive` on its own thread.
+private final class Exchange: @unchecked Sendable {
+    private let done = DispatchSemaphore(value: 0)
+    private var error: AttentionError?
+
+    init(
+        _ communicator: some RingCommunicator, send: UnsafeRawBufferPointer, to destination: Int,
+        receive: UnsafeMutableRawBufferPointer, from source: Int
+    ) {
+        let buffers = RawBuffers(send: send, receive: receive)
+        let thread = Thread { [self] in
+            do throws(AttentionError) {
+                try communicator.sendReceive(buffers.send, to: destination, buffers.receive, from: source)
+            } catch {
+                self.error = error
+            }
+            done.signal()
+        }
+        thread.name = "AttentionKit ring exchange"
+        thread.start()
+    }
+
+    /// Waits for the exchange; its error, if any.
+    func wait() -> AttentionError? {
+        done.wait()
+        return error
+    }
+}
+
+/// The two buffers of one exchange, handed to its thread (which alone touches them until `wait`).
+private struct RawBuffers: @unchecked Sendable {
+    let send: UnsafeRawBufferPointer
+    let receive: UnsafeMutableRawBufferPointer
+}
+
+extension RingPlan {
+    /// Rank `rank`'s rows of a [B, H, length, D] tensor (dimension 2 is the sequence), in local order.
+    public func shard(_ tensor: Tensor, rank: Int) throws(AttentionError) -> Tensor {
+        let s = tensor.shape
+        guard s.count == 4, s[2] == length else {
+            throw .shapeMismatch("a ring shard needs a [B, H, \(length), D] tensor, got \(s)")
+        }
+        let chunks = chunks(of: rank)
+        var values: [Float] = []
+        values.reserveCapacity(s[0] * s[1] * rows(of: rank) * s[3])
+        for bh in 0..<(s[0] * s[1]) {
+            for chunk in chunks {
+                values +=
+                    tensor.storage[
+                        ((bh * length + chunk.lowerBound) * s[3])..<((bh * length + chunk.upperBound) * s[3])]
+            }
+        }
+        return try Tensor(shape: [s[0], s[1], rows(of: rank), s[3]], storage: values)
+    }
+
+    /// The global [B, H, length, W] tensor from every rank's [B, H, rows, W] shard (W = 1 for
+    /// [B, H, rows] log-sum-exp shards, given with a trailing 1 or without).
+    public func assemble(_ shards: [Tensor]) throws(AttentionError) -> Tensor {
+        guard shards.count == ranks, let first = shards.first, first.shape.count >= 3 else {
+            throw .shapeMismatch("assembling needs one shard per rank (\(ranks)), got \(shards.count)")
+        }
+        let (b, h) = (first.shape[0], first.shape[1])
+        let width = first.shape.count == 4 ? first.shape[3] : 1
+        var values = [Float](repeating: 0, count: b * h * length * width)
+        for (rank, shard) in shards.enumerated() {
+            guard shard.shape.count == first.shape.count, shard.shape[0] == b, shard.shape[1] == h,
+                shard.shape[2] == rows(of: rank), shard.shape.count == 3 || shard.shape[3] == width
+            else {
+                throw .shapeMismatch("rank \(rank)'s shard has shape \(shard.shape); expected \(rows(of: rank)) rows")
+            }
+            let n = rows(of: rank)
+            var local = 0
+            for chunk in chunks(of: rank) {
+                for position in chunk {
+                    for bh in 0..<(b * h) {
+                        let from = (bh * n + local) * width
+                        let to = (bh * length + position) * width
+                        for c in 0..<width { values[to + c] = shard.storage[from + c] }
+                    }
+                    local += 1
+                }
+            }
+        }
+        let shape = first.shape.count == 4 ? [b, h, length, width] : [b, h, length]
+        return try Tensor(shape: shape, storage: values)
+    }
+}
+
+/// A host tensor held in a storage type (fp32, or fp16 / bf16 bits rounded to nearest even), for
+/// the duration of one view.
+struct StoredOperand: Sendable {
+    let shape: [Int]
+    let type: StorageType
+    let floats: [Float]
+    let halves: [UInt16]
+
+    init(_ tensor: Tensor, as type: StorageType) {
+        shape = tensor.shape
+        self.type = type
+        floats = type == .f32 ? tensor.storage : []
+        halves = type == .f32 ? [] : tensor.storage.map(type.encode)
+    }
+
+    func withView<R>(_ body: (TensorView) throws(AttentionError) -> R) throws(AttentionError) -> R {
+        if type == .f32 {
+            return try floats.withUnsafeBufferPointer { (p) throws(AttentionError) in try body(TensorView(p)) }
+        }
+        return try halves.withUnsafeBufferPointer { (p) throws(AttentionError) in try body(TensorView(p, storage: type))
+        }
+    }
+}
+
+extension RingAttention {
+    /// Runs every rank in this process (`LocalRing`, one thread per rank) on global [B, H, N, D] host
+    /// tensors: each rank gets its shards (K/V in the problem's K/V storage type, Q in its query type),
+    /// and the ranks' O and LSE rows are assembled into the global result. What `attnbench ring --ranks N`
+    /// runs, and what the tests check against a single call.
+    public func runLocally(query: Tensor, key: Tensor, value: Tensor) throws(AttentionError) -> (
+        result: AttentionResult, timings: [RingTimings]
+    ) {
+        guard query.shape == problem.queryShape, key.shape == problem.keyShape, value.shape == problem.valueShape else {
+            throw .shapeMismatch(
+                "ring inputs \(query.shape), \(key.shape), \(value.shape) do not match the problem's "
+                    + "\(problem.queryShape), \(problem.keyShape), \(problem.valueShape)")
+        }
+        var shards: [(StoredOperand, StoredOperand, StoredOperand)] = []
+        for rank in 0..<plan.ranks {
+            shards.append(
+                (
+                    StoredOperand(try plan.shard(query, rank: rank), as: problem.storage.query),
+                    StoredOperand(try plan.shard(key, rank: rank), as: problem.storage.keyValue),
+                    StoredOperand(try plan.shard(value, rank: rank), as: problem.storage.keyValue)
+                ))
+        }
+        let collected = Collected(ranks: plan.ranks)
+        let ring = LocalRing(size: plan.ranks)
+        let inputs = shards
+        try ring.run { (communicator) throws(AttentionError) in
+            let rank = communicator.rank
+            let shapes = localShapes(rank: rank)
+            var output = try Tensor(shape: shapes.output)
+            var lse = try Tensor(shape: shapes.logSumExp)
+            let (q, k, v) = inputs[rank]
+            let timings = try output.withUnsafeMutableBufferPointer { (o) throws(AttentionError) in
+                try lse.withUnsafeMutableBufferPointer { (l) throws(AttentionError) in
+                    try q.withView { (qv) throws(AttentionError) in
+                        try k.withView { (kv) throws(AttentionError) in
+                            try v.withView { (vv) throws(AttentionError) in
+                                try run(on: communicator, query: qv, key: kv, value: vv, output: o, logSumExp: l)
+                            }
+                        }
+                    }
+                }
+            }
+            collected.store(rank: rank, output: output, logSumExp: lse, timings: timings)
+        }
+        let (outputs, lses, timings) = collected.all
+        return (
+            AttentionResult(output: try plan.assemble(outputs), logSumExp: try plan.assemble(lses)), timings
+        )
+    }
+}
+
+/// Each rank's result, stored from the ranks' threads.
+final class Collected: @unchecked Sendable {
+    private let lock = NSLock()
+    private var outputs: [Tensor?]
+    private var lses: [Tensor?]
+    private var timings: [RingTimings]
+
+    init(ranks: Int) {
+        outputs = Array(repeating: nil, count: ranks)
+        lses = Array(repeating: nil, count: ranks)
+        timings = Array(repeating: RingTimings(), count: ranks)
+    }
+
+    func store(rank: Int, output: Tensor, logSumExp: Tensor, timings t: RingTimings) {
+        lock.withLock {
+            outputs[rank] = output
+            lses[rank] = logSumExp
+            timings[rank] = t
+        }
+    }
+
+    var all: (outputs: [Tensor], lses: [Tensor], timings: [RingTimings]) {
+        lock.withLock { (outputs.map { $0! }, lses.map { $0! }, timings) }
+    }
+}
