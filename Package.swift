@@ -22,7 +22,7 @@ let package = Package(
             description:
                 "Builds AttentionDistributed's MPICommunicator and `attnbench ring` under mpirun over the system's "
                 + "MPI (Debian: libopenmpi-dev, found through pkg-config as mpi-c). Off by default: builds "
-                + "without it never need MPI."),
+                + "without it never need MPI.")
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
