@@ -7,7 +7,7 @@ struct AttnBench: ParsableCommand {
         abstract: "Run, check and time transformer attention with AttentionKit's backends.",
         subcommands: [
             Report.self, Bench.self, Verify.self, Run.self, Devices.self, Explain.self, Tune.self, Map.self,
-            Extremes.self,
+            Extremes.self, Ring.self,
         ],
         defaultSubcommand: Report.self
     )

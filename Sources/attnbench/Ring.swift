@@ -1,0 +1,429 @@
+import ArgumentParser
+import AttentionDistributed
+import AttentionKit
+import Foundation
+import NumPyIO
+
+extension RingPlan.Sharding: ExpressibleByArgument {}
+
+struct Ring: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Context-parallel attention across ranks: MPI ranks under mpirun, or threads of this process.",
+        discussion: """
+            Rank 0 reads the .npy files (Q [B, Hq, Nq, D], K [B, Hkv, Nk, D], V [B, Hkv, Nk, Dv], bhsd), sends \
+            every rank its shard, and writes O and the log-sum-exp, which equal a single-process `attnbench run` \
+            within the fp32 tolerance.
+
+            Nq = Nk: ring attention. Each rank holds a shard of the sequence's Q, K and V rows (--sharding \
+            zigzag: chunks r and 2P-1-r, equal causal work; contiguous: one block), and the K/V shards travel \
+            around the ring, each exchange overlapped with the compute of the step before.
+            Nq != Nk: decode against a sharded cache. Every rank holds all queries and 1/P of the keys; one \
+            all-gather of the partial results and an LSE merge give every rank the full result.
+
+            Under MPI (attnbench built with `--traits MPI`, started by `mpirun -np N`), ranks are processes; \
+            a rank that fails ends every rank (MPI_Abort) with its reason on stderr. Otherwise --ranks N runs \
+            N ranks as threads of this process over the same protocol.
+            Per rank it prints compute time, the communication compute did not hide (exposed), the same \
+            exchanges timed alone, and the fraction hidden.
+            """
+    )
+
+    @Option(name: .customLong("q"), help: "Query .npy file, [B, Hq, Nq, D].") var queryPath: String
+    @Option(name: .customLong("k"), help: "Key .npy file, [B, Hkv, Nk, D].") var keyPath: String
+    @Option(name: .customLong("v"), help: "Value .npy file, [B, Hkv, Nk, Dv].") var valuePath: String
+    @Flag(help: "Causal masking (bottom-right aligned).") var causal = false
+    @Option(help: ArgumentHelp("Sliding window L,R (-1 = unbounded side).", valueName: "L,R"))
+    var window: AttentionWindow?
+    @Option(help: "Score scale (default 1/sqrt(D)).") var scale: Float?
+    @Option(help: "Softcap c > 0.") var softcap: Float?
+    @Option(help: "Storage of K and V (rounded to nearest even; they travel the ring in it): f32, f16 or bf16.")
+    var kvDtype: StorageType = .f32
+    @Option(help: "How the sequence is sharded across ranks (ring attention): zigzag or contiguous.")
+    var sharding: RingPlan.Sharding = .zigzag
+    @Option(help: "Backend for each rank's blocks: auto, naive, blas, opencl or opencl:N.")
+    var backend: BackendChoice = .auto
+    @Option(help: "Ranks as threads of this process (ignored under mpirun with more than one MPI rank).")
+    var ranks: Int = 2
+    @Option(name: .customLong("out"), help: "Output .npy file for O (written by rank 0).") var outPath: String
+    @Option(name: .customLong("lse"), help: "Output .npy file for the log-sum-exp (written by rank 0).")
+    var lsePath: String?
+    @Option(help: .hidden) var failRank: Int?
+
+    func validate() throws {
+        guard ranks >= 1 else { throw ValidationError("--ranks must be at least 1") }
+    }
+
+    func run() throws {
+        #if MPI
+            let world = try MPICommunicator.world()
+            if world.size > 1 {
+                do {
+                    let report = try RingJob(command: self).run(on: world)
+                    if world.rank == 0 { print(report) }
+                    world.finalize()
+                } catch {
+                    FileHandle.standardError.write(Data("attnbench ring: rank \(world.rank): \(error)\n".utf8))
+                    world.abort()
+                }
+                return
+            }
+        #endif
+        let ring = LocalRing(size: ranks)
+        let job = RingJob(command: self)
+        let report = Report()
+        do {
+            try ring.run { (communicator) throws(AttentionError) in
+                let text = try job.run(on: communicator)
+                if communicator.rank == 0 { report.text = text }
+            }
+        } catch {
+            throw CLIError("\(error)")
+        }
+        print(report.text)
+    }
+
+    final class Report: @unchecked Sendable {
+        var text = ""
+    }
+}
+
+/// One rank's part of `attnbench ring`, over any communicator: rank 0 reads and scatters, every rank
+/// computes, rank 0 gathers, writes and reports.
+struct RingJob: Sendable {
+    let command: Ring
+
+    /// The problem's sizes as rank 0 read them: B, Hq, Hkv, Nq, Nk, D, Dv.
+    private func sizes(_ q: [Int], _ k: [Int], _ v: [Int]) throws(AttentionError) -> [Int] {
+        guard q.count == 4, k.count == 4, v.count == 4 else {
+            throw .invalidRank(tensor: "ring inputs", expected: "4-D [B, H, N, D] files", actual: q)
+        }
+        return [q[0], q[1], k[1], q[2], k[2], q[3], v[3]]
+    }
+
+    func problem(_ s: [Int]) throws(AttentionError) -> AttentionProblem {
+        try AttentionProblem(
+            query: [s[0], s[1], s[3], s[5]], key: [s[0], s[2], s[4], s[5]], value: [s[0], s[2], s[4], s[6]],
+            options: AttentionOptions(
+                scale: command.scale, softcap: command.softcap, causal: command.causal, window: command.window),
+            storage: StorageTypes(keyValue: command.kvDtype))
+    }
+
+    private func load(_ path: String, _ role: String) throws(AttentionError) -> Tensor {
+        do {
+            let array = try NPYArray.read(contentsOf: path)
+            guard let values = array.floats else {
+                throw AttentionError.fileError(path: path, reason: "the \(role) must be floating point")
+            }
+            return try Tensor(shape: array.shape, storage: values, name: "\(role) (\(path))")
+        } catch let error as AttentionError {
+            throw error
+        } catch {
+            // NPYIO's errors name the file already.
+            let text = "\(error)"
+            throw .fileError(
+                path: path, reason: text.hasPrefix(path + ": ") ? String(text.dropFirst(path.count + 2)) : text)
+        }
+    }
+
+    func run(on comm: some RingCommunicator) throws(AttentionError) -> String {
+        let (rank, size) = (comm.rank, comm.size)
+        // Rank 0 reads; its sizes (or its error) reach every rank before anything else.
+        var inputs: (Tensor, Tensor, Tensor)?
+        var header = [Int64](repeating: 0, count: 8)
+        var readError: AttentionError?
+        if rank == 0 {
+            do throws(AttentionError) {
+                let loaded = (
+                    try load(command.queryPath, "query"), try load(command.keyPath, "key"),
+                    try load(command.valuePath, "value")
+                )
+                let s = try sizes(loaded.0.shape, loaded.1.shape, loaded.2.shape)
+                _ = try problem(s)
+                inputs = loaded
+                header = [1] + s.map(Int64.init)
+            } catch {
+                readError = error
+            }
+        }
+        var all = [Int64](repeating: 0, count: 8 * size)
+        try gather(comm, header, into: &all)
+        if let readError { throw readError }
+        guard all[0] == 1 else {
+            // Rank 0 reports why; in-process the others just stop, under MPI they fail too (every rank
+            // exits non-zero).
+            if comm is LocalCommunicator { return "" }
+            throw .backendFailure(backend: "ring", message: "rank 0 could not read its input")
+        }
+        let s = all[1..<8].map { Int($0) }
+        let problem = try problem(s)
+        let chosen: (any AttentionBackend)?
+        switch command.backend {
+        case .auto:
+            chosen = nil
+            _ = Dispatcher.process.candidates  // built before the timed part
+        case .backend(let id): chosen = try Dispatcher.process.backend(id)
+        }
+        if problem.queryLength == problem.keyLength {
+            return try ringAttention(comm, problem, inputs, chosen)
+        }
+        return try shardedDecode(comm, problem, inputs, chosen)
+    }
+
+    private func gather(_ comm: some RingCommunicator, _ local: [Int64], into all: inout [Int64]) throws(AttentionError)
+    {
+        try local.withUnsafeBufferPointer { (l) throws(AttentionError) in
+            try all.withUnsafeMutableBufferPointer { (a) throws(AttentionError) in
+                try comm.allGather(UnsafeRawBufferPointer(l), into: UnsafeMutableRawBufferPointer(a))
+            }
+        }
+    }
+
+    private func ringAttention(
+        _ comm: some RingCommunicator, _ problem: AttentionProblem, _ inputs: (Tensor, Tensor, Tensor)?,
+        _ backend: (any AttentionBackend)?
+    ) throws(AttentionError) -> String {
+        let ring = try RingAttention(problem: problem, ranks: comm.size, sharding: command.sharding, backend: backend)
+        let plan = ring.plan
+        let shapes = ring.localShapes(rank: comm.rank)
+        // Shards: rank 0 sends each rank its Q (fp32) and K, V (in the K/V storage type).
+        var q = Operand(shape: shapes.query, type: .f32)
+        var k = Operand(shape: shapes.key, type: problem.storage.keyValue)
+        var v = Operand(shape: shapes.value, type: problem.storage.keyValue)
+        if comm.rank == 0, let (gq, gk, gv) = inputs {
+            for target in (0..<comm.size).reversed() {
+                let parts = (
+                    Operand(try plan.shard(gq, rank: target), type: .f32),
+                    Operand(try plan.shard(gk, rank: target), type: problem.storage.keyValue),
+                    Operand(try plan.shard(gv, rank: target), type: problem.storage.keyValue)
+                )
+                if target == 0 {
+                    (q, k, v) = parts
+                } else {
+                    for part in [parts.0, parts.1, parts.2] { try part.send(comm, to: target) }
+                }
+            }
+        } else {
+            for index in 0..<3 {
+                var part = [q, k, v][index]
+                try part.receive(comm, from: 0)
+                if index == 0 { q = part } else if index == 1 { k = part } else { v = part }
+            }
+        }
+        if command.failRank == comm.rank { try fail(comm) }
+        var output = [Float](repeating: 0, count: shapes.output.reduce(1, *))
+        var lse = [Float](repeating: 0, count: shapes.logSumExp.reduce(1, *))
+        let started = DispatchTime.now().uptimeNanoseconds
+        let timings = try output.withUnsafeMutableBufferPointer { (o) throws(AttentionError) in
+            try lse.withUnsafeMutableBufferPointer { (l) throws(AttentionError) in
+                try q.withView { (qv) throws(AttentionError) in
+                    try k.withView { (kv) throws(AttentionError) in
+                        try v.withView { (vv) throws(AttentionError) in
+                            try ring.run(on: comm, query: qv, key: kv, value: vv, output: o, logSumExp: l)
+                        }
+                    }
+                }
+            }
+        }
+        let wall = Double(DispatchTime.now().uptimeNanoseconds - started) * 1e-9
+        let alone = try ring.measureCommunication(on: comm)
+        // O and LSE rows to rank 0.
+        var result: (Tensor, Tensor)?
+        if comm.rank == 0 {
+            var outputs = [try Tensor(shape: shapes.output, storage: output)]
+            var lses = [try Tensor(shape: shapes.logSumExp, storage: lse)]
+            for source in 1..<comm.size {
+                let local = ring.localShapes(rank: source)
+                var o = [Float](repeating: 0, count: local.output.reduce(1, *))
+                var l = [Float](repeating: 0, count: local.logSumExp.reduce(1, *))
+                try receive(comm, &o, from: source)
+                try receive(comm, &l, from: source)
+                outputs.append(try Tensor(shape: local.output, storage: o))
+                lses.append(try Tensor(shape: local.logSumExp, storage: l))
+            }
+            result = (try plan.assemble(outputs), try plan.assemble(lses))
+        } else {
+            try send(comm, output, to: 0)
+            try send(comm, lse, to: 0)
+        }
+        return try report(
+            comm, problem: problem, result: result, timings: timings, wall: wall, alone: alone,
+            mode: "ring attention, \(command.sharding) shards (\(shapes.query[2]) rows on rank 0)")
+    }
+
+    private func shardedDecode(
+        _ comm: some RingCommunicator, _ problem: AttentionProblem, _ inputs: (Tensor, Tensor, Tensor)?,
+        _ backend: (any AttentionBackend)?
+    ) throws(AttentionError) -> String {
+        let sharded = try ShardedKVAttention(problem: problem, ranks: comm.size, backend: backend)
+        let keys = sharded.keys(of: comm.rank)
+        let p = problem
+        var q = Operand(shape: p.queryShape, type: .f32)
+        var k = Operand(shape: [p.batch, p.keyValueHeads, keys.count, p.headDim], type: p.storage.keyValue)
+        var v = Operand(shape: [p.batch, p.keyValueHeads, keys.count, p.valueDim], type: p.storage.keyValue)
+        if comm.rank == 0, let (gq, gk, gv) = inputs {
+            for target in (0..<comm.size).reversed() {
+                let range = sharded.keys(of: target)
+                let parts = (
+                    Operand(gq, type: .f32),
+                    Operand(try ShardedKVAttention.slice(gk, keys: range), type: p.storage.keyValue),
+                    Operand(try ShardedKVAttention.slice(gv, keys: range), type: p.storage.keyValue)
+                )
+                if target == 0 {
+                    (q, k, v) = parts
+                } else {
+                    for part in [parts.0, parts.1, parts.2] { try part.send(comm, to: target) }
+                }
+            }
+        } else {
+            for index in 0..<3 {
+                var part = [q, k, v][index]
+                try part.receive(comm, from: 0)
+                if index == 0 { q = part } else if index == 1 { k = part } else { v = part }
+            }
+        }
+        if command.failRank == comm.rank { try fail(comm) }
+        var output = [Float](repeating: 0, count: p.outputShape.reduce(1, *))
+        var lse = [Float](repeating: 0, count: p.lseShape.reduce(1, *))
+        let started = DispatchTime.now().uptimeNanoseconds
+        let timings = try output.withUnsafeMutableBufferPointer { (o) throws(AttentionError) in
+            try lse.withUnsafeMutableBufferPointer { (l) throws(AttentionError) in
+                try q.withView { (qv) throws(AttentionError) in
+                    try k.withView { (kv) throws(AttentionError) in
+                        try v.withView { (vv) throws(AttentionError) in
+                            try sharded.run(on: comm, query: qv, key: kv, value: vv, output: o, logSumExp: l)
+                        }
+                    }
+                }
+            }
+        }
+        let wall = Double(DispatchTime.now().uptimeNanoseconds - started) * 1e-9
+        let result =
+            comm.rank == 0
+            ? (try Tensor(shape: p.outputShape, storage: output), try Tensor(shape: p.lseShape, storage: lse)) : nil
+        return try report(
+            comm, problem: p, result: result, timings: timings, wall: wall, alone: timings.exposedCommunicationSeconds,
+            mode: "sharded-K/V decode (\(keys.count) keys on rank 0, one all-gather)")
+    }
+
+    /// The test hook `--fail-rank R`: under MPI that rank dies (SIGKILL) as a crashed process would;
+    /// in-process it throws, as a rank whose input is bad would.
+    private func fail(_ comm: some RingCommunicator) throws(AttentionError) {
+        #if MPI
+            if comm is MPICommunicator { kill(getpid(), SIGKILL) }
+        #endif
+        throw .backendFailure(backend: "ring", message: "rank \(comm.rank) failed on request (--fail-rank)")
+    }
+
+    private func send(_ comm: some RingCommunicator, _ values: [Float], to target: Int) throws(AttentionError) {
+        try values.withUnsafeBufferPointer { (p) throws(AttentionError) in
+            try comm.send(UnsafeRawBufferPointer(p), to: target)
+        }
+    }
+
+    private func receive(_ comm: some RingCommunicator, _ values: inout [Float], from source: Int)
+        throws(AttentionError)
+    {
+        try values.withUnsafeMutableBufferPointer { (p) throws(AttentionError) in
+            try comm.receive(UnsafeMutableRawBufferPointer(p), from: source)
+        }
+    }
+
+    /// Rank 0 writes the files; everyone's timings reach rank 0, which formats the report.
+    private func report(
+        _ comm: some RingCommunicator, problem: AttentionProblem, result: (Tensor, Tensor)?, timings: RingTimings,
+        wall: Double, alone: Double, mode: String
+    ) throws(AttentionError) -> String {
+        if let (output, lse) = result {
+            do {
+                try NPYArray(shape: output.shape, floats: output.storage).write(to: command.outPath)
+                if let path = command.lsePath { try NPYArray(shape: lse.shape, floats: lse.storage).write(to: path) }
+            } catch {
+                throw .fileError(path: command.outPath, reason: "\(error)")
+            }
+        }
+        let mine: [Double] = [
+            wall, timings.computeSeconds, timings.exposedCommunicationSeconds, alone, Double(timings.bytesSent),
+            Double(timings.blocks),
+        ]
+        var all = [Double](repeating: 0, count: mine.count * comm.size)
+        try mine.withUnsafeBufferPointer { (l) throws(AttentionError) in
+            try all.withUnsafeMutableBufferPointer { (a) throws(AttentionError) in
+                try comm.allGather(UnsafeRawBufferPointer(l), into: UnsafeMutableRawBufferPointer(a))
+            }
+        }
+        guard comm.rank == 0 else { return "" }
+        let p = problem
+        var lines = [
+            "ring: \(comm.size) ranks (\(comm is LocalCommunicator ? "threads" : "MPI processes")), \(mode)",
+            "problem: B\(p.batch) Hq\(p.queryHeads) Hkv\(p.keyValueHeads) Nq\(p.queryLength) Nk\(p.keyLength) "
+                + "D\(p.headDim) Dv\(p.valueDim)\(p.options.causal ? " causal" : "") K/V \(p.storage.keyValue)",
+            "rank  wall ms  compute ms  exposed comm ms  comm alone ms  hidden  MB sent  blocks",
+        ]
+        for r in 0..<comm.size {
+            let t = Array(all[(r * mine.count)..<((r + 1) * mine.count)])
+            let hidden = t[3] > 0 ? max(0, min(1, 1 - t[2] / t[3])) : 1
+            lines.append(
+                String(
+                    format: "%4d  %7.2f  %10.2f  %15.2f  %13.2f  %5.0f%%  %7.2f  %6d", r, t[0] * 1e3, t[1] * 1e3,
+                    t[2] * 1e3, t[3] * 1e3, hidden * 100, t[4] / 1e6, Int(t[5])))
+        }
+        lines.append("wrote \(command.outPath)" + (command.lsePath.map { " and \($0)" } ?? ""))
+        return lines.joined(separator: "\n")
+    }
+}
+
+/// One operand of a rank: fp32 values or fp16 / bf16 bits, sent and received as bytes.
+struct Operand: Sendable {
+    var shape: [Int]
+    var type: StorageType
+    var floats: [Float]
+    var halves: [UInt16]
+
+    init(shape: [Int], type: StorageType) {
+        self.shape = shape
+        self.type = type
+        let count = shape.reduce(1, *)
+        floats = type == .f32 ? [Float](repeating: 0, count: count) : []
+        halves = type == .f32 ? [] : [UInt16](repeating: 0, count: count)
+    }
+
+    init(_ tensor: Tensor, type: StorageType) {
+        shape = tensor.shape
+        self.type = type
+        floats = type == .f32 ? tensor.storage : []
+        halves = type == .f32 ? [] : tensor.storage.map(type.encode)
+    }
+
+    func send(_ comm: some RingCommunicator, to target: Int) throws(AttentionError) {
+        if type == .f32 {
+            try floats.withUnsafeBufferPointer { (p) throws(AttentionError) in
+                try comm.send(UnsafeRawBufferPointer(p), to: target)
+            }
+        } else {
+            try halves.withUnsafeBufferPointer { (p) throws(AttentionError) in
+                try comm.send(UnsafeRawBufferPointer(p), to: target)
+            }
+        }
+    }
+
+    mutating func receive(_ comm: some RingCommunicator, from source: Int) throws(AttentionError) {
+        if type == .f32 {
+            try floats.withUnsafeMutableBufferPointer { (p) throws(AttentionError) in
+                try comm.receive(UnsafeMutableRawBufferPointer(p), from: source)
+            }
+        } else {
+            try halves.withUnsafeMutableBufferPointer { (p) throws(AttentionError) in
+                try comm.receive(UnsafeMutableRawBufferPointer(p), from: source)
+            }
+        }
+    }
+
+    func withView<R>(_ body: (TensorView) throws(AttentionError) -> R) throws(AttentionError) -> R {
+        if type == .f32 {
+            return try floats.withUnsafeBufferPointer { (p) throws(AttentionError) in try body(TensorView(p)) }
+        }
+        return try halves.withUnsafeBufferPointer { (p) throws(AttentionError) in
+            try body(TensorView(p, storage: type))
+        }
+    }
+}
