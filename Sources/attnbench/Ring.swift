@@ -1,4 +1,5 @@
 import ArgumentParser
+import AttentionBLAS
 import AttentionDistributed
 import AttentionKit
 import Foundation
@@ -42,6 +43,8 @@ struct Ring: ParsableCommand {
     var sharding: RingPlan.Sharding = .zigzag
     @Option(help: "Backend for each rank's blocks: auto, naive, blas, opencl or opencl:N.")
     var backend: BackendChoice = .auto
+    @Option(help: "CPU threads per rank for --backend blas (default: all cores; under mpirun give cores / ranks).")
+    var threads: Int?
     @Option(help: "Ranks as threads of this process (ignored under mpirun with more than one MPI rank).")
     var ranks: Int = 2
     @Option(name: .customLong("out"), help: "Output .npy file for O (written by rank 0).") var outPath: String
@@ -51,6 +54,7 @@ struct Ring: ParsableCommand {
 
     func validate() throws {
         guard ranks >= 1 else { throw ValidationError("--ranks must be at least 1") }
+        if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
     }
 
     func run() throws {
@@ -161,6 +165,7 @@ struct RingJob: Sendable {
         case .auto:
             chosen = nil
             _ = Dispatcher.process.candidates  // built before the timed part
+        case .backend(.blas) where command.threads != nil: chosen = BLASBackend(threads: command.threads)
         case .backend(let id): chosen = try Dispatcher.process.backend(id)
         }
         if problem.queryLength == problem.keyLength {

@@ -1,8 +1,10 @@
 // The consumer check's program: what a new user of AttentionKit writes first.
 //
-//   consumer          one BLAS and one `.auto` call, each checked against the naive reference
+//   consumer          one BLAS and one `.auto` call, a two-backend split and a two-rank ring (AttentionDistributed,
+//                     ranks as threads), each checked against the naive reference
 //   consumer bench [N]  median milliseconds over N runs (default 20) of BLAS on prefill-2k and decode-4k (for the README's
 //                     comparison with `attnbench run --repeat` in the project's own build)
+import AttentionDistributed
 import AttentionKit
 import Foundation
 
@@ -31,8 +33,15 @@ func check() throws -> Bool {
     let runs: [(String, any AttentionBackend)] = [
         ("blas", BLASBackend()), ("auto -> \(selection.backend.name)", selection.backend),
     ]
+    var results: [(String, AttentionResult)] = []
     for (label, backend) in runs {
-        let result = try backend.attention(problem, query: q, key: k, value: v)
+        results.append((label, try backend.attention(problem, query: q, key: k, value: v)))
+    }
+    let split = try MultiDeviceBackend(members: [BLASBackend(), NaiveBackend()], split: .keys)
+    results.append(("multi (keys split)", try split.attention(problem, query: q, key: k, value: v)))
+    let sharded = try ShardedKVAttention(problem: problem, ranks: 2)
+    results.append(("2-rank sharded K/V", try sharded.runLocally(query: q, key: k, value: v).result))
+    for (label, result) in results {
         let (error, ok) = compare(result.output, reference.output)
         print("consumer: \(label): max abs error \(error) vs naive: \(ok ? "pass" : "FAIL")")
         passed = passed && ok
