@@ -7,7 +7,8 @@ Writes inputs with NumPy and runs `attnbench ring` on 2 and 3 ranks (with --mpi:
 with --oversubscribe, and --allow-run-as-root only when root; otherwise ranks as threads, --ranks N).
 O and LSE are compared with an independent NumPy float64 implementation (scripts/cli_check.py's) within
 the fp32 tolerance: causal and not, GQA, MQA, windows, fp16/bf16 K/V, lengths not divisible by the rank
-count, a rank with an empty shard, both shardings, decode against a sharded cache. Then a rank that
+count, a rank with an empty shard, both shardings, packed sequences (--cu-seqlens), decode against a
+sharded cache. Then a rank that
 fails (killed under MPI; an error in-process) and a bad input file must make the run exit non-zero,
 with the reason, within a time bound. Prints 'N passed, N failed' and exits non-zero on failure.
 """
@@ -106,6 +107,49 @@ class RingChecker:
                 self.check(label, o_ok and lse_ok and timings_ok,
                            f"max |O error| {o_err.max():.3g}, LSE ok {lse_ok}, report:\n{report}")
 
+    def packed(self, name, lengths, hq, hkv, d, dv, causal=True, kv="f32", ranks=(2, 3)):
+        """Packed sequences (--cu-seqlens): each sequence its own problem, against NumPy per sequence."""
+        rng = np.random.default_rng(abs(hash(name)) % 2**32)
+        total = sum(lengths)
+        q = rng.uniform(-2, 2, (total, hq, d)).astype(np.float32)
+        k = rng.uniform(-2, 2, (total, hkv, d)).astype(np.float32)
+        v = rng.uniform(-1, 1, (total, hkv, dv)).astype(np.float32)
+        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        for f, x in (("q", q), ("k", k), ("v", v), ("cu", cu)):
+            np.save(self.path(f"{name}-{f}.npy"), x)
+        rk, rv = (k, v) if kv == "f32" else (k.astype(np.float16).astype(np.float32),
+                                             v.astype(np.float16).astype(np.float32))
+        ref_o = np.zeros((total, hq, dv))
+        ref_lse = np.full((total, hq), -np.inf)
+        for s, (lo, hi) in enumerate(zip(cu[:-1], cu[1:])):
+            if hi == lo:
+                continue
+            per = [x[lo:hi].transpose(1, 0, 2)[None] for x in (q, rk, rv)]
+            o, lse = reference(*per, causal=causal)
+            ref_o[lo:hi] = o[0].transpose(1, 0, 2)
+            ref_lse[lo:hi] = lse[0].T
+        base = ["--q", self.path(f"{name}-q.npy"), "--k", self.path(f"{name}-k.npy"), "--v",
+                self.path(f"{name}-v.npy"), "--cu-seqlens", self.path(f"{name}-cu.npy"), "--kv-dtype", kv,
+                "--out", self.path(f"{name}-o.npy"), "--lse", self.path(f"{name}-lse.npy")]
+        if causal:
+            base.append("--causal")
+        for n in ranks:
+            for sharding in ("zigzag", "contiguous"):
+                label = f"{name} ({n} ranks, {sharding})"
+                result = self.run(n, [*base, "--sharding", sharding])
+                if result is None or result.returncode != 0:
+                    self.check(label, False, "hung" if result is None else f"exit {result.returncode}: "
+                               f"{result.stderr[-800:]}")
+                    continue
+                o = np.load(self.path(f"{name}-o.npy"))
+                lse = np.load(self.path(f"{name}-lse.npy"))
+                ok = o.shape == ref_o.shape and lse.shape == ref_lse.shape
+                ok = ok and bool(np.all(np.abs(o - ref_o) <= ATOL + RTOL * np.abs(ref_o)))
+                finite = np.isfinite(ref_lse)
+                ok = ok and bool(np.all(lse[~finite] == ref_lse[~finite])) and bool(
+                    np.all(np.abs(lse[finite] - ref_lse[finite]) <= ATOL + RTOL * np.abs(ref_lse[finite])))
+                self.check(label, ok, f"shapes {o.shape} {lse.shape}; report:\n{result.stdout}")
+
     def failures(self):
         name = "fail"
         np.save(self.path("fail-q.npy"), np.ones((1, 2, 20, 8), np.float32))
@@ -150,6 +194,8 @@ def main():
         c.case("empty-shard", 1, 2, 2, 2, 2, 8, 8, causal=True, ranks=(3,))
         c.case("decode", 2, 8, 2, 1, 301, 32, 32, causal=True, kv="f16")
         c.case("decode-chunk", 1, 4, 4, 5, 77, 16, 16, causal=True)
+        c.packed("packed", [5, 0, 37, 1, 20, 3], 4, 2, 16, 8)
+        c.packed("packed-f16", [100, 57], 8, 2, 32, 32, kv="f16")
         c.failures()
         print(f"ring ({'MPI' if mpi else 'threads'}): {c.passed} passed, {c.failed} failed")
         return 1 if c.failed else 0

@@ -13,25 +13,49 @@ public struct RingPlan: Sendable, Equatable {
         public var description: String { rawValue }
     }
 
+    /// Positions in all (the sum of the sequence lengths).
     public let length: Int
     public let ranks: Int
     public let sharding: Sharding
+    /// The sequences packed end to end (one for a plain problem; varlen: each its own problem), each
+    /// sharded across every rank on its own.
+    public let sequenceLengths: [Int]
 
     public init(length: Int, ranks: Int, sharding: Sharding) {
-        self.length = max(length, 0)
+        self.init(sequenceLengths: [length], ranks: ranks, sharding: sharding)
+    }
+
+    /// Packed sequences of these lengths (varlen): rank r holds its chunks of every sequence, in
+    /// sequence order.
+    public init(sequenceLengths: [Int], ranks: Int, sharding: Sharding) {
+        self.sequenceLengths = sequenceLengths.map { max($0, 0) }
+        self.length = self.sequenceLengths.reduce(0, +)
         self.ranks = max(ranks, 1)
         self.sharding = sharding
     }
 
-    /// The global positions rank `rank` holds, as ranges in the order its local rows store them.
-    public func chunks(of rank: Int) -> [Range<Int>] {
-        func cut(_ index: Int, of parts: Int) -> Range<Int> { index * length / parts..<(index + 1) * length / parts }
-        switch sharding {
-        case .contiguous: return [cut(rank, of: ranks)].filter { !$0.isEmpty }
-        case .zigzag:
-            return [cut(rank, of: 2 * ranks), cut(2 * ranks - 1 - rank, of: 2 * ranks)].filter { !$0.isEmpty }
+    /// Rank `rank`'s pieces, in the order its local rows store them: the sequence, the range of
+    /// positions within the sequence, and the same range in packed positions.
+    public func pieces(of rank: Int) -> [(sequence: Int, positions: Range<Int>, packed: Range<Int>)] {
+        var pieces: [(sequence: Int, positions: Range<Int>, packed: Range<Int>)] = []
+        var start = 0
+        for (sequence, n) in sequenceLengths.enumerated() {
+            func cut(_ index: Int, of parts: Int) -> Range<Int> { index * n / parts..<(index + 1) * n / parts }
+            let ranges: [Range<Int>]
+            switch sharding {
+            case .contiguous: ranges = [cut(rank, of: ranks)]
+            case .zigzag: ranges = [cut(rank, of: 2 * ranks), cut(2 * ranks - 1 - rank, of: 2 * ranks)]
+            }
+            for range in ranges where !range.isEmpty {
+                pieces.append((sequence, range, start + range.lowerBound..<start + range.upperBound))
+            }
+            start += n
         }
+        return pieces
     }
+
+    /// The packed positions rank `rank` holds, as ranges in the order its local rows store them.
+    public func chunks(of rank: Int) -> [Range<Int>] { pieces(of: rank).map(\.packed) }
 
     /// How many positions rank `rank` holds.
     public func rows(of rank: Int) -> Int { chunks(of: rank).reduce(0) { $0 + $1.count } }
@@ -77,9 +101,15 @@ public struct RingAttention: Sendable {
     public let problem: AttentionProblem
     public let plan: RingPlan
     public let backend: (any AttentionBackend)?
+    /// Each packed sequence's own problem (the whole problem when there is one sequence).
+    let sequenceProblems: [AttentionProblem]
 
+    /// - Parameters:
+    ///   - problem: the whole problem; with `sequenceLengths`, B = 1 and Nq = Nk = their sum.
+    ///   - sequenceLengths: varlen: sequences packed end to end along N, each its own problem (causal
+    ///     per sequence) and sharded on its own; nil: one sequence.
     public init(
-        problem: AttentionProblem, ranks: Int, sharding: RingPlan.Sharding = .zigzag,
+        problem: AttentionProblem, sequenceLengths: [Int]? = nil, ranks: Int, sharding: RingPlan.Sharding = .zigzag,
         backend: (any AttentionBackend)? = nil
     ) throws(AttentionError) {
         guard problem.queryLength == problem.keyLength else {
@@ -94,8 +124,36 @@ public struct RingAttention: Sendable {
             throw .invalidConfiguration(setting: "ranks", value: "\(ranks)", reason: "at least one rank")
         }
         self.problem = problem
-        self.plan = RingPlan(length: problem.queryLength, ranks: ranks, sharding: sharding)
         self.backend = backend
+        guard let lengths = sequenceLengths else {
+            self.plan = RingPlan(length: problem.queryLength, ranks: ranks, sharding: sharding)
+            self.sequenceProblems = [problem]
+            return
+        }
+        guard problem.batch == 1 else {
+            throw .shapeMismatch("packed sequences need batch 1 (the sequences lie along N), got \(problem.batch)")
+        }
+        if let index = lengths.firstIndex(where: { $0 < 0 }) {
+            throw .invalidSequenceOffsets(name: "sequence lengths", index: index, reason: "a length is negative")
+        }
+        guard lengths.reduce(0, +) == problem.queryLength else {
+            throw .shapeMismatch(
+                "the sequence lengths add up to \(lengths.reduce(0, +)), but the packed tensors hold "
+                    + "\(problem.queryLength) positions")
+        }
+        self.plan = RingPlan(sequenceLengths: lengths, ranks: ranks, sharding: sharding)
+        var problems: [AttentionProblem] = []
+        for n in lengths {
+            // Empty sequences have no rows on any rank; their placeholder is never used.
+            let rows = max(n, 1)
+            problems.append(
+                try AttentionProblem(
+                    query: [1, problem.queryHeads, rows, problem.headDim],
+                    key: [1, problem.keyValueHeads, rows, problem.headDim],
+                    value: [1, problem.keyValueHeads, rows, problem.valueDim], options: problem.options,
+                    storage: problem.storage))
+        }
+        self.sequenceProblems = problems
     }
 
     /// This rank's shapes: Q [B, Hq, n, D], K [B, Hkv, n, D], V [B, Hkv, n, Dv], O [B, Hq, n, Dv], LSE [B, Hq, n].
@@ -210,12 +268,16 @@ public struct RingAttention: Sendable {
             capacity: valueShape.reduce(1, *))
         var blocks = 0
         var queryOffset = 0
-        for queryChunk in plan.chunks(of: rank) {
+        for queryPiece in plan.pieces(of: rank) {
+            let queryChunk = queryPiece.positions
             defer { queryOffset += queryChunk.count }
             var keyOffset = 0
-            for keyChunk in plan.chunks(of: source) {
+            for keyPiece in plan.pieces(of: source) {
+                let keyChunk = keyPiece.positions
                 defer { keyOffset += keyChunk.count }
-                guard let block = p.block(queries: queryChunk, keys: keyChunk) else { continue }
+                guard keyPiece.sequence == queryPiece.sequence,
+                    let block = sequenceProblems[queryPiece.sequence].block(queries: queryChunk, keys: keyChunk)
+                else { continue }
                 let firstRow = queryOffset + block.queries.lowerBound - queryChunk.lowerBound
                 let firstKey = keyOffset + block.keys.lowerBound - keyChunk.lowerBound
                 let sub = try AttentionProblem(

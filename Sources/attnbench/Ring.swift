@@ -45,6 +45,13 @@ struct Ring: ParsableCommand {
     var backend: BackendChoice = .auto
     @Option(help: "CPU threads per rank for --backend blas (default: all cores; under mpirun give cores / ranks).")
     var threads: Int?
+    @Option(
+        name: .customLong("cu-seqlens"),
+        help: ArgumentHelp(
+            "Packed sequences: S + 1 offsets (.npy, int32 or int64); Q/K/V files are then [total, H, D], "
+                + "O is written [total, Hq, Dv] and the LSE [total, Hq]. Each sequence is its own problem, "
+                + "sharded on its own."))
+    var cuSeqlens: String?
     @Option(help: "Ranks as threads of this process (ignored under mpirun with more than one MPI rank).")
     var ranks: Int = 2
     @Option(name: .customLong("out"), help: "Output .npy file for O (written by rank 0).") var outPath: String
@@ -129,18 +136,62 @@ struct RingJob: Sendable {
         }
     }
 
+    /// A packed [total, H, D] file as the logical [1, H, total, D] tensor.
+    private func unpack(_ t: Tensor) throws(AttentionError) -> Tensor {
+        guard t.shape.count == 3 else {
+            throw .invalidRank(
+                tensor: "packed operand", expected: "3 ([total, H, D]) with --cu-seqlens", actual: t.shape)
+        }
+        let (n, h, d) = (t.shape[0], t.shape[1], t.shape[2])
+        return try Tensor(shape: [1, h, n, d], storage: permuteHeadsAndPositions(t.storage, [1, n, h, d]))
+    }
+
+    /// S + 1 offsets from 0, non-decreasing, as S lengths.
+    private func loadLengths(_ path: String) throws(AttentionError) -> [Int] {
+        let offsets: [Int64]
+        do {
+            let array = try NPYArray.read(contentsOf: path)
+            guard let values = array.integers, array.shape.count == 1, values.count >= 2 else {
+                throw AttentionError.fileError(path: path, reason: "expected 1-D int32 or int64 offsets, S + 1 >= 2")
+            }
+            offsets = values.map { Int64($0) }
+        } catch let error as AttentionError {
+            throw error
+        } catch {
+            throw .fileError(path: path, reason: "\(error)")
+        }
+        guard offsets[0] == 0 else {
+            throw .invalidSequenceOffsets(name: "--cu-seqlens", index: 0, reason: "offsets must start at 0")
+        }
+        for i in 1..<offsets.count where offsets[i] < offsets[i - 1] {
+            throw .invalidSequenceOffsets(name: "--cu-seqlens", index: i, reason: "offsets must not decrease")
+        }
+        return (1..<offsets.count).map { Int(offsets[$0] - offsets[$0 - 1]) }
+    }
+
     func run(on comm: some RingCommunicator) throws(AttentionError) -> String {
         let (rank, size) = (comm.rank, comm.size)
         // Rank 0 reads; its sizes (or its error) reach every rank before anything else.
         var inputs: (Tensor, Tensor, Tensor)?
+        var lengths: [Int] = []
         var header = [Int64](repeating: 0, count: 8)
         var readError: AttentionError?
         if rank == 0 {
             do throws(AttentionError) {
-                let loaded = (
+                var loaded = (
                     try load(command.queryPath, "query"), try load(command.keyPath, "key"),
                     try load(command.valuePath, "value")
                 )
+                if let path = command.cuSeqlens {
+                    lengths = try loadLengths(path)
+                    loaded = (try unpack(loaded.0), try unpack(loaded.1), try unpack(loaded.2))
+                    let total = lengths.reduce(0, +)
+                    guard loaded.0.shape[2] == total, loaded.1.shape[2] == total else {
+                        throw .shapeMismatch(
+                            "--cu-seqlens: the sequences hold \(total) positions, the files \(loaded.0.shape[2]) "
+                                + "queries and \(loaded.1.shape[2]) keys")
+                    }
+                }
                 let s = try sizes(loaded.0.shape, loaded.1.shape, loaded.2.shape)
                 _ = try problem(s)
                 inputs = loaded
@@ -160,6 +211,17 @@ struct RingJob: Sendable {
         }
         let s = all[1..<8].map { Int($0) }
         let problem = try problem(s)
+        var sequenceLengths: [Int]?
+        if command.cuSeqlens != nil {
+            // Rank 0's sequence lengths, to everyone: their count first, then the lengths.
+            var count = [Int64](repeating: 0, count: size)
+            try gather(comm, [Int64(lengths.count)], into: &count)
+            var local = [Int64](repeating: 0, count: Int(count[0]))
+            if rank == 0 { local = lengths.map(Int64.init) }
+            var every = [Int64](repeating: 0, count: local.count * size)
+            try gather(comm, local, into: &every)
+            sequenceLengths = every[0..<local.count].map { Int($0) }
+        }
         let chosen: (any AttentionBackend)?
         switch command.backend {
         case .auto:
@@ -169,7 +231,7 @@ struct RingJob: Sendable {
         case .backend(let id): chosen = try Dispatcher.process.backend(id)
         }
         if problem.queryLength == problem.keyLength {
-            return try ringAttention(comm, problem, inputs, chosen)
+            return try ringAttention(comm, problem, sequenceLengths, inputs, chosen)
         }
         return try shardedDecode(comm, problem, inputs, chosen)
     }
@@ -184,10 +246,12 @@ struct RingJob: Sendable {
     }
 
     private func ringAttention(
-        _ comm: some RingCommunicator, _ problem: AttentionProblem, _ inputs: (Tensor, Tensor, Tensor)?,
-        _ backend: (any AttentionBackend)?
+        _ comm: some RingCommunicator, _ problem: AttentionProblem, _ sequenceLengths: [Int]?,
+        _ inputs: (Tensor, Tensor, Tensor)?, _ backend: (any AttentionBackend)?
     ) throws(AttentionError) -> String {
-        let ring = try RingAttention(problem: problem, ranks: comm.size, sharding: command.sharding, backend: backend)
+        let ring = try RingAttention(
+            problem: problem, sequenceLengths: sequenceLengths, ranks: comm.size, sharding: command.sharding,
+            backend: backend)
         let plan = ring.plan
         let shapes = ring.localShapes(rank: comm.rank)
         // Shards: rank 0 sends each rank its Q (fp32) and K, V (in the K/V storage type).
@@ -250,9 +314,10 @@ struct RingJob: Sendable {
             try send(comm, output, to: 0)
             try send(comm, lse, to: 0)
         }
+        let packed = sequenceLengths.map { ", \($0.count) packed sequences" } ?? ""
         return try report(
             comm, problem: problem, result: result, timings: timings, wall: wall, alone: alone,
-            mode: "ring attention, \(command.sharding) shards (\(shapes.query[2]) rows on rank 0)")
+            mode: "ring attention, \(command.sharding) shards (\(shapes.query[2]) rows on rank 0)\(packed)")
     }
 
     private func shardedDecode(
@@ -340,8 +405,21 @@ struct RingJob: Sendable {
     ) throws(AttentionError) -> String {
         if let (output, lse) = result {
             do {
-                try NPYArray(shape: output.shape, floats: output.storage).write(to: command.outPath)
-                if let path = command.lsePath { try NPYArray(shape: lse.shape, floats: lse.storage).write(to: path) }
+                if command.cuSeqlens != nil {
+                    // Back to packed [total, Hq, Dv] and [total, Hq].
+                    let (h, n, dv) = (output.shape[1], output.shape[2], output.shape[3])
+                    try NPYArray(shape: [n, h, dv], floats: permuteHeadsAndPositions(output.storage, output.shape))
+                        .write(to: command.outPath)
+                    if let path = command.lsePath {
+                        try NPYArray(shape: [n, h], floats: permuteHeadsAndPositions(lse.storage, [1, h, n, 1]))
+                            .write(to: path)
+                    }
+                } else {
+                    try NPYArray(shape: output.shape, floats: output.storage).write(to: command.outPath)
+                    if let path = command.lsePath {
+                        try NPYArray(shape: lse.shape, floats: lse.storage).write(to: path)
+                    }
+                }
             } catch {
                 throw .fileError(path: command.outPath, reason: "\(error)")
             }

@@ -57,6 +57,55 @@ import Testing
         }
     }
 
+    /// Packed sequences (varlen), each its own problem and sharded on its own, against the reference
+    /// of each sequence alone; empty and one-token sequences included.
+    @Test(arguments: [AttentionOptions(causal: true), .init(), .init(causal: true, window: .init(left: 4, right: 0))])
+    func packedSequences(_ options: AttentionOptions) throws {
+        let lengths = [5, 0, 37, 1, 20, 3]
+        let total = lengths.reduce(0, +)
+        let problem = try AttentionProblem(
+            query: [1, 4, total, 16], key: [1, 2, total, 16], value: [1, 2, total, 8], options: options,
+            storage: StorageTypes(keyValue: .f16))
+        let q = try Tensor.random(shape: problem.queryShape, seed: 4, in: -2...2)
+        let k = try Tensor.random(shape: problem.keyShape, seed: 5, in: -2...2).rounded(to: .f16)
+        let v = try Tensor.random(shape: problem.valueShape, seed: 6).rounded(to: .f16)
+        // The reference: each sequence alone, placed at its packed rows.
+        var output = [Double](repeating: 0, count: problem.outputShape.reduce(1, *))
+        var lse = [Double](repeating: -.infinity, count: problem.lseShape.reduce(1, *))
+        var start = 0
+        for n in lengths {
+            defer { start += n }
+            guard n > 0 else { continue }
+            let range = start..<start + n
+            let sequence = try AttentionProblem(
+                query: [1, 4, n, 16], key: [1, 2, n, 16], value: [1, 2, n, 8], options: options)
+            let r = NaiveBackend.reference(
+                sequence, query: try ShardedKVAttention.slice(q, keys: range),
+                key: try ShardedKVAttention.slice(k, keys: range), value: try ShardedKVAttention.slice(v, keys: range))
+            for h in 0..<4 {
+                for i in 0..<n {
+                    lse[h * total + start + i] = r.logSumExp[h * n + i]
+                    for c in 0..<8 { output[(h * total + start + i) * 8 + c] = r.output[(h * n + i) * 8 + c] }
+                }
+            }
+        }
+        for ranks in [1, 2, 3, 4] {
+            for sharding in RingPlan.Sharding.allCases {
+                let ring = try RingAttention(
+                    problem: problem, sequenceLengths: lengths, ranks: ranks, sharding: sharding)
+                let (result, _) = try ring.runLocally(query: q, key: k, value: v)
+                let report = AccuracyReport(result: result, reference: (output, lse), valueDim: 8)
+                #expect(report.passed, "packed, \(ranks) ranks, \(sharding): \(report)")
+            }
+        }
+        #expect(throws: AttentionError.self) {
+            try RingAttention(problem: problem, sequenceLengths: [5, 60], ranks: 2)
+        }
+        #expect(throws: AttentionError.self) {
+            try RingAttention(problem: problem, sequenceLengths: [67, -1], ranks: 2)
+        }
+    }
+
     /// Zig-zag sharding gives every rank the same causal work; contiguous does not.
     @Test func zigzagBalancesCausalWork() throws {
         let problem = try AttentionProblem(
