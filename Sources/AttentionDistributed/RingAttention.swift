@@ -466,28 +466,77 @@ extension RingPlan {
     }
 }
 
-/// A host tensor held in a storage type (fp32, or fp16 / bf16 bits rounded to nearest even), for
-/// the duration of one view.
-struct StoredOperand: Sendable {
-    let shape: [Int]
-    let type: StorageType
-    let floats: [Float]
-    let halves: [UInt16]
+/// A host tensor held in a storage type (fp32, or fp16 / bf16 bits rounded to nearest even): a rank's
+/// shard, sent and received as bytes, read through a `TensorView`.
+package struct StoredOperand: Sendable {
+    package let shape: [Int]
+    package let type: StorageType
+    private var floats: [Float]
+    private var halves: [UInt16]
 
-    init(_ tensor: Tensor, as type: StorageType) {
+    /// Zeros of `shape`, to receive into.
+    package init(shape: [Int], type: StorageType) {
+        self.shape = shape
+        self.type = type
+        let count = shape.reduce(1, *)
+        floats = type == .f32 ? [Float](repeating: 0, count: count) : []
+        halves = type == .f32 ? [] : [UInt16](repeating: 0, count: count)
+    }
+
+    package init(_ tensor: Tensor, as type: StorageType) {
         shape = tensor.shape
         self.type = type
         floats = type == .f32 ? tensor.storage : []
         halves = type == .f32 ? [] : tensor.storage.map(type.encode)
     }
 
-    func withView<R>(_ body: (TensorView) throws(AttentionError) -> R) throws(AttentionError) -> R {
+    package func withView<R>(_ body: (TensorView) throws(AttentionError) -> R) throws(AttentionError) -> R {
         if type == .f32 {
             return try floats.withUnsafeBufferPointer { (p) throws(AttentionError) in try body(TensorView(p)) }
         }
         return try halves.withUnsafeBufferPointer { (p) throws(AttentionError) in try body(TensorView(p, storage: type))
         }
     }
+
+    package func send(_ communicator: some RingCommunicator, to target: Int) throws(AttentionError) {
+        try withView { (view) throws(AttentionError) in
+            try communicator.send(
+                UnsafeRawBufferPointer(start: view.address, count: view.capacity * type.byteSize), to: target)
+        }
+    }
+
+    package mutating func receive(_ communicator: some RingCommunicator, from source: Int) throws(AttentionError) {
+        if type == .f32 {
+            try floats.withUnsafeMutableBufferPointer { (p) throws(AttentionError) in
+                try communicator.receive(UnsafeMutableRawBufferPointer(p), from: source)
+            }
+        } else {
+            try halves.withUnsafeMutableBufferPointer { (p) throws(AttentionError) in
+                try communicator.receive(UnsafeMutableRawBufferPointer(p), from: source)
+            }
+        }
+    }
+}
+
+/// Views of a rank's three operands and fresh fp32 output and LSE buffers of the given sizes, for
+/// the duration of `body`; returns body's result with the filled buffers.
+package func withRankBuffers<R>(
+    _ operands: (StoredOperand, StoredOperand, StoredOperand), outputCount: Int, logSumExpCount: Int,
+    _ body: (TensorView, TensorView, TensorView, UnsafeMutableBufferPointer<Float>, UnsafeMutableBufferPointer<Float>)
+        throws(AttentionError) -> R
+) throws(AttentionError) -> (result: R, output: [Float], logSumExp: [Float]) {
+    var output = [Float](repeating: 0, count: outputCount)
+    var lse = [Float](repeating: 0, count: logSumExpCount)
+    let result = try output.withUnsafeMutableBufferPointer { (o) throws(AttentionError) in
+        try lse.withUnsafeMutableBufferPointer { (l) throws(AttentionError) in
+            try operands.0.withView { (q) throws(AttentionError) in
+                try operands.1.withView { (k) throws(AttentionError) in
+                    try operands.2.withView { (v) throws(AttentionError) in try body(q, k, v, o, l) }
+                }
+            }
+        }
+    }
+    return (result, output, lse)
 }
 
 extension RingAttention {
@@ -518,21 +567,14 @@ extension RingAttention {
         try ring.run { (communicator) throws(AttentionError) in
             let rank = communicator.rank
             let shapes = localShapes(rank: rank)
-            var output = try Tensor(shape: shapes.output)
-            var lse = try Tensor(shape: shapes.logSumExp)
-            let (q, k, v) = inputs[rank]
-            let timings = try output.withUnsafeMutableBufferPointer { (o) throws(AttentionError) in
-                try lse.withUnsafeMutableBufferPointer { (l) throws(AttentionError) in
-                    try q.withView { (qv) throws(AttentionError) in
-                        try k.withView { (kv) throws(AttentionError) in
-                            try v.withView { (vv) throws(AttentionError) in
-                                try run(on: communicator, query: qv, key: kv, value: vv, output: o, logSumExp: l)
-                            }
-                        }
-                    }
-                }
+            let (timings, output, lse) = try withRankBuffers(
+                inputs[rank], outputCount: shapes.output.reduce(1, *), logSumExpCount: shapes.logSumExp.reduce(1, *)
+            ) { (q, k, v, o, l) throws(AttentionError) in
+                try run(on: communicator, query: q, key: k, value: v, output: o, logSumExp: l)
             }
-            collected.store(rank: rank, output: output, logSumExp: lse, timings: timings)
+            collected.store(
+                rank: rank, output: try Tensor(shape: shapes.output, storage: output),
+                logSumExp: try Tensor(shape: shapes.logSumExp, storage: lse), timings: timings)
         }
         let (outputs, lses, timings) = collected.all
         return (

@@ -146,11 +146,11 @@ extension ShardedKVAttention {
                 "inputs \(query.shape), \(key.shape), \(value.shape) do not match the problem's "
                     + "\(problem.queryShape), \(problem.keyShape), \(problem.valueShape)")
         }
-        let q = StoredOperand(query, as: problem.storage.query)
-        var shards: [(StoredOperand, StoredOperand)] = []
+        var shards: [(StoredOperand, StoredOperand, StoredOperand)] = []
         for rank in 0..<ranks {
             shards.append(
                 (
+                    StoredOperand(query, as: problem.storage.query),
                     StoredOperand(try Self.slice(key, keys: keys(of: rank)), as: problem.storage.keyValue),
                     StoredOperand(try Self.slice(value, keys: keys(of: rank)), as: problem.storage.keyValue)
                 ))
@@ -159,21 +159,15 @@ extension ShardedKVAttention {
         let collected = Collected(ranks: ranks)
         try LocalRing(size: ranks).run { (communicator) throws(AttentionError) in
             let rank = communicator.rank
-            var output = try Tensor(shape: problem.outputShape)
-            var lse = try Tensor(shape: problem.lseShape)
-            let (k, v) = inputs[rank]
-            let timings = try output.withUnsafeMutableBufferPointer { (o) throws(AttentionError) in
-                try lse.withUnsafeMutableBufferPointer { (l) throws(AttentionError) in
-                    try q.withView { (qv) throws(AttentionError) in
-                        try k.withView { (kv) throws(AttentionError) in
-                            try v.withView { (vv) throws(AttentionError) in
-                                try run(on: communicator, query: qv, key: kv, value: vv, output: o, logSumExp: l)
-                            }
-                        }
-                    }
-                }
+            let (timings, output, lse) = try withRankBuffers(
+                inputs[rank], outputCount: problem.outputShape.reduce(1, *),
+                logSumExpCount: problem.lseShape.reduce(1, *)
+            ) { (q, k, v, o, l) throws(AttentionError) in
+                try run(on: communicator, query: q, key: k, value: v, output: o, logSumExp: l)
             }
-            collected.store(rank: rank, output: output, logSumExp: lse, timings: timings)
+            collected.store(
+                rank: rank, output: try Tensor(shape: problem.outputShape, storage: output),
+                logSumExp: try Tensor(shape: problem.lseShape, storage: lse), timings: timings)
         }
         let (outputs, lses, timings) = collected.all
         // Every rank merged the same partials in the same order.

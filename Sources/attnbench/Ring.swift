@@ -255,43 +255,17 @@ struct RingJob: Sendable {
         let plan = ring.plan
         let shapes = ring.localShapes(rank: comm.rank)
         // Shards: rank 0 sends each rank its Q (fp32) and K, V (in the K/V storage type).
-        var q = Operand(shape: shapes.query, type: .f32)
-        var k = Operand(shape: shapes.key, type: problem.storage.keyValue)
-        var v = Operand(shape: shapes.value, type: problem.storage.keyValue)
-        if comm.rank == 0, let (gq, gk, gv) = inputs {
-            for target in (0..<comm.size).reversed() {
-                let parts = (
-                    Operand(try plan.shard(gq, rank: target), type: .f32),
-                    Operand(try plan.shard(gk, rank: target), type: problem.storage.keyValue),
-                    Operand(try plan.shard(gv, rank: target), type: problem.storage.keyValue)
-                )
-                if target == 0 {
-                    (q, k, v) = parts
-                } else {
-                    for part in [parts.0, parts.1, parts.2] { try part.send(comm, to: target) }
-                }
-            }
-        } else {
-            for index in 0..<3 {
-                var part = [q, k, v][index]
-                try part.receive(comm, from: 0)
-                if index == 0 { q = part } else if index == 1 { k = part } else { v = part }
-            }
+        let operands = try scatter(
+            comm, shapes: [shapes.query, shapes.key, shapes.value], keyValue: problem.storage.keyValue,
+            inputs: inputs
+        ) { (target, q, k, v) throws(AttentionError) in
+            (try plan.shard(q, rank: target), try plan.shard(k, rank: target), try plan.shard(v, rank: target))
         }
-        if command.failRank == comm.rank { try fail(comm) }
-        var output = [Float](repeating: 0, count: shapes.output.reduce(1, *))
-        var lse = [Float](repeating: 0, count: shapes.logSumExp.reduce(1, *))
         let started = DispatchTime.now().uptimeNanoseconds
-        let timings = try output.withUnsafeMutableBufferPointer { (o) throws(AttentionError) in
-            try lse.withUnsafeMutableBufferPointer { (l) throws(AttentionError) in
-                try q.withView { (qv) throws(AttentionError) in
-                    try k.withView { (kv) throws(AttentionError) in
-                        try v.withView { (vv) throws(AttentionError) in
-                            try ring.run(on: comm, query: qv, key: kv, value: vv, output: o, logSumExp: l)
-                        }
-                    }
-                }
-            }
+        let (timings, output, lse) = try withRankBuffers(
+            operands, outputCount: shapes.output.reduce(1, *), logSumExpCount: shapes.logSumExp.reduce(1, *)
+        ) { (q, k, v, o, l) throws(AttentionError) in
+            try ring.run(on: comm, query: q, key: k, value: v, output: o, logSumExp: l)
         }
         let wall = Double(DispatchTime.now().uptimeNanoseconds - started) * 1e-9
         let alone = try ring.measureCommunication(on: comm)
@@ -327,44 +301,21 @@ struct RingJob: Sendable {
         let sharded = try ShardedKVAttention(problem: problem, ranks: comm.size, backend: backend)
         let keys = sharded.keys(of: comm.rank)
         let p = problem
-        var q = Operand(shape: p.queryShape, type: .f32)
-        var k = Operand(shape: [p.batch, p.keyValueHeads, keys.count, p.headDim], type: p.storage.keyValue)
-        var v = Operand(shape: [p.batch, p.keyValueHeads, keys.count, p.valueDim], type: p.storage.keyValue)
-        if comm.rank == 0, let (gq, gk, gv) = inputs {
-            for target in (0..<comm.size).reversed() {
-                let range = sharded.keys(of: target)
-                let parts = (
-                    Operand(gq, type: .f32),
-                    Operand(try ShardedKVAttention.slice(gk, keys: range), type: p.storage.keyValue),
-                    Operand(try ShardedKVAttention.slice(gv, keys: range), type: p.storage.keyValue)
-                )
-                if target == 0 {
-                    (q, k, v) = parts
-                } else {
-                    for part in [parts.0, parts.1, parts.2] { try part.send(comm, to: target) }
-                }
-            }
-        } else {
-            for index in 0..<3 {
-                var part = [q, k, v][index]
-                try part.receive(comm, from: 0)
-                if index == 0 { q = part } else if index == 1 { k = part } else { v = part }
-            }
+        let operands = try scatter(
+            comm,
+            shapes: [
+                p.queryShape, [p.batch, p.keyValueHeads, keys.count, p.headDim],
+                [p.batch, p.keyValueHeads, keys.count, p.valueDim],
+            ], keyValue: p.storage.keyValue, inputs: inputs
+        ) { (target, q, k, v) throws(AttentionError) in
+            let range = sharded.keys(of: target)
+            return (q, try ShardedKVAttention.slice(k, keys: range), try ShardedKVAttention.slice(v, keys: range))
         }
-        if command.failRank == comm.rank { try fail(comm) }
-        var output = [Float](repeating: 0, count: p.outputShape.reduce(1, *))
-        var lse = [Float](repeating: 0, count: p.lseShape.reduce(1, *))
         let started = DispatchTime.now().uptimeNanoseconds
-        let timings = try output.withUnsafeMutableBufferPointer { (o) throws(AttentionError) in
-            try lse.withUnsafeMutableBufferPointer { (l) throws(AttentionError) in
-                try q.withView { (qv) throws(AttentionError) in
-                    try k.withView { (kv) throws(AttentionError) in
-                        try v.withView { (vv) throws(AttentionError) in
-                            try sharded.run(on: comm, query: qv, key: kv, value: vv, output: o, logSumExp: l)
-                        }
-                    }
-                }
-            }
+        let (timings, output, lse) = try withRankBuffers(
+            operands, outputCount: p.outputShape.reduce(1, *), logSumExpCount: p.lseShape.reduce(1, *)
+        ) { (q, k, v, o, l) throws(AttentionError) in
+            try sharded.run(on: comm, query: q, key: k, value: v, output: o, logSumExp: l)
         }
         let wall = Double(DispatchTime.now().uptimeNanoseconds - started) * 1e-9
         let result =
@@ -373,6 +324,38 @@ struct RingJob: Sendable {
         return try report(
             comm, problem: p, result: result, timings: timings, wall: wall, alone: timings.exposedCommunicationSeconds,
             mode: "sharded-K/V decode (\(keys.count) keys on rank 0, one all-gather)")
+    }
+
+    /// Rank 0 cuts every rank's Q (sent as fp32), K and V (in the K/V storage type) out of the inputs
+    /// with `cut(target, q, k, v)` and sends them; the other ranks receive theirs, of `shapes`. Then the
+    /// `--fail-rank` hook. Returns this rank's operands.
+    private func scatter(
+        _ comm: some RingCommunicator, shapes: [[Int]], keyValue: StorageType, inputs: (Tensor, Tensor, Tensor)?,
+        cut: (Int, Tensor, Tensor, Tensor) throws(AttentionError) -> (Tensor, Tensor, Tensor)
+    ) throws(AttentionError) -> (StoredOperand, StoredOperand, StoredOperand) {
+        var operands = (
+            StoredOperand(shape: shapes[0], type: .f32), StoredOperand(shape: shapes[1], type: keyValue),
+            StoredOperand(shape: shapes[2], type: keyValue)
+        )
+        if comm.rank == 0, let (q, k, v) = inputs {
+            for target in (0..<comm.size).reversed() {
+                let (tq, tk, tv) = try cut(target, q, k, v)
+                let parts = (
+                    StoredOperand(tq, as: .f32), StoredOperand(tk, as: keyValue), StoredOperand(tv, as: keyValue)
+                )
+                if target == 0 {
+                    operands = parts
+                } else {
+                    for part in [parts.0, parts.1, parts.2] { try part.send(comm, to: target) }
+                }
+            }
+        } else {
+            try operands.0.receive(comm, from: 0)
+            try operands.1.receive(comm, from: 0)
+            try operands.2.receive(comm, from: 0)
+        }
+        if command.failRank == comm.rank { try fail(comm) }
+        return operands
     }
 
     /// The test hook `--fail-rank R`: under MPI that rank dies (SIGKILL) as a crashed process would;
@@ -452,61 +435,5 @@ struct RingJob: Sendable {
         }
         lines.append("wrote \(command.outPath)" + (command.lsePath.map { " and \($0)" } ?? ""))
         return lines.joined(separator: "\n")
-    }
-}
-
-/// One operand of a rank: fp32 values or fp16 / bf16 bits, sent and received as bytes.
-struct Operand: Sendable {
-    var shape: [Int]
-    var type: StorageType
-    var floats: [Float]
-    var halves: [UInt16]
-
-    init(shape: [Int], type: StorageType) {
-        self.shape = shape
-        self.type = type
-        let count = shape.reduce(1, *)
-        floats = type == .f32 ? [Float](repeating: 0, count: count) : []
-        halves = type == .f32 ? [] : [UInt16](repeating: 0, count: count)
-    }
-
-    init(_ tensor: Tensor, type: StorageType) {
-        shape = tensor.shape
-        self.type = type
-        floats = type == .f32 ? tensor.storage : []
-        halves = type == .f32 ? [] : tensor.storage.map(type.encode)
-    }
-
-    func send(_ comm: some RingCommunicator, to target: Int) throws(AttentionError) {
-        if type == .f32 {
-            try floats.withUnsafeBufferPointer { (p) throws(AttentionError) in
-                try comm.send(UnsafeRawBufferPointer(p), to: target)
-            }
-        } else {
-            try halves.withUnsafeBufferPointer { (p) throws(AttentionError) in
-                try comm.send(UnsafeRawBufferPointer(p), to: target)
-            }
-        }
-    }
-
-    mutating func receive(_ comm: some RingCommunicator, from source: Int) throws(AttentionError) {
-        if type == .f32 {
-            try floats.withUnsafeMutableBufferPointer { (p) throws(AttentionError) in
-                try comm.receive(UnsafeMutableRawBufferPointer(p), from: source)
-            }
-        } else {
-            try halves.withUnsafeMutableBufferPointer { (p) throws(AttentionError) in
-                try comm.receive(UnsafeMutableRawBufferPointer(p), from: source)
-            }
-        }
-    }
-
-    func withView<R>(_ body: (TensorView) throws(AttentionError) -> R) throws(AttentionError) -> R {
-        if type == .f32 {
-            return try floats.withUnsafeBufferPointer { (p) throws(AttentionError) in try body(TensorView(p)) }
-        }
-        return try halves.withUnsafeBufferPointer { (p) throws(AttentionError) in
-            try body(TensorView(p, storage: type))
-        }
     }
 }
