@@ -27,14 +27,7 @@ public final class KVCache: @unchecked Sendable {
 
     private let keys: UnsafeMutableRawPointer
     private let values: UnsafeMutableRawPointer
-    private let state: Mutex<State>
-
-    private struct State {
-        var free: [Int32]
-        var owners: [Int]
-        var sequences: [SequenceID: (pages: [Int32], length: Int)] = [:]
-        var nextID = 0
-    }
+    private let state: Mutex<PagePool>
 
     /// - Parameters:
     ///   - pageSize: tokens per page, a power of two from 1 to 1024 (16 is vLLM's default).
@@ -44,13 +37,9 @@ public final class KVCache: @unchecked Sendable {
         storage: StorageType = .f16
     ) throws(AttentionError) {
         let dv = valueDim ?? headDim
-        guard pageSize >= 1, pageSize <= 1024, pageSize & (pageSize - 1) == 0 else {
-            throw .invalidPageTable(reason: "page size \(pageSize) is not a power of two from 1 to 1024")
-        }
-        guard keyValueHeads > 0, headDim > 0, dv > 0, pageCapacity > 0, pageCapacity <= Int(Int32.max) else {
-            throw .invalidShape(tensor: "KV cache", shape: [pageCapacity, pageSize, keyValueHeads, headDim, dv])
-        }
-        _ = try Tensor.elementCount(of: [pageCapacity, pageSize, keyValueHeads, max(headDim, dv), 2], name: "KV cache")
+        try PagePool.validate(
+            keyValueHeads: keyValueHeads, headDim: headDim, valueDim: dv, pageSize: pageSize, pageCapacity: pageCapacity
+        )
         self.keyValueHeads = keyValueHeads
         self.headDim = headDim
         self.valueDim = dv
@@ -59,8 +48,7 @@ public final class KVCache: @unchecked Sendable {
         self.storage = storage
         keys = .allocate(byteCount: pageCapacity * pageSize * keyValueHeads * headDim * storage.byteSize, alignment: 64)
         values = .allocate(byteCount: pageCapacity * pageSize * keyValueHeads * dv * storage.byteSize, alignment: 64)
-        state = Mutex(
-            State(free: (0..<Int32(pageCapacity)).reversed(), owners: Array(repeating: 0, count: pageCapacity)))
+        state = Mutex(PagePool(pageSize: pageSize, capacity: pageCapacity))
     }
 
     deinit {
@@ -71,21 +59,11 @@ public final class KVCache: @unchecked Sendable {
     // MARK: Sequences
 
     /// A new, empty sequence.
-    public func addSequence() -> SequenceID {
-        state.withLock { s in
-            let id = s.nextID
-            s.nextID += 1
-            s.sequences[id] = ([], 0)
-            return id
-        }
-    }
+    public func addSequence() -> SequenceID { state.withLock { $0.add() } }
 
     /// Tokens held for `sequence`.
     public func length(of sequence: SequenceID) throws(AttentionError) -> Int {
-        try state.withLock { (s) throws(AttentionError) in
-            guard let entry = s.sequences[sequence] else { throw .unknownSequence(sequence) }
-            return entry.length
-        }
+        try state.withLock { (s) throws(AttentionError) in try s.length(of: sequence) }
     }
 
     /// Pages not owned by any sequence.
@@ -103,69 +81,28 @@ public final class KVCache: @unchecked Sendable {
             throw .shapeMismatch("values must be [\(n), \(keyValueHeads), \(valueDim)], got \(newValues.shape)")
         }
         try state.withLock { (s) throws(AttentionError) in
-            guard var entry = s.sequences[sequence] else { throw .unknownSequence(sequence) }
-            let length = entry.length
-            let needed = (length + n + pageSize - 1) / pageSize
-            let partial = length % pageSize != 0
-            // A shared last page that will be written must be copied first.
-            let copyLast = partial && n > 0 && s.owners[Int(entry.pages[entry.pages.count - 1])] > 1
-            let newPages = needed - entry.pages.count + (copyLast ? 1 : 0)
-            guard newPages <= s.free.count else { throw .cacheFull(neededPages: newPages, freePages: s.free.count) }
-            if copyLast {
-                let old = Int(entry.pages.removeLast())
-                let page = Int(s.free.removeLast())
-                s.owners[old] -= 1
-                s.owners[page] = 1
-                copyPage(from: old, to: page)
-                entry.pages.append(Int32(page))
-            }
-            while entry.pages.count < needed {
-                let page = s.free.removeLast()
-                s.owners[Int(page)] = 1
-                entry.pages.append(page)
-            }
+            let (copy, start, pages) = try s.append(sequence: sequence, count: n)
+            if let copy { copyPage(from: copy.from, to: copy.to) }
             let rowK = keyValueHeads * headDim
             let rowV = keyValueHeads * valueDim
             for t in 0..<n {
-                let position = length + t
-                let page = Int(entry.pages[position / pageSize])
-                let slot = page * pageSize + position % pageSize
+                let slot = s.slot(of: start + t, pages: pages)
                 store(newKeys.storage, from: t * rowK, count: rowK, into: keys, at: slot * rowK)
                 store(newValues.storage, from: t * rowV, count: rowV, into: values, at: slot * rowV)
             }
-            entry.length += n
-            s.sequences[sequence] = entry
         }
     }
 
     /// Removes `sequence` and returns the pages this freed (pages still shared with a fork stay).
     @discardableResult
     public func remove(sequence: SequenceID) throws(AttentionError) -> [Int32] {
-        try state.withLock { (s) throws(AttentionError) in
-            guard let entry = s.sequences.removeValue(forKey: sequence) else { throw .unknownSequence(sequence) }
-            var freed: [Int32] = []
-            for page in entry.pages {
-                s.owners[Int(page)] -= 1
-                if s.owners[Int(page)] == 0 {
-                    s.free.append(page)
-                    freed.append(page)
-                }
-            }
-            return freed
-        }
+        try state.withLock { (s) throws(AttentionError) in try s.remove(sequence: sequence) }
     }
 
     /// A new sequence with the same tokens, sharing every page copy-on-write (prefix sharing, beam
     /// search). Takes no pages until one of the two appends into a shared, partly filled page.
     public func fork(sequence: SequenceID) throws(AttentionError) -> SequenceID {
-        try state.withLock { (s) throws(AttentionError) in
-            guard let entry = s.sequences[sequence] else { throw .unknownSequence(sequence) }
-            for page in entry.pages { s.owners[Int(page)] += 1 }
-            let id = s.nextID
-            s.nextID += 1
-            s.sequences[id] = entry
-            return id
-        }
+        try state.withLock { (s) throws(AttentionError) in try s.fork(sequence: sequence) }
     }
 
     // MARK: Attention
@@ -177,29 +114,10 @@ public final class KVCache: @unchecked Sendable {
         query: Tensor, sequences: [SequenceID], options: AttentionOptions = .init(),
         backend: (any AttentionBackend)? = nil
     ) throws(AttentionError) -> AttentionResult {
-        guard query.shape.count == 4, query.shape[0] == sequences.count, query.shape[3] == headDim else {
-            throw .shapeMismatch(
-                "query must be [\(sequences.count) sequences, Hq, Nq, \(headDim)], got \(query.shape)")
-        }
-        return try state.withLock { (s) throws(AttentionError) in
-            var lengths: [Int32] = []
-            var rows: [[Int32]] = []
-            for id in sequences {
-                guard let entry = s.sequences[id] else { throw .unknownSequence(id) }
-                lengths.append(Int32(entry.length))
-                rows.append(entry.pages)
-            }
-            let maxPages = max(1, rows.map(\.count).max() ?? 1)
-            var table = [Int32](repeating: -1, count: sequences.count * maxPages)
-            for (b, pages) in rows.enumerated() {
-                for (slot, page) in pages.enumerated() { table[b * maxPages + slot] = page }
-            }
-            let batch = try SequenceBatch(
-                query: query.shape, key: [pageCapacity, pageSize, keyValueHeads, headDim],
-                value: [pageCapacity, pageSize, keyValueHeads, valueDim],
-                layout: .paged(
-                    lengths: lengths, table: PageTable(pageSize: pageSize, maxPages: maxPages, blockTable: table)),
-                options: options, storage: StorageTypes(keyValue: storage))
+        try state.withLock { (s) throws(AttentionError) in
+            let batch = try s.batch(
+                query: query.shape, sequences: sequences, keyValueHeads: keyValueHeads, headDim: headDim,
+                valueDim: valueDim, options: options, storage: storage)
             // The caller's backend, or the dispatcher's choice (which falls back to the next candidate
             // if it fails at run time).
             let selection: BackendSelection
