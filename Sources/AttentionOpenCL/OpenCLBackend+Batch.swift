@@ -8,12 +8,54 @@ extension OpenCLBackend {
     /// table, then the exact merge. Other batches (packed sequences, prefill-like batches, keys too
     /// few to split) run one sequence at a time (`runBySequence`).
     public func run(batch: SequenceBatch, _ buffers: AttentionBuffers) throws(AttentionError) {
-        guard let device, let plan = batchDecodePlan(batch) else { return try runBySequence(batch, buffers) }
-        let problem = plan.problem
-        let launch = try prepare(problem)
-        let q = try DeviceOperand(buffers.query, shape: batch.queryShape, name: "query", backend: name)
+        guard device != nil, let plan = batchDecodePlan(batch) else { return try runBySequence(batch, buffers) }
         let k = try DeviceOperand(buffers.key, shape: batch.keyShape, name: "key", backend: name)
         let v = try DeviceOperand(buffers.value, shape: batch.valueShape, name: "value", backend: name)
+        try runBatch(batch, plan, buffers, keys: k, values: v) { (state, zeroCopy) throws(OpenCLError) in
+            (
+                try hostInput(k, buffers.key, zeroCopy: zeroCopy, state: state),
+                try hostInput(v, buffers.value, zeroCopy: zeroCopy, state: state)
+            )
+        }
+    }
+
+    /// A decode-like batch whose K/V pools already live on this device (`residentKeys`,
+    /// `residentValues`: dense pools in the batch's K/V storage type; a device-resident KV cache):
+    /// Q, O and the LSE are the caller's host views (`buffers.key` / `buffers.value` are not read).
+    /// Batches no single launch covers run the split-KV kernel with one split. Prefill-like batches
+    /// are refused: the caller reads the pages back and runs them on the host path.
+    package func run(
+        batch: SequenceBatch, _ buffers: AttentionBuffers, residentKeys: CLBuffer, residentValues: CLBuffer
+    ) throws(AttentionError) {
+        guard device != nil else { throw .unsupported(backend: name, reason: unavailableReason ?? "no OpenCL device") }
+        guard var plan = batchDecodePlan(batch, forceSplit: true) else {
+            throw .unsupported(backend: name, reason: "device-resident K/V runs decode-like batches (Nq <= 16)")
+        }
+        if case .flash = plan.choice { plan.choice = .splitKV(splits: 1, keysPerSplit: plan.problem.keyLength) }
+        let k = DeviceOperand(
+            resident: batch.storage.keyValue, shape: batch.keyShape, strides: batch.defaultStrides(.key))
+        let v = DeviceOperand(
+            resident: batch.storage.keyValue, shape: batch.valueShape, strides: batch.defaultStrides(.value))
+        guard residentKeys.byteCount >= k.bytes, residentValues.byteCount >= v.bytes else {
+            throw .outputSizeMismatch(
+                buffer: "resident K/V pool", expectedCount: k.bytes + v.bytes,
+                actualCount: residentKeys.byteCount + residentValues.byteCount)
+        }
+        try runBatch(batch, plan, buffers, keys: k, values: v) { (_, _) throws(OpenCLError) in
+            (residentKeys, residentValues)
+        }
+    }
+
+    /// One launch for a batch: Q, O and LSE from the caller's host views, K and V from `keyValue`.
+    private func runBatch(
+        _ batch: SequenceBatch, _ plan: (problem: AttentionProblem, choice: OpenCLKernelChoice, form: Int),
+        _ buffers: AttentionBuffers, keys k: DeviceOperand, values v: DeviceOperand,
+        keyValue: (ExecutionState, Bool) throws(OpenCLError) -> (CLBuffer, CLBuffer)
+    ) throws(AttentionError) {
+        guard let device else { throw .unsupported(backend: name, reason: unavailableReason ?? "no OpenCL device") }
+        let problem = plan.problem
+        let launch = try prepare(problem, choice: plan.choice)
+        let q = try DeviceOperand(buffers.query, shape: batch.queryShape, name: "query", backend: name)
         let o = try DeviceOperand(buffers.output, shape: batch.outputShape, name: "output", backend: name)
         let zeroCopy = device.info.isCPU || device.info.hostUnifiedMemory
         let (pageSize, maxPages, table): (Int, Int, [Int32])
@@ -47,10 +89,10 @@ extension OpenCLBackend {
                     (params.vStrideB, params.vStrideH, params.vStrideS) = (
                         Int32(v.strides.batch), Int32(v.strides.head), Int32(v.strides.sequence)
                     )
+                    let (kBuffer, vBuffer) = try keyValue(state, zeroCopy)
                     let call = CallBuffers(
-                        q: qDense, k: try hostInput(k, buffers.key, zeroCopy: zeroCopy, state: state),
-                        v: try hostInput(v, buffers.value, zeroCopy: zeroCopy, state: state), o: oDense, lse: lse,
-                        additiveMask: state.placeholder, booleanMask: state.placeholder)
+                        q: qDense, k: kBuffer, v: vBuffer, o: oDense, lse: lse, additiveMask: state.placeholder,
+                        booleanMask: state.placeholder)
                     let arguments = BatchArguments(
                         form: plan.form, lengths: try small(lengths), blockTable: try small(table),
                         pageSize: pageSize, maxPages: maxPages)
@@ -92,7 +134,7 @@ extension OpenCLBackend {
     /// The one-launch plan of a batch: the problem its kernel parameters come from (every sequence
     /// at the longest length), the kernel (split-KV decode, or the tiled kernel on GPU
     /// configurations) and its `BATCH_FORM`; nil when the batch runs sequence by sequence.
-    func batchDecodePlan(_ batch: SequenceBatch)
+    func batchDecodePlan(_ batch: SequenceBatch, forceSplit: Bool = false)
         -> (problem: AttentionProblem, choice: OpenCLKernelChoice, form: Int)?
     {
         let form: Int
@@ -110,7 +152,7 @@ extension OpenCLBackend {
                 storage: batch.storage)
         else { return nil }
         let choice = kernelChoice(for: problem).choice
-        if case .flash = choice { return nil }
+        if case .flash = choice, !forceSplit { return nil }
         return (problem, choice, form)
     }
 }

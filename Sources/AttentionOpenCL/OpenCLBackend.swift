@@ -428,11 +428,11 @@ public struct OpenCLBackend: AttentionBackend {
 
     /// Resolves configuration and program source before any device work; a build that lacks a kernel
     /// is an error, never a silent no-op.
-    func prepare(_ p: AttentionProblem) throws(AttentionError) -> Launch {
+    func prepare(_ p: AttentionProblem, choice forced: OpenCLKernelChoice? = nil) throws(AttentionError) -> Launch {
         guard let config = kernelConfig(for: p) else {
             throw .unsupported(backend: name, reason: unavailableReason ?? "no OpenCL device")
         }
-        let choice = kernelChoice(for: p).choice
+        let choice = forced ?? kernelChoice(for: p).choice
         func program(_ file: String) throws(AttentionError) -> String {
             guard let source = programs(file) else {
                 throw .backendFailure(backend: name, message: "kernel program '\(file).cl' is missing from this build")
@@ -734,6 +734,11 @@ struct DeviceOperand {
     let bytes: Int
 
     var isDenseF32: Bool { type == .f32 && strides == .bhsd(shape) }
+
+    /// A dense pool of `type` elements of `shape` laid out by `strides` (device-resident K/V caches).
+    init(resident type: StorageType, shape: [Int], strides: Strides) {
+        self.init(type: type, strides: strides, shape: shape, bytes: type.byteSize * shape.reduce(1, *))
+    }
 
     /// Dense fp32 [B, H, N, D] (device-resident tensors).
     static func dense(_ shape: [Int]) -> DeviceOperand {

@@ -253,11 +253,21 @@ package final class ExecutionState {
         return CLBuffer(mem, byteCount: bytes, library: device.library)
     }
 
-    package func read(_ buffer: CLBuffer, into host: UnsafeMutableRawPointer, bytes: Int) throws(OpenCLError) {
+    package func read(_ buffer: CLBuffer, offset: Int = 0, into host: UnsafeMutableRawPointer, bytes: Int)
+        throws(OpenCLError)
+    {
         try check(
             device.library.api.EnqueueReadBuffer(
-                queue.handle, buffer.handle, cl_bool(CL_TRUE), 0, bytes, host, 0, nil, nil),
+                queue.handle, buffer.handle, cl_bool(CL_TRUE), offset, bytes, host, 0, nil, nil),
             "clEnqueueReadBuffer")
+    }
+
+    /// Copies `bytes` from host memory into `buffer` at byte `offset` (blocking).
+    package func write(_ buffer: CLBuffer, offset: Int, from host: UnsafeRawPointer, bytes: Int) throws(OpenCLError) {
+        try check(
+            device.library.api.EnqueueWriteBuffer(
+                queue.handle, buffer.handle, cl_bool(CL_TRUE), offset, bytes, host, 0, nil, nil),
+            "clEnqueueWriteBuffer")
     }
 
     /// Makes a `CL_MEM_USE_HOST_PTR` buffer's contents visible in host memory (map + unmap).
