@@ -36,9 +36,14 @@ import Testing
         }
     }
 
-    @Test(arguments: devices, [StorageType.f32, .f16, .bf16])
-    func sameAsTheHostCache(_ device: Int, _ storage: StorageType) throws {
-        let backend = OpenCLBackend(device: device)
+    /// Each device with its own configuration, and shaped as an NVIDIA GPU (the tiled kernel's paged form).
+    static let backends: [(String, Int)] = devices.flatMap { [("default", $0), ("NVIDIA", $0)] }
+
+    @Test(arguments: backends, [StorageType.f32, .f16, .bf16])
+    func sameAsTheHostCache(_ shaped: (String, Int), _ storage: StorageType) throws {
+        let backend =
+            shaped.0 == "default"
+            ? OpenCLBackend(device: shaped.1) : OpenCLBackend(device: shaped.1).gpuShaped(as: shaped.0)
         let pair = Pair(
             host: try KVCache(
                 keyValueHeads: 2, headDim: 16, valueDim: 8, pageSize: 4, pageCapacity: 40, storage: storage),
