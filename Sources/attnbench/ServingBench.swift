@@ -119,7 +119,21 @@ struct ServingBench {
             (shape.rawValue + " contiguous", { try $0.forward(contiguous.batch, contiguous.buffers(logSumExp: nil)) }),
             (shape.rawValue + " padded", { try $0.forward(padded, paddedBuffers) }),
         ]
-        var rows = try timeForms(forms, shape, storage, entries, batch: batch)
+        // The same batch through an OpenCLKVCache (pages in device memory, filled once here), on each
+        // OpenCL entry; other backends have no device-resident cache (their rows say so).
+        let resident = ResidentCaches(lengths: lengths, storage: storage.keyValue)
+        let query = try Tensor(shape: [count, hq, 1, d], storage: q)
+        let residentForm: (String, (BenchBackend) throws -> Void) = (
+            shape.rawValue + " resident",
+            { entry in
+                guard case .backend(let backend) = entry.kind, let openCL = backend as? OpenCLBackend else {
+                    throw CLIError("device-resident caches (OpenCLKVCache) are for OpenCL devices")
+                }
+                let cache = try resident.cache(for: openCL)
+                _ = try cache.attention(query: query, sequences: Array(0..<count))
+            }
+        )
+        var rows = try timeForms(forms + [residentForm], shape, storage, entries, batch: batch)
         // Accuracy of the paged form: the shortest and the longest sequence against the reference.
         try checkDecodeRows(&rows, entries, paged, q: q, lengths: lengths)
         return rows
@@ -286,5 +300,47 @@ struct ServingBench {
             rows[index].kernel = "\(format(own / base)) x the time of \(shape.rawValue)"
         }
         return rows
+    }
+}
+
+/// serve-decode's sequences in an `OpenCLKVCache` per OpenCL backend, filled on first use with the
+/// same tokens as the other forms (fp16 pages of `ServingShape.pageSize`).
+private final class ResidentCaches {
+    let lengths: [Int]
+    let storage: StorageType
+    private var caches: [String: OpenCLKVCache] = [:]
+
+    init(lengths: [Int], storage: StorageType) {
+        self.lengths = lengths
+        self.storage = storage
+    }
+
+    func cache(for backend: OpenCLBackend) throws -> OpenCLKVCache {
+        if let cache = caches[backend.name] { return cache }
+        let (hkv, d, pageSize) = (ServingShape.keyValueHeads, ServingShape.headDim, ServingShape.pageSize)
+        let capacity = lengths.max() ?? 1
+        let pages = lengths.reduce(0) { $0 + ($1 + pageSize - 1) / pageSize }
+        let cache = try OpenCLKVCache(
+            backend: backend, keyValueHeads: hkv, headDim: d, pageSize: pageSize, pageCapacity: pages, storage: storage)
+        for (b, n) in lengths.enumerated() {
+            // Token j of head h at the contiguous form's element ((b·Hkv + h)·capacity + j)·D.
+            var k = [Float](repeating: 0, count: n * hkv * d)
+            var v = k
+            for j in 0..<n {
+                for h in 0..<hkv {
+                    let from = ((b * hkv + h) * capacity + j) * d
+                    for e in 0..<d {
+                        k[(j * hkv + h) * d + e] = inputValue(2, from + e)
+                        v[(j * hkv + h) * d + e] = inputValue(3, from + e)
+                    }
+                }
+            }
+            let id = cache.addSequence()
+            try cache.append(
+                sequence: id, keys: try Tensor(shape: [n, hkv, d], storage: k),
+                values: try Tensor(shape: [n, hkv, d], storage: v))
+        }
+        caches[backend.name] = cache
+        return cache
     }
 }
