@@ -73,13 +73,8 @@ public final class KVCache: @unchecked Sendable {
     /// after the sequence's last token; any n, across page boundaries. Throws `cacheFull` (and changes
     /// nothing) when the pool lacks the pages.
     public func append(sequence: SequenceID, keys newKeys: Tensor, values newValues: Tensor) throws(AttentionError) {
-        let n = newKeys.shape.first ?? 0
-        guard newKeys.shape == [n, keyValueHeads, headDim] else {
-            throw .shapeMismatch("keys must be [n, \(keyValueHeads), \(headDim)], got \(newKeys.shape)")
-        }
-        guard newValues.shape == [n, keyValueHeads, valueDim] else {
-            throw .shapeMismatch("values must be [\(n), \(keyValueHeads), \(valueDim)], got \(newValues.shape)")
-        }
+        let n = try PagePool.tokenCount(
+            keys: newKeys, values: newValues, keyValueHeads: keyValueHeads, headDim: headDim, valueDim: valueDim)
         try state.withLock { (s) throws(AttentionError) in
             let (copy, start, pages) = try s.append(sequence: sequence, count: n)
             if let copy { copyPage(from: copy.from, to: copy.to) }

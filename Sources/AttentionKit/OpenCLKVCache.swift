@@ -95,13 +95,8 @@ public final class OpenCLKVCache: @unchecked Sendable {
     /// after the sequence's last token. Throws `cacheFull` (and changes nothing) when the pool lacks
     /// the pages; a device error also leaves the cache as it was.
     public func append(sequence: SequenceID, keys newKeys: Tensor, values newValues: Tensor) throws(AttentionError) {
-        let n = newKeys.shape.first ?? 0
-        guard newKeys.shape == [n, keyValueHeads, headDim] else {
-            throw .shapeMismatch("keys must be [n, \(keyValueHeads), \(headDim)], got \(newKeys.shape)")
-        }
-        guard newValues.shape == [n, keyValueHeads, valueDim] else {
-            throw .shapeMismatch("values must be [\(n), \(keyValueHeads), \(valueDim)], got \(newValues.shape)")
-        }
+        let n = try PagePool.tokenCount(
+            keys: newKeys, values: newValues, keyValueHeads: keyValueHeads, headDim: headDim, valueDim: valueDim)
         let keyBytes = encode(newKeys.storage)
         let valueBytes = encode(newValues.storage)
         try state.withLock { (s) throws(AttentionError) in

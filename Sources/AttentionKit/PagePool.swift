@@ -33,6 +33,20 @@ struct PagePool {
             of: [pageCapacity, pageSize, keyValueHeads, max(headDim, valueDim), 2], name: "KV cache")
     }
 
+    /// The number of new tokens in `keys` [n, Hkv, D] and `values` [n, Hkv, Dv], checked.
+    static func tokenCount(keys: Tensor, values: Tensor, keyValueHeads: Int, headDim: Int, valueDim: Int)
+        throws(AttentionError) -> Int
+    {
+        let n = keys.shape.first ?? 0
+        guard keys.shape == [n, keyValueHeads, headDim] else {
+            throw .shapeMismatch("keys must be [n, \(keyValueHeads), \(headDim)], got \(keys.shape)")
+        }
+        guard values.shape == [n, keyValueHeads, valueDim] else {
+            throw .shapeMismatch("values must be [\(n), \(keyValueHeads), \(valueDim)], got \(values.shape)")
+        }
+        return n
+    }
+
     mutating func add() -> Int {
         let id = nextID
         nextID += 1
