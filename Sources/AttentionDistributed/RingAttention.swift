@@ -539,6 +539,31 @@ package func withRankBuffers<R>(
     return (result, output, lse)
 }
 
+/// One thread per rank of a `LocalRing`, each running `body` on its operands with fresh fp32 O and
+/// LSE buffers of `shapes(rank)`; every rank's O, LSE and timings, in rank order.
+func runRanks(
+    _ inputs: [(StoredOperand, StoredOperand, StoredOperand)],
+    shapes: @escaping @Sendable (Int) -> (query: [Int], key: [Int], value: [Int], output: [Int], logSumExp: [Int]),
+    _ body:
+        @escaping @Sendable (
+            LocalCommunicator, TensorView, TensorView, TensorView, UnsafeMutableBufferPointer<Float>,
+            UnsafeMutableBufferPointer<Float>
+        ) throws(AttentionError) -> RingTimings
+) throws(AttentionError) -> (outputs: [Tensor], lses: [Tensor], timings: [RingTimings]) {
+    let collected = Collected(ranks: inputs.count)
+    try LocalRing(size: inputs.count).run { (communicator) throws(AttentionError) in
+        let rank = communicator.rank
+        let shape = shapes(rank)
+        let (timings, output, lse) = try withRankBuffers(
+            inputs[rank], outputCount: shape.output.reduce(1, *), logSumExpCount: shape.logSumExp.reduce(1, *)
+        ) { (q, k, v, o, l) throws(AttentionError) in try body(communicator, q, k, v, o, l) }
+        collected.store(
+            rank: rank, output: try Tensor(shape: shape.output, storage: output),
+            logSumExp: try Tensor(shape: shape.logSumExp, storage: lse), timings: timings)
+    }
+    return collected.all
+}
+
 extension RingAttention {
     /// Runs every rank in this process (`LocalRing`, one thread per rank) on global [B, H, N, D] host
     /// tensors: each rank gets its shards (K/V in the problem's K/V storage type, Q in its query type),
@@ -561,22 +586,13 @@ extension RingAttention {
                     StoredOperand(try plan.shard(value, rank: rank), as: problem.storage.keyValue)
                 ))
         }
-        let collected = Collected(ranks: plan.ranks)
-        let ring = LocalRing(size: plan.ranks)
-        let inputs = shards
-        try ring.run { (communicator) throws(AttentionError) in
-            let rank = communicator.rank
-            let shapes = localShapes(rank: rank)
-            let (timings, output, lse) = try withRankBuffers(
-                inputs[rank], outputCount: shapes.output.reduce(1, *), logSumExpCount: shapes.logSumExp.reduce(1, *)
-            ) { (q, k, v, o, l) throws(AttentionError) in
-                try run(on: communicator, query: q, key: k, value: v, output: o, logSumExp: l)
-            }
-            collected.store(
-                rank: rank, output: try Tensor(shape: shapes.output, storage: output),
-                logSumExp: try Tensor(shape: shapes.logSumExp, storage: lse), timings: timings)
+        let shapes: @Sendable (Int) -> (query: [Int], key: [Int], value: [Int], output: [Int], logSumExp: [Int]) = {
+            localShapes(rank: $0)
         }
-        let (outputs, lses, timings) = collected.all
+        let (outputs, lses, timings) = try runRanks(shards, shapes: shapes) {
+            (communicator, q, k, v, o, l) throws(AttentionError) in
+            try run(on: communicator, query: q, key: k, value: v, output: o, logSumExp: l)
+        }
         return (
             AttentionResult(output: try plan.assemble(outputs), logSumExp: try plan.assemble(lses)), timings
         )

@@ -155,21 +155,14 @@ extension ShardedKVAttention {
                     StoredOperand(try Self.slice(value, keys: keys(of: rank)), as: problem.storage.keyValue)
                 ))
         }
-        let inputs = shards
-        let collected = Collected(ranks: ranks)
-        try LocalRing(size: ranks).run { (communicator) throws(AttentionError) in
-            let rank = communicator.rank
-            let (timings, output, lse) = try withRankBuffers(
-                inputs[rank], outputCount: problem.outputShape.reduce(1, *),
-                logSumExpCount: problem.lseShape.reduce(1, *)
-            ) { (q, k, v, o, l) throws(AttentionError) in
-                try run(on: communicator, query: q, key: k, value: v, output: o, logSumExp: l)
-            }
-            collected.store(
-                rank: rank, output: try Tensor(shape: problem.outputShape, storage: output),
-                logSumExp: try Tensor(shape: problem.lseShape, storage: lse), timings: timings)
+        let p = problem
+        let shapes: @Sendable (Int) -> (query: [Int], key: [Int], value: [Int], output: [Int], logSumExp: [Int]) = {
+            _ in (p.queryShape, p.keyShape, p.valueShape, p.outputShape, p.lseShape)
         }
-        let (outputs, lses, timings) = collected.all
+        let (outputs, lses, timings) = try runRanks(shards, shapes: shapes) {
+            (communicator, q, k, v, o, l) throws(AttentionError) in
+            try run(on: communicator, query: q, key: k, value: v, output: o, logSumExp: l)
+        }
         // Every rank merged the same partials in the same order.
         for rank in 1..<ranks where outputs[rank].storage.map(\.bitPattern) != outputs[0].storage.map(\.bitPattern) {
             throw .backendFailure(backend: "ring", message: "rank \(rank)'s merged result differs from rank 0's")

@@ -41,6 +41,24 @@ private func inputValue(_ stream: UInt64, _ index: Int) -> Float {
     return Float(z >> 40) / Float(1 << 23) - 1
 }
 
+/// serve-decode's K and V of sequence `s` in [Hkv, n, D] order: token j of head h is the contiguous
+/// form's element ((s·Hkv + h)·capacity + j)·D, the streams every form is filled from.
+private func serveDecodeTokens(sequence s: Int, length n: Int, capacity: Int) -> (keys: [Float], values: [Float]) {
+    let (hkv, d) = (ServingShape.keyValueHeads, ServingShape.headDim)
+    var keys = [Float](repeating: 0, count: hkv * n * d)
+    var values = keys
+    for h in 0..<hkv {
+        for j in 0..<n {
+            let from = ((s * hkv + h) * capacity + j) * d
+            for e in 0..<d {
+                keys[(h * n + j) * d + e] = inputValue(2, from + e)
+                values[(h * n + j) * d + e] = inputValue(3, from + e)
+            }
+        }
+    }
+    return (keys, values)
+}
+
 /// Times one form of a serving shape on every backend, round-robin, and returns a row per backend.
 struct ServingBench {
     var repetitions: Int
@@ -159,17 +177,8 @@ struct ServingBench {
             var worst = AccuracyReport()
             for s in checked {
                 let n = lengths[s]
-                var keys = [Float](repeating: 0, count: hkv * n * d)
-                var values = keys
-                for h in 0..<hkv {
-                    for j in 0..<n {
-                        let from = ((s * hkv + h) * capacity + j) * d
-                        for e in 0..<d {
-                            keys[(h * n + j) * d + e] = type.rounded(inputValue(2, from + e))
-                            values[(h * n + j) * d + e] = type.rounded(inputValue(3, from + e))
-                        }
-                    }
-                }
+                let tokens = serveDecodeTokens(sequence: s, length: n, capacity: capacity)
+                let (keys, values) = (tokens.keys.map(type.rounded), tokens.values.map(type.rounded))
                 let problem = try AttentionProblem(
                     query: [1, hq, 1, d], key: [1, hkv, n, d], value: [1, hkv, n, d])
                 let query = try Tensor(shape: problem.queryShape, storage: Array(q[s * hq * d..<(s + 1) * hq * d]))
@@ -323,22 +332,14 @@ private final class ResidentCaches {
         let cache = try OpenCLKVCache(
             backend: backend, keyValueHeads: hkv, headDim: d, pageSize: pageSize, pageCapacity: pages, storage: storage)
         for (b, n) in lengths.enumerated() {
-            // Token j of head h at the contiguous form's element ((b·Hkv + h)·capacity + j)·D.
-            var k = [Float](repeating: 0, count: n * hkv * d)
-            var v = k
-            for j in 0..<n {
-                for h in 0..<hkv {
-                    let from = ((b * hkv + h) * capacity + j) * d
-                    for e in 0..<d {
-                        k[(j * hkv + h) * d + e] = inputValue(2, from + e)
-                        v[(j * hkv + h) * d + e] = inputValue(3, from + e)
-                    }
-                }
-            }
+            // [Hkv, n, D] as the cache takes tokens, [n, Hkv, D].
+            let tokens = serveDecodeTokens(sequence: b, length: n, capacity: capacity)
             let id = cache.addSequence()
             try cache.append(
-                sequence: id, keys: try Tensor(shape: [n, hkv, d], storage: k),
-                values: try Tensor(shape: [n, hkv, d], storage: v))
+                sequence: id,
+                keys: try Tensor(shape: [n, hkv, d], storage: permuteHeadsAndPositions(tokens.keys, [1, hkv, n, d])),
+                values: try Tensor(
+                    shape: [n, hkv, d], storage: permuteHeadsAndPositions(tokens.values, [1, hkv, n, d])))
         }
         caches[backend.name] = cache
         return cache
