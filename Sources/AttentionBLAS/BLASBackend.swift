@@ -84,8 +84,9 @@ public struct BLASBackend: AttentionBackend {
             * (tile.scratchBytesPerThread
                 + TileKernel.tileBytes(
                     problem, rows: tile.queryRows, keyBlock: tile.keyBlock, tiledProducts: usesTiledProducts(problem)))
-        // Decode by key ranges (a layout decision made per call) adds its partial results.
-        return perThread + (KeySplitPlan.make(problem)?.partialBytes(problem) ?? 0)
+        // Decode by key ranges (a layout decision made per call) adds its partial results; prefill
+        // with the tiled products, the keys packed once for the call.
+        return perThread + (KeySplitPlan.make(problem)?.partialBytes(problem) ?? 0) + (sharedKeyBytes(problem) ?? 0)
     }
 
     public func plan(for problem: AttentionProblem) -> ExecutionPlan {
@@ -119,9 +120,19 @@ public struct BLASBackend: AttentionBackend {
         let tile = tiling(for: problem)
         let items = WorkItem.plan(problem, tiling: tile, threads: threads)
         let maxRows = items.map(\.rows).max() ?? 1
-        parallel(items.count, problem, buffers, cpu, tile, maxRows: maxRows) { kernel, index in
+        let shared = sharedKeyBytes(problem) != nil ? SharedKeys(problem, buffers, cpu, workers: threads) : nil
+        defer { shared?.deallocate() }
+        parallel(items.count, problem, buffers, cpu, tile, maxRows: maxRows, sharedKeys: shared) { kernel, index in
             kernel.process(items[index])
         }
+    }
+
+    /// The bytes of the call's shared packed keys (`SharedKeys`), or nil when items pack their own.
+    package func sharedKeyBytes(_ problem: AttentionProblem) -> Int? {
+        guard usesTiledProducts(problem), problem.flops >= Self.inlineProblemFlops,
+            KeySplitPlan.make(problem) == nil
+        else { return nil }
+        return SharedKeys.bytes(problem, tiling: tiling(for: problem))
     }
 
     /// Batches of sequences: decode-like batches in one fork-join over key ranges of every sequence
@@ -197,7 +208,7 @@ public struct BLASBackend: AttentionBackend {
     /// tile kernel per thread), with OpenBLAS single-threaded for the duration.
     private func parallel(
         _ count: Int, _ problem: AttentionProblem, _ buffers: AttentionBuffers, _ cpu: CPUKernels, _ tile: BLASTiling,
-        maxRows: Int, _ body: @escaping @Sendable (TileKernel, Int) -> Void
+        maxRows: Int, sharedKeys: SharedKeys? = nil, _ body: @escaping @Sendable (TileKernel, Int) -> Void
     ) {
         let tiny = problem.flops < Self.inlineProblemFlops && problem.keyValueBytes < Self.inlineBatchBytes
         let workers = tiny ? 1 : min(threads, count)
@@ -208,7 +219,7 @@ public struct BLASBackend: AttentionBackend {
                 WorkerPool.shared.run(workers: workers) { _ in
                     let kernel = TileKernel(
                         problem: problem, tiling: tile, kernels: cpu, maxRows: maxRows, buffers: buffers, mask: mask,
-                        tiledProducts: tiled)
+                        tiledProducts: tiled, sharedKeys: sharedKeys)
                     defer { kernel.deallocate() }
                     while true {
                         let index = next.value.add(1, ordering: .relaxed).oldValue
@@ -240,7 +251,7 @@ private func withMaskPointer(_ mask: AttentionMask?, _ body: (MaskPointer) -> Vo
 }
 
 /// The next work item to take, shared by the workers of one call.
-private final class WorkCounter: Sendable {
+final class WorkCounter: Sendable {
     let value = Atomic<Int>(0)
 }
 

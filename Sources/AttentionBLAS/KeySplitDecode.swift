@@ -127,8 +127,8 @@ extension TileKernel {
                 let o = out + group * rows * dv
                 cpu.dot_scores(
                     rows, width, query, ldq, k.dtype, k.row(b, group, j0), k.strides.sequence, d, p.scale, scores, ld)
-                if let cap = p.options.softcap { cpu.softcap(scores, ld, rows, width, cap) }
-                if needsVisibility { applyVisibility(item, span: nq, rows: rows, keyStart: j0, width: width) }
+                prepareScores(
+                    item, span: nq, rows: rows, keyStart: j0, width: width, visibility: needsVisibility)
                 cpu.softmax_update(scores, ld, rows, width, rowMax + group * rows, rowSum + group * rows, o, dv, dv)
                 cpu.accumulate(rows, width, scores, ld, v.dtype, v.row(b, group, j0), v.strides.sequence, dv, o, dv)
             }

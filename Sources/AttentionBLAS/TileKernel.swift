@@ -65,11 +65,15 @@ struct TileKernel {
     let vTile: UnsafeMutablePointer<Float>?
     /// With the register-tiled products: the key block transposed ([D][keyBlock]).
     let keysTransposed: UnsafeMutablePointer<Float>?
+    /// Every head's keys packed once for the call (the tiled products read them instead of
+    /// packing each block).
+    let sharedKeys: SharedKeys?
 
     init(
         problem: AttentionProblem, tiling: BLASTiling, kernels: CPUKernels, maxRows rows: Int,
-        buffers: AttentionBuffers, mask: MaskPointer, tiledProducts: Bool
+        buffers: AttentionBuffers, mask: MaskPointer, tiledProducts: Bool, sharedKeys: SharedKeys? = nil
     ) {
+        self.sharedKeys = tiledProducts ? sharedKeys : nil
         p = problem
         self.tiling = tiling
         cpu = kernels.table.pointee
@@ -212,37 +216,40 @@ struct TileKernel {
             let width = j1 - j0
             let kRows = k.row(item.batch, group, j0)
             let vRows = v.row(item.batch, group, j0)
-            // SGEMM needs fp32 rows (converted K and V blocks unless they are fp32 in place).
-            var kv: (k: UnsafePointer<Float>, ldk: Int, v: UnsafePointer<Float>, ldv: Int)?
+            let needsVisibility = hasMask || j0 < last.lo || j1 - 1 > first.hi
             switch products {
-            case .tiled(let kt):
-                cpu.pack_keys(k.dtype, kRows, k.strides.sequence, width, d, kt, tiling.keyBlock)
-                cpu.qk_tile(rowCount, width, d, r.q, r.ldq, kt, tiling.keyBlock, p.scale, scores, ld)
+            case .tiled(let tile):
+                // K packed for the call (shared by every item), or here once per block.
+                let (kt, ldk): (UnsafePointer<Float>, Int)
+                if let sharedKeys {
+                    (kt, ldk) = (sharedKeys.keys(batch: item.batch, group: group, start: j0), sharedKeys.ld)
+                } else {
+                    cpu.pack_keys(k.dtype, kRows, k.strides.sequence, width, d, tile, tiling.keyBlock)
+                    (kt, ldk) = (UnsafePointer(tile), tiling.keyBlock)
+                }
+                cpu.qk_tile(rowCount, width, d, r.q, r.ldq, kt, ldk, p.scale, scores, ld)
+                prepareScores(
+                    item, span: span, rows: rowCount, keyStart: j0, width: width, visibility: needsVisibility)
+                cpu.softmax_update(scores, ld, rowCount, width, rowMax, rowSum, r.o, r.ldo, dv)
+                cpu.pv_tile(rowCount, width, scores, ld, v.dtype, vRows, v.strides.sequence, dv, r.o, r.ldo)
             case .sgemm:
+                // SGEMM needs fp32 rows (converted K and V blocks unless they are fp32 in place).
                 let block = keyValueBlock(batch: item.batch, group: group, start: j0, width: width)
-                kv = block
                 cblas_sgemm(
                     CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rowCount), Int32(width), Int32(d),
                     p.scale, r.q, Int32(r.ldq), block.k, Int32(block.ldk), 0, scores, Int32(ld))
+                prepareScores(
+                    item, span: span, rows: rowCount, keyStart: j0, width: width, visibility: needsVisibility)
+                cpu.softmax_update(scores, ld, rowCount, width, rowMax, rowSum, r.o, r.ldo, dv)
+                cblas_sgemm(
+                    CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rowCount), Int32(dv), Int32(width),
+                    1, scores, Int32(ld), block.v, Int32(block.ldv), 1, r.o, Int32(r.ldo))
             case .streaming:
                 cpu.dot_scores(
                     rowCount, width, r.q, r.ldq, k.dtype, kRows, k.strides.sequence, d, p.scale, scores, ld)
-            }
-            if let cap = p.options.softcap { cpu.softcap(scores, ld, rowCount, width, cap) }
-            if hasMask || j0 < last.lo || j1 - 1 > first.hi {
-                applyVisibility(item, span: span, rows: rowCount, keyStart: j0, width: width)
-            }
-            cpu.softmax_update(scores, ld, rowCount, width, rowMax, rowSum, r.o, r.ldo, dv)
-            switch products {
-            case .tiled:
-                cpu.pv_tile(rowCount, width, scores, ld, v.dtype, vRows, v.strides.sequence, dv, r.o, r.ldo)
-            case .sgemm:
-                if let kv {
-                    cblas_sgemm(
-                        CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rowCount), Int32(dv), Int32(width),
-                        1, scores, Int32(ld), kv.v, Int32(kv.ldv), 1, r.o, Int32(r.ldo))
-                }
-            case .streaming:
+                prepareScores(
+                    item, span: span, rows: rowCount, keyStart: j0, width: width, visibility: needsVisibility)
+                cpu.softmax_update(scores, ld, rowCount, width, rowMax, rowSum, r.o, r.ldo, dv)
                 cpu.accumulate(rowCount, width, scores, ld, v.dtype, vRows, v.strides.sequence, dv, r.o, r.ldo)
             }
             j0 = j1
@@ -273,8 +280,11 @@ struct TileKernel {
     /// instead of SGEMM, which would pack whole K/V blocks for a handful of rows.
     static let streamingRows = 8
 
-    /// Sets invisible scores to -inf (causal/window bounds of each row) and applies the mask.
-    func applyVisibility(_ item: WorkItem, span: Int, rows: Int, keyStart j0: Int, width: Int) {
+    /// Softcap, then (when `visibility`) the causal/window bounds of each row and the mask, on the
+    /// score tile's first `rows` rows.
+    func prepareScores(_ item: WorkItem, span: Int, rows: Int, keyStart j0: Int, width: Int, visibility: Bool) {
+        if let cap = p.options.softcap { cpu.softcap(scores, ld, rows, width, cap) }
+        guard visibility else { return }
         for r in 0..<rows {
             let i = item.queryStart + r % span
             let head = item.head + r / span

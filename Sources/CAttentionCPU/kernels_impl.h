@@ -28,6 +28,10 @@ typedef uint8_t v16b __attribute__((vector_size(16)));
 typedef float v16f_u __attribute__((vector_size(64), aligned(4), may_alias));
 typedef uint8_t v16b_u __attribute__((vector_size(16), aligned(1), may_alias));
 
+#ifndef AK_HAS_SCALEF
+#define AK_HAS_SCALEF 0
+#endif
+
 #if AK_HAS_FMA
 #define AK_FMA(a, b, c) __builtin_elementwise_fma((a), (b), (c))
 #else
@@ -100,12 +104,18 @@ static inline v16f exp16(v16f x) {
     p = AK_FMA(p, r, splat(1.66666655e-1f));
     p = AK_FMA(p, r, splat(5.00000012e-1f));
     p = AK_FMA(p, r * r, r + 1.0f);
+#if AK_HAS_SCALEF
+    // p * 2^k in one instruction (vscalefps), tiny lanes zeroed by its mask.
+    return (v16f)_mm512_maskz_scalef_ps(_mm512_cmp_ps_mask((__m512)x, (__m512)low, _CMP_NLT_UQ), (__m512)p,
+                                        (__m512)k);
+#else
     v16i ki = (v16i)t - 0x4B400000;
     v16i k1 = ki >> 1;
     v16i k2 = ki - k1;
     v16f s1 = (v16f)((k1 + 127) << 23);
     v16f s2 = (v16f)((k2 + 127) << 23);
     return select16(tiny, splat(0.0f), p * s1 * s2);
+#endif
 }
 
 /// tanh(x) = 1 - 2 / (e^(2|x|) + 1) with the sign restored; absolute error below 1e-6.

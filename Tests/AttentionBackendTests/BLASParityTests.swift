@@ -46,6 +46,32 @@ import Testing
         }
     }
 
+    /// Prefill whose keys are packed once per call and shared by every item (`SharedKeys`): odd
+    /// key counts (the packed rows' zero padding), items starting at keys that are not a multiple
+    /// of 16 (windows), head dims past the last whole vector, GQA, masks and softcap. (Layouts and
+    /// fp16/bf16 K through the shared packing: the layout sweep's "causal blocks" case.)
+    @Test(arguments: CPUISA.supported.filter { $0 != .baseline })
+    func keysPackedOncePerCall(_ isa: CPUISA) throws {
+        let backend = BLASBackend(isa: isa)
+        let additive = (0..<(100 * 50)).map { Float(($0 * 7) % 5) - 2 }
+        for c in [
+            ParityCase(
+                batch: 2, heads: (8, 2), nq: 200, nk: 777, d: 64, dv: 64,
+                options: .init(causal: true, window: .init(left: 300, right: 0))),
+            ParityCase(batch: 1, heads: (4, 4), nq: 130, nk: 1000, d: 80, dv: 48, amplitude: 4),
+            ParityCase(
+                batch: 1, heads: (6, 3), nq: 100, nk: 50, d: 32, dv: 32,
+                options: .init(softcap: 20, mask: try AttentionMask(shape: [100, 50], additive: additive))),
+        ] {
+            let problem = try c.problem()
+            let shared = try #require(backend.sharedKeyBytes(problem), "\(c) packs its keys per item")
+            #expect(backend.workspaceBytes(for: problem) >= shared)
+            try expectParity(backend, c)
+        }
+        // Decode and single-item problems pack per block.
+        #expect(backend.sharedKeyBytes(try ParityCase(heads: (8, 2), nq: 1, nk: 4096, d: 64, dv: 64).problem()) == nil)
+    }
+
     @Test func fullyMaskedRowsAreExactlyZero() throws {
         // Rows 0..<3 see nothing through the mask; row 3 sees everything.
         let nq = 4
