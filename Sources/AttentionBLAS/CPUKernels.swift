@@ -33,6 +33,24 @@ public struct CPUKernels: @unchecked Sendable {
     /// tanh(x) with the kernels' approximation.
     public func tanh(_ x: [Float]) -> [Float] { map(x, table.pointee.tanh) }
 
+    /// One online-softmax step over a single row of scores from a fresh state: the weights
+    /// e^(s - max) the step writes over the row, the running sum and the maximum.
+    public func softmaxStep(_ scores: [Float]) -> (weights: [Float], sum: Float, max: Float) {
+        let width = scores.count
+        let ld = (width + 15) / 16 * 16
+        var row = scores + [Float](repeating: 0, count: ld - width)
+        var (rowMax, rowSum) = (-Float.infinity, Float(0))
+        var out = [Float](repeating: 0, count: 16)
+        row.withUnsafeMutableBufferPointer { tile in
+            out.withUnsafeMutableBufferPointer { o in
+                if let t = tile.baseAddress, let o = o.baseAddress {
+                    table.pointee.softmax_update(t, ld, 1, width, &rowMax, &rowSum, o, 16, 16)
+                }
+            }
+        }
+        return (Array(row.prefix(width)), rowSum, rowMax)
+    }
+
     /// `x` rounded to the 16-bit `type` by the kernels' store path (F16C/AVX-512 where present).
     public func encode(_ x: [Float], as type: StorageType) -> [UInt16] {
         var bits = [UInt16](repeating: 0, count: x.count)

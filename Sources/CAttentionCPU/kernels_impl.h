@@ -118,6 +118,30 @@ static inline v16f exp16(v16f x) {
 #endif
 }
 
+/// e^(s - m) for the softmax step, where s <= m (or s is -inf or NaN). With vscalefps: d = s - m
+/// = k ln2 + r (Cody-Waite), e^r by a degree-5 polynomial with p(0) = 1 exactly (relative error
+/// below 2e-7 over the range), times 2^k in one instruction; 0 for d < -86.6 (no subnormal
+/// results), NaN kept. Elsewhere: `exp16(s - m)`.
+static inline v16f exp_shifted16(v16f s, v16f m) {
+#if AK_HAS_SCALEF
+    const v16f d = s - m;
+    const __mmask16 keep = _mm512_cmp_ps_mask((__m512)d, _mm512_set1_ps(-86.6f), _CMP_NLT_UQ);
+    const v16f k = (v16f)_mm512_roundscale_ps((__m512)(d * splat(1.44269504f)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v16f r = AK_FMA(k, splat(-0.693359375f), d);
+    r = AK_FMA(k, splat(2.1219444e-4f), r);
+    v16f p = splat(8.290239610e-3f);
+    p = AK_FMA(p, r, splat(4.189778119e-2f));
+    p = AK_FMA(p, r, splat(1.666763574e-1f));
+    p = AK_FMA(p, r, splat(4.999915063e-1f));
+    p = AK_FMA(p, r, splat(9.999997020e-1f));
+    p = AK_FMA(p, r, splat(1.0f));
+    return (v16f)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)k);
+#else
+    return exp16(s - m);
+#endif
+}
+
 /// tanh(x) = 1 - 2 / (e^(2|x|) + 1) with the sign restored; absolute error below 1e-6.
 static inline v16f tanh16(v16f x) {
     v16i negative = x < splat(0.0f);
@@ -215,7 +239,7 @@ static void AK_FN(softmax_update)(float *scores, ptrdiff_t ld, ptrdiff_t rows, p
         const v16f m = splat(now);
         v16f sum = splat(0.0f);
         for (ptrdiff_t c = 0; c < padded; c += 16) {
-            v16f e = exp16(load16(row + c) - m);
+            v16f e = exp_shifted16(load16(row + c), m);
             sum += e;
             store16(row + c, e);
         }

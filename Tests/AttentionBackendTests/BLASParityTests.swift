@@ -202,6 +202,33 @@ import Testing
         #expect(e[6] > 1e38)
     }
 
+    /// The softmax step's weights e^(s - max) (its own exp on AVX-512) against libm, over the
+    /// range of weights that matter and with -inf (masked) and NaN (poisoned) scores.
+    @Test(arguments: CPUISA.supported)
+    func softmaxWeightsMatchLibm(_ isa: CPUISA) throws {
+        let kernels = try CPUKernels(isa: isa)
+        var random = SplitMix64(seed: 7)
+        for width in [1, 15, 16, 33, 517] {
+            let scores = (0..<width).map { _ in Float.random(in: -100...20, using: &random) }
+            let (weights, sum, max) = kernels.softmaxStep(scores)
+            let top = Double(scores.max()!)
+            #expect(max == Float(top))
+            var expected = 0.0
+            for (s, w) in zip(scores, weights) {
+                // Against e^d of the fp32 difference d = s - max the kernels compute.
+                let ref = exp(Double(s - Float(top)))
+                expected += ref
+                // Weights below 2^-125 of the largest may be flushed to zero.
+                #expect(abs(Double(w) - ref) <= 4e-7 * ref + 3e-38, "\(isa) e^(\(s) - \(top)) = \(w)")
+            }
+            #expect(abs(Double(sum) - expected) <= 1e-6 * expected)
+        }
+        let masked = kernels.softmaxStep([-.infinity, 0, -.infinity, -3] + Array(repeating: -.infinity, count: 14))
+        #expect(masked.weights[0] == 0 && masked.weights[2] == 0 && masked.weights[1] == 1)
+        #expect(masked.weights.dropFirst(4).allSatisfy { $0 == 0 })
+        #expect(kernels.softmaxStep([1, .nan, 2]).sum.isNaN)
+    }
+
     @Test(arguments: CPUISA.supported)
     func tanhMatchesLibm(_ isa: CPUISA) throws {
         let kernels = try CPUKernels(isa: isa)
