@@ -63,8 +63,10 @@ struct TileKernel {
     let oTile: UnsafeMutablePointer<Float>
     let kTile: UnsafeMutablePointer<Float>?
     let vTile: UnsafeMutablePointer<Float>?
-    /// With the register-tiled products: the key block transposed ([D][keyBlock]).
+    /// With the register-tiled products: the key block transposed ([D][keyBlock]), and the item's
+    /// query rows packed for the score product (`pack_queries`).
     let keysTransposed: UnsafeMutablePointer<Float>?
+    let queriesPacked: UnsafeMutablePointer<Float>?
     /// Every head's keys packed once for the call (the tiled products read them instead of
     /// packing each block).
     let sharedKeys: SharedKeys?
@@ -97,10 +99,12 @@ struct TileKernel {
             // K is packed (transposed, widened) by the tiled products themselves, V rows are read
             // and widened where they lie.
             keysTransposed = .allocate(capacity: tiling.keyBlock * problem.headDim)
+            queriesPacked = .allocate(capacity: rows * problem.headDim)
             kTile = nil
             vTile = nil
         } else {
             keysTransposed = nil
+            queriesPacked = nil
             kTile = kInPlace && vInPlace ? nil : .allocate(capacity: tiling.keyBlock * problem.headDim)
             vTile = kInPlace && vInPlace ? nil : .allocate(capacity: tiling.keyBlock * problem.valueDim)
         }
@@ -111,13 +115,14 @@ struct TileKernel {
         kTile?.deallocate()
         vTile?.deallocate()
         keysTransposed?.deallocate()
+        queriesPacked?.deallocate()
     }
 
     /// Extra bytes one worker allocates beyond the score tile and row statistics.
     static func tileBytes(_ p: AttentionProblem, rows: Int, keyBlock: Int, tiledProducts: Bool) -> Int {
         var floats = rows * (p.headDim + p.valueDim)
         if tiledProducts {
-            floats += keyBlock * p.headDim
+            floats += keyBlock * p.headDim + rows * p.headDim
         } else if p.storage.keyValue != .f32 {
             floats += keyBlock * (p.headDim + p.valueDim)
         }
@@ -208,8 +213,15 @@ struct TileKernel {
         // Few rows (decode): streaming loops instead of the tiled products or SGEMM, which pack whole
         // K/V blocks for a handful of rows; here K and V are read once, each row of them used by every
         // query row, widened in registers as they pass.
-        let products: BlockProducts =
-            rowCount <= Self.streamingRows ? .streaming : keysTransposed.map { .tiled($0) } ?? .sgemm
+        let products: BlockProducts
+        if rowCount <= Self.streamingRows {
+            products = .streaming
+        } else if let keysTransposed, let queriesPacked {
+            cpu.pack_queries(rowCount, d, r.q, r.ldq, queriesPacked)
+            products = .tiled(keys: keysTransposed, queries: queriesPacked)
+        } else {
+            products = .sgemm
+        }
         var j0 = first.lo
         while j0 <= last.hi {
             let j1 = min(last.hi + 1, j0 + tiling.keyBlock)
@@ -218,7 +230,7 @@ struct TileKernel {
             let vRows = v.row(item.batch, group, j0)
             let needsVisibility = hasMask || j0 < last.lo || j1 - 1 > first.hi
             switch products {
-            case .tiled(let tile):
+            case .tiled(let tile, let queries):
                 // K packed for the call (shared by every item), or here once per block.
                 let (kt, ldk): (UnsafePointer<Float>, Int)
                 if let sharedKeys {
@@ -227,7 +239,7 @@ struct TileKernel {
                     cpu.pack_keys(k.dtype, kRows, k.strides.sequence, width, d, tile, tiling.keyBlock)
                     (kt, ldk) = (UnsafePointer(tile), tiling.keyBlock)
                 }
-                cpu.qk_tile(rowCount, width, d, r.q, r.ldq, kt, ldk, p.scale, scores, ld)
+                cpu.qk_tile(rowCount, width, d, queries, kt, ldk, p.scale, scores, ld)
                 prepareScores(
                     item, span: span, rows: rowCount, keyStart: j0, width: width, visibility: needsVisibility)
                 cpu.softmax_update(scores, ld, rowCount, width, rowMax, rowSum, r.o, r.ldo, dv)
@@ -268,8 +280,9 @@ struct TileKernel {
 
     /// How an item computes S = Q Kᵀ and O += P V for each key block.
     private enum BlockProducts {
-        /// The CPU variant's register-tiled kernels, K packed into this [D][keyBlock] tile.
-        case tiled(UnsafeMutablePointer<Float>)
+        /// The CPU variant's register-tiled kernels: K packed into this [D][keyBlock] tile (unless
+        /// shared), the item's queries packed once.
+        case tiled(keys: UnsafeMutablePointer<Float>, queries: UnsafePointer<Float>)
         /// Two `cblas_sgemm` calls.
         case sgemm
         /// Few rows: the streaming kernels (K and V read once, as stored).

@@ -728,10 +728,13 @@ static void AK_FN(store_rows)(int dtype, const float *src, ptrdiff_t ld_src, ptr
 #define AK_PV_VECS 1
 #endif
 
-/// scores[r][j0 + 16v + t] for r < mr, v < nv (mr, nv constants after inlining).
+/// scores[r][j0 + 16v + t] for r < mr, v < nv (mr, nv constants after inlining). Element c of
+/// query row r is at q[c * ldc + r * ldr]: packed rows (ldc = AK_QK_ROWS, ldr = 1) put the mr
+/// broadcasts of one step at fixed offsets from one pointer; plain rows have ldc = 1, ldr = d.
 static inline __attribute__((always_inline)) void qk_micro(const int mr, const int nv, ptrdiff_t d, const float *q,
-                                                            ptrdiff_t ldq, const float *kt, ptrdiff_t ldk, float scale,
-                                                            float *s, ptrdiff_t ld) {
+                                                            const ptrdiff_t ldc, const ptrdiff_t ldr,
+                                                            const float *kt, ptrdiff_t ldk, float scale, float *s,
+                                                            ptrdiff_t ld) {
     v16f acc[AK_QK_ROWS][AK_QK_VECS];
     for (int r = 0; r < mr; r++)
         for (int v = 0; v < nv; v++) acc[r][v] = splat(0.0f);
@@ -740,7 +743,7 @@ static inline __attribute__((always_inline)) void qk_micro(const int mr, const i
         v16f kv[AK_QK_VECS];
         for (int v = 0; v < nv; v++) kv[v] = load16(k_row + 16 * v);
         for (int r = 0; r < mr; r++) {
-            const v16f qb = splat(q[r * ldq + c]);
+            const v16f qb = splat(q[c * ldc + r * ldr]);
             for (int v = 0; v < nv; v++) acc[r][v] = AK_FMA(qb, kv[v], acc[r][v]);
         }
     }
@@ -749,24 +752,34 @@ static inline __attribute__((always_inline)) void qk_micro(const int mr, const i
         for (int v = 0; v < nv; v++) store16(s + r * ld + 16 * v, acc[r][v] * factor);
 }
 
-/// Rows [0, rows) of the score tile for keys [j0, j0 + 16 nv) (nv a constant after inlining).
+/// Rows [0, rows) of the score tile for keys [j0, j0 + 16 nv) (nv a constant after inlining), from
+/// queries packed by `pack_queries`.
 static inline __attribute__((always_inline)) void qk_columns(const int nv, ptrdiff_t rows, ptrdiff_t d,
-                                                              const float *q, ptrdiff_t ldq, const float *kt,
-                                                              ptrdiff_t ldk, float scale, float *s, ptrdiff_t ld) {
+                                                              const float *qp, const float *kt, ptrdiff_t ldk,
+                                                              float scale, float *s, ptrdiff_t ld) {
     ptrdiff_t r = 0;
     for (; r + AK_QK_ROWS <= rows; r += AK_QK_ROWS)
-        qk_micro(AK_QK_ROWS, nv, d, q + r * ldq, ldq, kt, ldk, scale, s + r * ld, ld);
-    for (; r < rows; r++) qk_micro(1, nv, d, q + r * ldq, ldq, kt, ldk, scale, s + r * ld, ld);
+        qk_micro(AK_QK_ROWS, nv, d, qp + r * d, AK_QK_ROWS, 1, kt, ldk, scale, s + r * ld, ld);
+    for (; r < rows; r++) qk_micro(1, nv, d, qp + r * d, 1, d, kt, ldk, scale, s + r * ld, ld);
 }
 
-static void AK_FN(qk_tile)(ptrdiff_t rows, ptrdiff_t width, ptrdiff_t d, const float *q, ptrdiff_t ldq,
-                           const float *kt, ptrdiff_t ldk, float scale, float *scores, ptrdiff_t ld) {
+static void AK_FN(pack_queries)(ptrdiff_t rows, ptrdiff_t d, const float *q, ptrdiff_t ldq, float *dst) {
+    ptrdiff_t r = 0;
+    for (; r + AK_QK_ROWS <= rows; r += AK_QK_ROWS, dst += AK_QK_ROWS * d) {
+        for (ptrdiff_t c = 0; c < d; c++)
+            for (int i = 0; i < AK_QK_ROWS; i++) dst[c * AK_QK_ROWS + i] = q[(r + i) * ldq + c];
+    }
+    for (; r < rows; r++, dst += d) memcpy(dst, q + r * ldq, (size_t)d * sizeof(float));
+}
+
+static void AK_FN(qk_tile)(ptrdiff_t rows, ptrdiff_t width, ptrdiff_t d, const float *qp, const float *kt,
+                           ptrdiff_t ldk, float scale, float *scores, ptrdiff_t ld) {
     const ptrdiff_t cols = round16(width);
     ptrdiff_t j = 0;
     // Key-column outer loop: one micro-tile's d x 16nv slice of K^T stays in L1 across all rows.
     for (; j + 16 * AK_QK_VECS <= cols; j += 16 * AK_QK_VECS)
-        qk_columns(AK_QK_VECS, rows, d, q, ldq, kt + j, ldk, scale, scores + j, ld);
-    for (; j < cols; j += 16) qk_columns(1, rows, d, q, ldq, kt + j, ldk, scale, scores + j, ld);
+        qk_columns(AK_QK_VECS, rows, d, qp, kt + j, ldk, scale, scores + j, ld);
+    for (; j < cols; j += 16) qk_columns(1, rows, d, qp, kt + j, ldk, scale, scores + j, ld);
 }
 
 // A 16 x 16 transpose in registers: four butterfly stages, each swapping the off-diagonal b x b
@@ -913,6 +926,7 @@ const ak_cpu_kernels AK_CAT(ak_kernels, AK_SUFFIX) = {
     .store_rows = AK_FN(store_rows),
     .read_sum = AK_FN(read_sum),
     .pack_keys = AK_FN(pack_keys),
+    .pack_queries = AK_FN(pack_queries),
     .qk_tile = AK_FN(qk_tile),
     .pv_tile = AK_FN(pv_tile),
     .exp = AK_FN(exp),

@@ -105,10 +105,17 @@ typedef struct ak_cpu_kernels {
     void (*pack_keys)(int dtype, const void *k, ptrdiff_t ldk, ptrdiff_t width, ptrdiff_t d, float *dst,
                       ptrdiff_t ld_dst);
 
+    /// Query rows packed for `qk_tile` (rows x d floats at dst): each whole group of the variant's
+    /// micro-tile height (8 rows on AVX-512, 6 on AVX2, 4 elsewhere) as [d][height], element c of
+    /// its rows side by side; the remaining rows after them as plain rows of d. Rows of q are `ldq`
+    /// floats apart.
+    void (*pack_queries)(ptrdiff_t rows, ptrdiff_t d, const float *q, ptrdiff_t ldq, float *dst);
+
     /// scores[r][j] = scale * sum over c < d of q[r][c] * kt[c][j], for r < rows and
-    /// j < round16(width) (the padding columns get 0 from zero keys): register-tiled, for many rows.
-    void (*qk_tile)(ptrdiff_t rows, ptrdiff_t width, ptrdiff_t d, const float *q, ptrdiff_t ldq, const float *kt,
-                    ptrdiff_t ldk, float scale, float *scores, ptrdiff_t ld);
+    /// j < round16(width) (the padding columns get 0 from zero keys), with q packed by
+    /// `pack_queries`: register-tiled, for many rows.
+    void (*qk_tile)(ptrdiff_t rows, ptrdiff_t width, ptrdiff_t d, const float *qp, const float *kt, ptrdiff_t ldk,
+                    float scale, float *scores, ptrdiff_t ld);
 
     /// out[r][c] += sum over j < width of p[r][j] * v[j][c], for r < rows and c < dv, where dv is a
     /// multiple of 16; V rows are `ldv` elements apart, stored as `v_dtype` and widened in registers:
