@@ -444,16 +444,21 @@ static inline __attribute__((always_inline)) void dot_scores_body(
             // Each K element is loaded (and widened) once and used by every query row; the row count
             // is a constant in each case so the accumulators stay in registers. Up to four rows
             // (decode with GQA groups of up to 4): four keys at a time, their sums reduced together.
-            if (n <= 4 && j + 4 <= width) {
+            // More rows (MQA decode, groups of 5-8): four at a time over the same four keys, which
+            // the first pass brought into L1; the sums are still reduced four at a time.
+            if (j + 4 <= width) {
                 if (j + AK_PREFETCH_ROWS + 3 < width) {
                     for (int t = 1; t < 4; t++) prefetch_row(k_row + (AK_PREFETCH_ROWS + t) * row_bytes, used_bytes);
                 }
-                float *out = scores + r0 * ld + j;
-                switch (n) {
-                case 1: dot4_rows_widened(dtype, 1, qs, ldq, k_row, row_bytes, d, scale, out, ld); break;
-                case 2: dot4_rows_widened(dtype, 2, qs, ldq, k_row, row_bytes, d, scale, out, ld); break;
-                case 3: dot4_rows_widened(dtype, 3, qs, ldq, k_row, row_bytes, d, scale, out, ld); break;
-                default: dot4_rows_widened(dtype, 4, qs, ldq, k_row, row_bytes, d, scale, out, ld); break;
+                for (ptrdiff_t h = 0; h < n; h += 4) {
+                    float *out = scores + (r0 + h) * ld + j;
+                    const float *qh = qs + h * ldq;
+                    switch (n - h) {
+                    case 1: dot4_rows_widened(dtype, 1, qh, ldq, k_row, row_bytes, d, scale, out, ld); break;
+                    case 2: dot4_rows_widened(dtype, 2, qh, ldq, k_row, row_bytes, d, scale, out, ld); break;
+                    case 3: dot4_rows_widened(dtype, 3, qh, ldq, k_row, row_bytes, d, scale, out, ld); break;
+                    default: dot4_rows_widened(dtype, 4, qh, ldq, k_row, row_bytes, d, scale, out, ld); break;
+                    }
                 }
                 j += 3;
                 continue;
@@ -546,12 +551,17 @@ static inline __attribute__((always_inline)) void accumulate_body(
         }
         // fp16/bf16: each V chunk widened once and used by every row; up to four rows keep their
         // sixteen weights in registers across the chunks.
-        if (rows >= 1 && rows <= 4) {
-            switch (rows) {
-            case 1: accumulate4_rows(dtype, 1, p + j, ld, v0, row_bytes, dv, out, ldo); break;
-            case 2: accumulate4_rows(dtype, 2, p + j, ld, v0, row_bytes, dv, out, ldo); break;
-            case 3: accumulate4_rows(dtype, 3, p + j, ld, v0, row_bytes, dv, out, ldo); break;
-            default: accumulate4_rows(dtype, 4, p + j, ld, v0, row_bytes, dv, out, ldo); break;
+        // Up to eight rows: four at a time, the second pass reading the four V rows from L1.
+        if (rows >= 1 && rows <= 8) {
+            for (ptrdiff_t h = 0; h < rows; h += 4) {
+                const float *w = p + h * ld + j;
+                float *o = out + h * ldo;
+                switch (rows - h) {
+                case 1: accumulate4_rows(dtype, 1, w, ld, v0, row_bytes, dv, o, ldo); break;
+                case 2: accumulate4_rows(dtype, 2, w, ld, v0, row_bytes, dv, o, ldo); break;
+                case 3: accumulate4_rows(dtype, 3, w, ld, v0, row_bytes, dv, o, ldo); break;
+                default: accumulate4_rows(dtype, 4, w, ld, v0, row_bytes, dv, o, ldo); break;
+                }
             }
             continue;
         }
