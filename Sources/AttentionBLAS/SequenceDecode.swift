@@ -108,6 +108,10 @@ struct SequenceDecodeKernel {
     let rowMax: UnsafeMutablePointer<Float>
     let rowSum: UnsafeMutablePointer<Float>
     let lseTile: UnsafeMutablePointer<Float>
+    /// Pages: the K and V row of each key of the block (head 0), so one kernel call covers the
+    /// block across page boundaries.
+    let keyRows: UnsafeMutablePointer<UnsafeRawPointer?>
+    let valueRows: UnsafeMutablePointer<UnsafeRawPointer?>
     let index: RowIndex
     /// Whether each K/V head's rows are adjacent (walk one head group at a time).
     let groupsOuter: Bool
@@ -143,6 +147,8 @@ struct SequenceDecodeKernel {
         rowMax = .allocate(capacity: rows)
         rowSum = .allocate(capacity: rows)
         lseTile = .allocate(capacity: rows)
+        keyRows = .allocate(capacity: SequenceDecodePlan.block)
+        valueRows = .allocate(capacity: SequenceDecodePlan.block)
         groupsOuter =
             index.form != .paged && k.strides.sequence == batch.headDim && v.strides.sequence == batch.valueDim
         (hq, hkv, g, d, dv) = (batch.queryHeads, batch.keyValueHeads, batch.groupSize, batch.headDim, batch.valueDim)
@@ -160,6 +166,8 @@ struct SequenceDecodeKernel {
 
     func deallocate() {
         for tile in [scores, queryTile, outTile, rowMax, rowSum, lseTile] { tile.deallocate() }
+        keyRows.deallocate()
+        valueRows.deallocate()
     }
 
     /// Element offset of query (or output) row (h, i) of sequence s.
@@ -169,24 +177,23 @@ struct SequenceDecodeKernel {
         return s * st.batch + h * st.head + i * st.sequence
     }
 
-    /// Calls `body(kRow, vRow, column, count)` for the runs of keys [j0, j0 + width) of sequence
-    /// s — the whole block, or (paged) the part in one page — with the rows of K/V head `first`:
-    /// rows one sequence stride apart, the next heads' rows a head stride further, `column` the
-    /// run's offset in the block.
+    /// The K and V rows of keys [j0, j0 + width) of sequence s, K/V head `first`, as one strided run
+    /// (packed, cache lengths: base addresses, rows one sequence stride apart, no table) or, for
+    /// pages, in the row tables (`keyRows`, `valueRows`), each key's row in its page.
     @inline(__always)
-    private func forEachRun(
-        sequence s: Int, start j0: Int, width: Int, head first: Int,
-        _ body: (UnsafeRawPointer, UnsafeRawPointer, Int, Int) -> Void
+    private func blockRows(sequence s: Int, start j0: Int, width: Int, head first: Int) -> (
+        k: UnsafeRawPointer, v: UnsafeRawPointer, table: Bool
     ) {
         switch index.form {
         case .packed:
             let j = Int(index.keyOffsets[s]) + j0
             let (ks, vs) = (k.strides, v.strides)
-            body(
-                k.base + (j * ks.sequence + first * ks.head) * k.type.byteSize,
-                v.base + (j * vs.sequence + first * vs.head) * v.type.byteSize, 0, width)
+            return (
+                UnsafeRawPointer(k.base + (j * ks.sequence + first * ks.head) * k.type.byteSize),
+                UnsafeRawPointer(v.base + (j * vs.sequence + first * vs.head) * v.type.byteSize), false
+            )
         case .cacheLengths:
-            body(k.row(s, first, j0), v.row(s, first, j0), 0, width)
+            return (UnsafeRawPointer(k.row(s, first, j0)), UnsafeRawPointer(v.row(s, first, j0)), false)
         case .paged:
             let pageSize = index.pageSize
             var c = 0
@@ -194,9 +201,15 @@ struct SequenceDecodeKernel {
                 let j = j0 + c
                 let page = index.page(s, j)
                 let n = min(width - c, pageSize - j % pageSize)
-                body(k.row(page, first, j % pageSize), v.row(page, first, j % pageSize), c, n)
+                let (kRow, vRow) = (k.row(page, first, j % pageSize), v.row(page, first, j % pageSize))
+                let (kStep, vStep) = (k.strides.sequence * k.type.byteSize, v.strides.sequence * v.type.byteSize)
+                for t in 0..<n {
+                    keyRows[c + t] = UnsafeRawPointer(kRow + t * kStep)
+                    valueRows[c + t] = UnsafeRawPointer(vRow + t * vStep)
+                }
                 c += n
             }
+            return (UnsafeRawPointer(k.base), UnsafeRawPointer(v.base), true)
         }
     }
 
@@ -241,8 +254,9 @@ struct SequenceDecodeKernel {
         let hi = min((range + 1) * SequenceDecodePlan.rangeLength, keyLengths[s], last.hi + 1)
         // Per block, in one of two orders. Rows of each K/V head adjacent ([B, H, N, D] caches): one
         // head group at a time, each streaming its own rows. Otherwise (pages, [B, N, H, D] caches,
-        // packed rows): each run (a page, or the block) for every head in turn — adjacent memory —
-        // for the scores of all groups, then the softmax step per group, then P·V in the same order.
+        // packed rows): the scores of every group in one call, then the softmax step per group, then
+        // P·V in one call. Pages go through row tables, so a call covers the whole block whatever
+        // the page size, and the kernels' prefetches run ahead across page boundaries.
         let (heads, passCount) = (hkv, groupsOuter ? hkv : 1)
         var j0 = lo
         while j0 < hi {
@@ -250,13 +264,13 @@ struct SequenceDecodeKernel {
             let needsVisibility = j0 < last.lo || j0 + width - 1 > first.hi
             for pass in 0..<passCount {
                 let groups = groupsOuter ? pass..<(pass + 1) : 0..<heads
-                // Every group of the pass in one kernel call per run (a page holds all heads' rows).
+                // Every group of the pass in one kernel call (a page holds all heads' rows).
                 let (g0, count) = (groups.lowerBound, groups.count)
-                forEachRun(sequence: s, start: j0, width: width, head: g0) { kRow, _, column, keys in
-                    cpu.dot_scores_groups(
-                        count, rows, keys, query + g0 * rows * ldq, ldq, rows * ldq, k.dtype, kRow, k.strides.sequence,
-                        k.strides.head, d, scale, scores + g0 * rows * ld + column, ld, rows * ld)
-                }
+                let rows0 = blockRows(sequence: s, start: j0, width: width, head: g0)
+                cpu.dot_scores_groups(
+                    count, rows, width, query + g0 * rows * ldq, ldq, rows * ldq, k.dtype, rows0.k, k.strides.sequence,
+                    rows0.table ? UnsafePointer(keyRows) : nil, k.strides.head, d, scale, scores + g0 * rows * ld, ld,
+                    rows * ld)
                 for group in groups {
                     let tile = scores + group * rows * ld
                     if let cap = softcap { cpu.softcap(tile, ld, rows, width, cap) }
@@ -270,11 +284,10 @@ struct SequenceDecodeKernel {
                         tile, ld, rows, width, rowMax + group * rows, rowSum + group * rows, out + group * rows * dv,
                         dv, dv)
                 }
-                forEachRun(sequence: s, start: j0, width: width, head: g0) { _, vRow, column, keys in
-                    cpu.accumulate_groups(
-                        count, rows, keys, scores + g0 * rows * ld + column, ld, rows * ld, v.dtype, vRow,
-                        v.strides.sequence, v.strides.head, dv, out + g0 * rows * dv, dv, rows * dv)
-                }
+                cpu.accumulate_groups(
+                    count, rows, width, scores + g0 * rows * ld, ld, rows * ld, v.dtype, rows0.v, v.strides.sequence,
+                    rows0.table ? UnsafePointer(valueRows) : nil, v.strides.head, dv, out + g0 * rows * dv, dv,
+                    rows * dv)
             }
             j0 += width
         }

@@ -402,11 +402,12 @@ static inline __attribute__((always_inline)) void dot_rows_widened(
     }
 }
 
-/// Four consecutive K rows (`row_bytes` apart) against n <= 4 query rows (n a constant after
-/// inlining): each Q chunk loaded once for the four keys, the 4n sums reduced four at a time.
-static inline __attribute__((always_inline)) void dot4_rows_widened(
-    int dtype, const int n, const float *q, ptrdiff_t ldq, const char *k_rows, ptrdiff_t row_bytes, ptrdiff_t d,
-    float scale, float *scores, ptrdiff_t ld) {
+/// Four K rows (at k[0..3]) against n <= 4 query rows (n a constant after inlining): each Q chunk
+/// loaded once for the four keys, the 4n sums reduced four at a time.
+static inline __attribute__((always_inline)) void dot4_rows_widened(int dtype, const int n, const float *q,
+                                                                     ptrdiff_t ldq, const char *const k[4],
+                                                                     ptrdiff_t d, float scale, float *scores,
+                                                                     ptrdiff_t ld) {
     const ptrdiff_t vector_end = d & ~(ptrdiff_t)15;
     v16f acc[4][4];
     for (int r = 0; r < n; r++)
@@ -414,7 +415,7 @@ static inline __attribute__((always_inline)) void dot4_rows_widened(
     ptrdiff_t c = 0;
     for (; c < vector_end; c += 16) {
         v16f kv[4];
-        for (int t = 0; t < 4; t++) kv[t] = load16_as(dtype, k_rows + t * row_bytes, c);
+        for (int t = 0; t < 4; t++) kv[t] = load16_as(dtype, k[t], c);
         for (int r = 0; r < n; r++) {
             const v16f qv = load16(q + r * ldq + c);
             for (int t = 0; t < 4; t++) acc[r][t] = AK_FMA(qv, kv[t], acc[r][t]);
@@ -424,40 +425,53 @@ static inline __attribute__((always_inline)) void dot4_rows_widened(
         v4f dots = hsum16x4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
         for (ptrdiff_t e = c; e < d; e++) {
             const float qe = q[r * ldq + e];
-            for (int t = 0; t < 4; t++) dots[t] += qe * load1_as(dtype, k_rows + t * row_bytes, e);
+            for (int t = 0; t < 4; t++) dots[t] += qe * load1_as(dtype, k[t], e);
         }
         for (int t = 0; t < 4; t++) scores[r * ld + t] = dots[t] * scale;
     }
 }
 
+/// The address of key (or value) row j: rows[j] + offset when a row table is given (pages: rows
+/// wherever their page lies), else base + j * row_bytes.
+static inline __attribute__((always_inline)) const char *row_at(const char *base, ptrdiff_t row_bytes,
+                                                                const void *const *rows, ptrdiff_t offset,
+                                                                ptrdiff_t j) {
+    return rows ? (const char *)rows[j] + offset : base + j * row_bytes;
+}
+
 static inline __attribute__((always_inline)) void dot_scores_body(
     int dtype, ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq, const void *k, ptrdiff_t ldk,
-    ptrdiff_t d, float scale, float *scores, ptrdiff_t ld) {
-    const ptrdiff_t vector_end = d & ~(ptrdiff_t)15;
+    const void *const *k_rows, ptrdiff_t k_offset, ptrdiff_t d, float scale, float *scores, ptrdiff_t ld) {
     const ptrdiff_t row_bytes = ldk * dtype_size(dtype), used_bytes = d * dtype_size(dtype);
+    const char *base = (const char *)k;
     for (ptrdiff_t r0 = 0; r0 < rows; r0 += AK_STREAM_ROWS) {
         const ptrdiff_t n = rows - r0 < AK_STREAM_ROWS ? rows - r0 : AK_STREAM_ROWS;
         const float *qs = q + r0 * ldq;
         for (ptrdiff_t j = 0; j < width; j++) {
-            const char *k_row = (const char *)k + j * row_bytes;
-            if (j + AK_PREFETCH_ROWS < width) prefetch_row(k_row + AK_PREFETCH_ROWS * row_bytes, used_bytes);
+            const char *k_row = row_at(base, row_bytes, k_rows, k_offset, j);
+            if (j + AK_PREFETCH_ROWS < width)
+                prefetch_row(row_at(base, row_bytes, k_rows, k_offset, j + AK_PREFETCH_ROWS), used_bytes);
             // Each K element is loaded (and widened) once and used by every query row; the row count
-            // is a constant in each case so the accumulators stay in registers. Up to four rows
-            // (decode with GQA groups of up to 4): four keys at a time, their sums reduced together.
-            // More rows (MQA decode, groups of 5-8): four at a time over the same four keys, which
-            // the first pass brought into L1; the sums are still reduced four at a time.
+            // is a constant in each case so the accumulators stay in registers. Four keys at a time,
+            // their sums reduced together, for up to four rows at once; more rows (MQA decode, groups
+            // of 5-8) in passes of four over the same keys, which the first pass brought into L1.
             if (j + 4 <= width) {
                 if (j + AK_PREFETCH_ROWS + 3 < width) {
-                    for (int t = 1; t < 4; t++) prefetch_row(k_row + (AK_PREFETCH_ROWS + t) * row_bytes, used_bytes);
+                    for (int t = 1; t < 4; t++)
+                        prefetch_row(row_at(base, row_bytes, k_rows, k_offset, j + AK_PREFETCH_ROWS + t),
+                                     used_bytes);
                 }
+                const char *const k4[4] = {k_row, row_at(base, row_bytes, k_rows, k_offset, j + 1),
+                                           row_at(base, row_bytes, k_rows, k_offset, j + 2),
+                                           row_at(base, row_bytes, k_rows, k_offset, j + 3)};
                 for (ptrdiff_t h = 0; h < n; h += 4) {
                     float *out = scores + (r0 + h) * ld + j;
                     const float *qh = qs + h * ldq;
                     switch (n - h) {
-                    case 1: dot4_rows_widened(dtype, 1, qh, ldq, k_row, row_bytes, d, scale, out, ld); break;
-                    case 2: dot4_rows_widened(dtype, 2, qh, ldq, k_row, row_bytes, d, scale, out, ld); break;
-                    case 3: dot4_rows_widened(dtype, 3, qh, ldq, k_row, row_bytes, d, scale, out, ld); break;
-                    default: dot4_rows_widened(dtype, 4, qh, ldq, k_row, row_bytes, d, scale, out, ld); break;
+                    case 1: dot4_rows_widened(dtype, 1, qh, ldq, k4, d, scale, out, ld); break;
+                    case 2: dot4_rows_widened(dtype, 2, qh, ldq, k4, d, scale, out, ld); break;
+                    case 3: dot4_rows_widened(dtype, 3, qh, ldq, k4, d, scale, out, ld); break;
+                    default: dot4_rows_widened(dtype, 4, qh, ldq, k4, d, scale, out, ld); break;
                     }
                 }
                 j += 3;
@@ -480,17 +494,19 @@ static inline __attribute__((always_inline)) void dot_scores_body(
 static void AK_FN(dot_scores)(ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq, int k_dtype,
                               const void *k, ptrdiff_t ldk, ptrdiff_t d, float scale, float *scores, ptrdiff_t ld) {
     switch (k_dtype) {
-    case AK_DTYPE_F16: dot_scores_body(AK_DTYPE_F16, rows, width, q, ldq, k, ldk, d, scale, scores, ld); break;
-    case AK_DTYPE_BF16: dot_scores_body(AK_DTYPE_BF16, rows, width, q, ldq, k, ldk, d, scale, scores, ld); break;
-    default: dot_scores_body(AK_DTYPE_F32, rows, width, q, ldq, k, ldk, d, scale, scores, ld); break;
+    case AK_DTYPE_F16: dot_scores_body(AK_DTYPE_F16, rows, width, q, ldq, k, ldk, NULL, 0, d, scale, scores, ld); break;
+    case AK_DTYPE_BF16:
+        dot_scores_body(AK_DTYPE_BF16, rows, width, q, ldq, k, ldk, NULL, 0, d, scale, scores, ld);
+        break;
+    default: dot_scores_body(AK_DTYPE_F32, rows, width, q, ldq, k, ldk, NULL, 0, d, scale, scores, ld); break;
     }
 }
 
 /// out[r] += sum over t < 4 of w[r][t] * v_t for n <= 4 rows (a constant after inlining), the 4n
-/// weights broadcast once into registers, each V chunk widened once.
-static inline __attribute__((always_inline)) void accumulate4_rows(
-    int dtype, const int n, const float *w, ptrdiff_t ld, const char *v0, ptrdiff_t row_bytes, ptrdiff_t dv,
-    float *out, ptrdiff_t ldo) {
+/// weights broadcast once into registers, each V chunk (rows at v[0..3]) widened once.
+static inline __attribute__((always_inline)) void accumulate4_rows(int dtype, const int n, const float *w,
+                                                                    ptrdiff_t ld, const char *const v[4],
+                                                                    ptrdiff_t dv, float *out, ptrdiff_t ldo) {
     const ptrdiff_t vector_end = dv & ~(ptrdiff_t)15;
     v16f weight[4][4];
     for (int r = 0; r < n; r++)
@@ -498,7 +514,7 @@ static inline __attribute__((always_inline)) void accumulate4_rows(
     ptrdiff_t c = 0;
     for (; c < vector_end; c += 16) {
         v16f x[4];
-        for (int t = 0; t < 4; t++) x[t] = load16_as(dtype, v0 + t * row_bytes, c);
+        for (int t = 0; t < 4; t++) x[t] = load16_as(dtype, v[t], c);
         for (int r = 0; r < n; r++) {
             v16f acc = load16(out + r * ldo + c);
             for (int t = 0; t < 4; t++) acc = AK_FMA(weight[r][t], x[t], acc);
@@ -508,7 +524,7 @@ static inline __attribute__((always_inline)) void accumulate4_rows(
     for (; c < dv; c++) {
         for (int r = 0; r < n; r++) {
             float sum = out[r * ldo + c];
-            for (int t = 0; t < 4; t++) sum += w[r * ld + t] * load1_as(dtype, v0 + t * row_bytes, c);
+            for (int t = 0; t < 4; t++) sum += w[r * ld + t] * load1_as(dtype, v[t], c);
             out[r * ldo + c] = sum;
         }
     }
@@ -516,17 +532,20 @@ static inline __attribute__((always_inline)) void accumulate4_rows(
 
 static inline __attribute__((always_inline)) void accumulate_body(
     int dtype, ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, const void *v, ptrdiff_t ldv,
-    ptrdiff_t dv, float *out, ptrdiff_t ldo) {
+    const void *const *v_rows, ptrdiff_t v_offset, ptrdiff_t dv, float *out, ptrdiff_t ldo) {
     const ptrdiff_t vector_end = dv & ~(ptrdiff_t)15;
     const ptrdiff_t row_bytes = ldv * dtype_size(dtype), used_bytes = dv * dtype_size(dtype);
+    const char *base = (const char *)v;
     ptrdiff_t j = 0;
     // Four keys at a time, each V chunk loaded (and widened) once: every output vector is loaded and
     // stored once per four V rows.
     for (; j + 4 <= width; j += 4) {
-        const char *v0 = (const char *)v + j * row_bytes, *v1 = v0 + row_bytes, *v2 = v1 + row_bytes,
-                   *v3 = v2 + row_bytes;
+        const char *const v4[4] = {row_at(base, row_bytes, v_rows, v_offset, j),
+                                   row_at(base, row_bytes, v_rows, v_offset, j + 1),
+                                   row_at(base, row_bytes, v_rows, v_offset, j + 2),
+                                   row_at(base, row_bytes, v_rows, v_offset, j + 3)};
         for (ptrdiff_t a = AK_PREFETCH_ROWS; a < AK_PREFETCH_ROWS + 4 && j + a < width; a++)
-            prefetch_row(v0 + a * row_bytes, used_bytes);
+            prefetch_row(row_at(base, row_bytes, v_rows, v_offset, j + a), used_bytes);
         if (dtype == AK_DTYPE_F32) {
             // fp32: row by row with the four weights broadcast once (V chunks come from L1).
             for (ptrdiff_t r = 0; r < rows; r++) {
@@ -536,39 +555,38 @@ static inline __attribute__((always_inline)) void accumulate_body(
                 ptrdiff_t c = 0;
                 for (; c < vector_end; c += 16) {
                     v16f acc = load16(o + c);
-                    acc = AK_FMA(p0, load16_as(dtype, v0, c), acc);
-                    acc = AK_FMA(p1, load16_as(dtype, v1, c), acc);
-                    acc = AK_FMA(p2, load16_as(dtype, v2, c), acc);
-                    acc = AK_FMA(p3, load16_as(dtype, v3, c), acc);
+                    acc = AK_FMA(p0, load16_as(dtype, v4[0], c), acc);
+                    acc = AK_FMA(p1, load16_as(dtype, v4[1], c), acc);
+                    acc = AK_FMA(p2, load16_as(dtype, v4[2], c), acc);
+                    acc = AK_FMA(p3, load16_as(dtype, v4[3], c), acc);
                     store16(o + c, acc);
                 }
                 for (; c < dv; c++) {
-                    o[c] += w[0] * load1_as(dtype, v0, c) + w[1] * load1_as(dtype, v1, c) +
-                            w[2] * load1_as(dtype, v2, c) + w[3] * load1_as(dtype, v3, c);
+                    o[c] += w[0] * load1_as(dtype, v4[0], c) + w[1] * load1_as(dtype, v4[1], c) +
+                            w[2] * load1_as(dtype, v4[2], c) + w[3] * load1_as(dtype, v4[3], c);
                 }
             }
             continue;
         }
-        // fp16/bf16: each V chunk widened once and used by every row; up to four rows keep their
-        // sixteen weights in registers across the chunks.
-        // Up to eight rows: four at a time, the second pass reading the four V rows from L1.
+        // fp16/bf16: each V chunk widened once per pass of up to four rows, which keep their sixteen
+        // weights in registers across the chunks (a second pass reads the four V rows from L1).
         if (rows >= 1 && rows <= 8) {
             for (ptrdiff_t h = 0; h < rows; h += 4) {
                 const float *w = p + h * ld + j;
                 float *o = out + h * ldo;
                 switch (rows - h) {
-                case 1: accumulate4_rows(dtype, 1, w, ld, v0, row_bytes, dv, o, ldo); break;
-                case 2: accumulate4_rows(dtype, 2, w, ld, v0, row_bytes, dv, o, ldo); break;
-                case 3: accumulate4_rows(dtype, 3, w, ld, v0, row_bytes, dv, o, ldo); break;
-                default: accumulate4_rows(dtype, 4, w, ld, v0, row_bytes, dv, o, ldo); break;
+                case 1: accumulate4_rows(dtype, 1, w, ld, v4, dv, o, ldo); break;
+                case 2: accumulate4_rows(dtype, 2, w, ld, v4, dv, o, ldo); break;
+                case 3: accumulate4_rows(dtype, 3, w, ld, v4, dv, o, ldo); break;
+                default: accumulate4_rows(dtype, 4, w, ld, v4, dv, o, ldo); break;
                 }
             }
             continue;
         }
         ptrdiff_t c = 0;
         for (; c < vector_end; c += 16) {
-            const v16f x0 = load16_as(dtype, v0, c), x1 = load16_as(dtype, v1, c), x2 = load16_as(dtype, v2, c),
-                       x3 = load16_as(dtype, v3, c);
+            const v16f x0 = load16_as(dtype, v4[0], c), x1 = load16_as(dtype, v4[1], c),
+                       x2 = load16_as(dtype, v4[2], c), x3 = load16_as(dtype, v4[3], c);
             for (ptrdiff_t r = 0; r < rows; r++) {
                 const float *w = p + r * ld + j;
                 float *o = out + r * ldo + c;
@@ -581,8 +599,8 @@ static inline __attribute__((always_inline)) void accumulate_body(
             }
         }
         for (; c < dv; c++) {
-            const float x0 = load1_as(dtype, v0, c), x1 = load1_as(dtype, v1, c), x2 = load1_as(dtype, v2, c),
-                        x3 = load1_as(dtype, v3, c);
+            const float x0 = load1_as(dtype, v4[0], c), x1 = load1_as(dtype, v4[1], c),
+                        x2 = load1_as(dtype, v4[2], c), x3 = load1_as(dtype, v4[3], c);
             for (ptrdiff_t r = 0; r < rows; r++) {
                 const float *w = p + r * ld + j;
                 out[r * ldo + c] += w[0] * x0 + w[1] * x1 + w[2] * x2 + w[3] * x3;
@@ -590,7 +608,7 @@ static inline __attribute__((always_inline)) void accumulate_body(
         }
     }
     for (; j < width; j++) {
-        const char *v_row = (const char *)v + j * row_bytes;
+        const char *v_row = row_at(base, row_bytes, v_rows, v_offset, j);
         ptrdiff_t c = 0;
         for (; c < vector_end; c += 16) {
             const v16f x = load16_as(dtype, v_row, c);
@@ -607,33 +625,48 @@ static inline __attribute__((always_inline)) void accumulate_body(
 }
 
 static void AK_FN(dot_scores_groups)(ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq,
-                                     ptrdiff_t q_group, int k_dtype, const void *k, ptrdiff_t ldk, ptrdiff_t k_group,
-                                     ptrdiff_t d, float scale, float *scores, ptrdiff_t ld, ptrdiff_t s_group) {
+                                     ptrdiff_t q_group, int k_dtype, const void *k, ptrdiff_t ldk,
+                                     const void *const *k_rows, ptrdiff_t k_group, ptrdiff_t d, float scale,
+                                     float *scores, ptrdiff_t ld, ptrdiff_t s_group) {
     const ptrdiff_t k_bytes = k_group * dtype_size(k_dtype);
     for (ptrdiff_t g = 0; g < groups; g++) {
         const float *qg = q + g * q_group;
-        const char *kg = (const char *)k + g * k_bytes;
+        // Strided rows: the group's base moves; a row table: the offset added to each row does.
+        const char *kg = k_rows ? (const char *)k : (const char *)k + g * k_bytes;
+        const ptrdiff_t offset = k_rows ? g * k_bytes : 0;
         float *sg = scores + g * s_group;
         switch (k_dtype) {
-        case AK_DTYPE_F16: dot_scores_body(AK_DTYPE_F16, rows, width, qg, ldq, kg, ldk, d, scale, sg, ld); break;
-        case AK_DTYPE_BF16: dot_scores_body(AK_DTYPE_BF16, rows, width, qg, ldq, kg, ldk, d, scale, sg, ld); break;
-        default: dot_scores_body(AK_DTYPE_F32, rows, width, qg, ldq, kg, ldk, d, scale, sg, ld); break;
+        case AK_DTYPE_F16:
+            dot_scores_body(AK_DTYPE_F16, rows, width, qg, ldq, kg, ldk, k_rows, offset, d, scale, sg, ld);
+            break;
+        case AK_DTYPE_BF16:
+            dot_scores_body(AK_DTYPE_BF16, rows, width, qg, ldq, kg, ldk, k_rows, offset, d, scale, sg, ld);
+            break;
+        default:
+            dot_scores_body(AK_DTYPE_F32, rows, width, qg, ldq, kg, ldk, k_rows, offset, d, scale, sg, ld);
+            break;
         }
     }
 }
 
 static void AK_FN(accumulate_groups)(ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld,
-                                     ptrdiff_t p_group, int v_dtype, const void *v, ptrdiff_t ldv, ptrdiff_t v_group,
-                                     ptrdiff_t dv, float *out, ptrdiff_t ldo, ptrdiff_t o_group) {
+                                     ptrdiff_t p_group, int v_dtype, const void *v, ptrdiff_t ldv,
+                                     const void *const *v_rows, ptrdiff_t v_group, ptrdiff_t dv, float *out,
+                                     ptrdiff_t ldo, ptrdiff_t o_group) {
     const ptrdiff_t v_bytes = v_group * dtype_size(v_dtype);
     for (ptrdiff_t g = 0; g < groups; g++) {
         const float *pg = p + g * p_group;
-        const char *vg = (const char *)v + g * v_bytes;
+        const char *vg = v_rows ? (const char *)v : (const char *)v + g * v_bytes;
+        const ptrdiff_t offset = v_rows ? g * v_bytes : 0;
         float *og = out + g * o_group;
         switch (v_dtype) {
-        case AK_DTYPE_F16: accumulate_body(AK_DTYPE_F16, rows, width, pg, ld, vg, ldv, dv, og, ldo); break;
-        case AK_DTYPE_BF16: accumulate_body(AK_DTYPE_BF16, rows, width, pg, ld, vg, ldv, dv, og, ldo); break;
-        default: accumulate_body(AK_DTYPE_F32, rows, width, pg, ld, vg, ldv, dv, og, ldo); break;
+        case AK_DTYPE_F16:
+            accumulate_body(AK_DTYPE_F16, rows, width, pg, ld, vg, ldv, v_rows, offset, dv, og, ldo);
+            break;
+        case AK_DTYPE_BF16:
+            accumulate_body(AK_DTYPE_BF16, rows, width, pg, ld, vg, ldv, v_rows, offset, dv, og, ldo);
+            break;
+        default: accumulate_body(AK_DTYPE_F32, rows, width, pg, ld, vg, ldv, v_rows, offset, dv, og, ldo); break;
         }
     }
 }
@@ -641,9 +674,9 @@ static void AK_FN(accumulate_groups)(ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t
 static void AK_FN(accumulate)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, int v_dtype,
                               const void *v, ptrdiff_t ldv, ptrdiff_t dv, float *out, ptrdiff_t ldo) {
     switch (v_dtype) {
-    case AK_DTYPE_F16: accumulate_body(AK_DTYPE_F16, rows, width, p, ld, v, ldv, dv, out, ldo); break;
-    case AK_DTYPE_BF16: accumulate_body(AK_DTYPE_BF16, rows, width, p, ld, v, ldv, dv, out, ldo); break;
-    default: accumulate_body(AK_DTYPE_F32, rows, width, p, ld, v, ldv, dv, out, ldo); break;
+    case AK_DTYPE_F16: accumulate_body(AK_DTYPE_F16, rows, width, p, ld, v, ldv, NULL, 0, dv, out, ldo); break;
+    case AK_DTYPE_BF16: accumulate_body(AK_DTYPE_BF16, rows, width, p, ld, v, ldv, NULL, 0, dv, out, ldo); break;
+    default: accumulate_body(AK_DTYPE_F32, rows, width, p, ld, v, ldv, NULL, 0, dv, out, ldo); break;
     }
 }
 

@@ -71,16 +71,22 @@ typedef struct ak_cpu_kernels {
                        ptrdiff_t ldv, ptrdiff_t dv, float *out, ptrdiff_t ldo);
 
     /// `dot_scores` for `groups` head groups in one call: group g reads its query rows at
-    /// q + g * q_group, its keys at k + g * k_group (elements) and writes scores + g * s_group.
+    /// q + g * q_group, its keys k_group elements after group 0's and writes scores + g * s_group.
+    /// Group 0's key rows are k + j * ldk, or, with a row table `k_rows` (width entries), at
+    /// k_rows[j] wherever they lie (pages: the table crosses page boundaries, so one call covers
+    /// a whole block and its prefetches run ahead into the next page); `k` is then unused.
     /// (Pages and [B, N, H, D] caches hold every head of a run of keys side by side.)
     void (*dot_scores_groups)(ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq,
-                              ptrdiff_t q_group, int k_dtype, const void *k, ptrdiff_t ldk, ptrdiff_t k_group,
-                              ptrdiff_t d, float scale, float *scores, ptrdiff_t ld, ptrdiff_t s_group);
+                              ptrdiff_t q_group, int k_dtype, const void *k, ptrdiff_t ldk,
+                              const void *_Nullable const *_Nullable k_rows, ptrdiff_t k_group, ptrdiff_t d, float scale,
+                              float *scores, ptrdiff_t ld, ptrdiff_t s_group);
 
-    /// `accumulate` for `groups` head groups in one call (offsets as in `dot_scores_groups`).
+    /// `accumulate` for `groups` head groups in one call (offsets and row tables as in
+    /// `dot_scores_groups`).
     void (*accumulate_groups)(ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld,
-                              ptrdiff_t p_group, int v_dtype, const void *v, ptrdiff_t ldv, ptrdiff_t v_group,
-                              ptrdiff_t dv, float *out, ptrdiff_t ldo, ptrdiff_t o_group);
+                              ptrdiff_t p_group, int v_dtype, const void *v, ptrdiff_t ldv,
+                              const void *_Nullable const *_Nullable v_rows, ptrdiff_t v_group, ptrdiff_t dv, float *out,
+                              ptrdiff_t ldo, ptrdiff_t o_group);
 
     /// The end of the online softmax: O /= sum and lse = max + log(sum) per row; rows that saw no
     /// key get zero O and -inf LSE, poisoned rows NaN. `lse` may be NULL.
