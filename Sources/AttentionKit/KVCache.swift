@@ -46,14 +46,25 @@ public final class KVCache: @unchecked Sendable {
         self.pageSize = pageSize
         self.pageCapacity = pageCapacity
         self.storage = storage
-        keys = .allocate(byteCount: pageCapacity * pageSize * keyValueHeads * headDim * storage.byteSize, alignment: 64)
-        values = .allocate(byteCount: pageCapacity * pageSize * keyValueHeads * dv * storage.byteSize, alignment: 64)
+        // Pools in huge pages where the system grants them: decode reads pages in table order.
+        let keyBytes = pageCapacity * pageSize * keyValueHeads * headDim * storage.byteSize
+        let valueBytes = pageCapacity * pageSize * keyValueHeads * dv * storage.byteSize
+        guard let keys = PoolMemory.allocate(byteCount: keyBytes) else {
+            throw .invalidConfiguration(
+                setting: "pageCapacity", value: "\(pageCapacity)", reason: "cannot allocate \(keyBytes) bytes for K")
+        }
+        guard let values = PoolMemory.allocate(byteCount: valueBytes) else {
+            PoolMemory.deallocate(keys)
+            throw .invalidConfiguration(
+                setting: "pageCapacity", value: "\(pageCapacity)", reason: "cannot allocate \(valueBytes) bytes for V")
+        }
+        (self.keys, self.values) = (keys, values)
         state = Mutex(PagePool(pageSize: pageSize, capacity: pageCapacity))
     }
 
     deinit {
-        keys.deallocate()
-        values.deallocate()
+        PoolMemory.deallocate(keys)
+        PoolMemory.deallocate(values)
     }
 
     // MARK: Sequences

@@ -230,5 +230,5 @@ public struct SequenceBatchMemory: @unchecked Sendable {
         return (s * c.heads.q + h) * (c.queryLengths.max() ?? 1) + i
     }
 
-    public func deallocate() { for region in [q, k, v, o] { region.base.deallocate() } }
+    public func deallocate() { for region in [q, k, v, o] { PoolMemory.deallocate(region.base) } }
 }

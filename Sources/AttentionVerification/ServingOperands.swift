@@ -119,7 +119,7 @@ public struct ServingOperands: @unchecked Sendable {
     /// The output as fp32 values in its memory order (the order the input files had).
     public func readOutput() -> [Float] { (0..<o.count).map(o.load) }
 
-    public func deallocate() { for region in owned { region.base.deallocate() } }
+    public func deallocate() { for region in owned { PoolMemory.deallocate(region.base) } }
 }
 
 /// Raw memory of one operand in a storage type.
@@ -128,11 +128,15 @@ struct RawRegion {
     let count: Int
     let type: StorageType
 
-    /// `count` elements, every byte 0xFF (NaN in every type).
+    /// `count` elements, every byte 0xFF (NaN in every type). Large regions (page pools) come from
+    /// `PoolMemory`, as a serving engine would allocate its pools.
     init(count: Int, type: StorageType) {
         self.count = max(1, count)
         self.type = type
-        base = .allocate(byteCount: self.count * type.byteSize, alignment: 64)
+        guard let memory = PoolMemory.allocate(byteCount: self.count * type.byteSize) else {
+            fatalError("out of memory for a \(self.count)-element benchmark region")
+        }
+        base = memory
         base.initializeMemory(as: UInt8.self, repeating: 0xFF, count: self.count * type.byteSize)
     }
 

@@ -95,6 +95,21 @@ import Testing
         try check(cache, ids, tokens, causal: true, seed: 6)
     }
 
+    /// Pool memory: aligned (to the huge-page size for large pools on Linux), writable end to end.
+    @Test func poolMemoryIsAlignedAndUsable() throws {
+        for bytes in [1, 100, 3 << 20] {
+            let memory = try #require(PoolMemory.allocate(byteCount: bytes))
+            defer { PoolMemory.deallocate(memory) }
+            let address = Int(bitPattern: memory)
+            #expect(address % 64 == 0)
+            #if os(Linux)
+                if bytes >= PoolMemory.hugePageBytes { #expect(address % PoolMemory.hugePageBytes == 0) }
+            #endif
+            memory.initializeMemory(as: UInt8.self, repeating: 0xA5, count: bytes)
+            #expect(memory.load(fromByteOffset: bytes - 1, as: UInt8.self) == 0xA5)
+        }
+    }
+
     @Test func forkThenDiverge() throws {
         let cache = try KVCache(keyValueHeads: hkv, headDim: d, pageSize: 16, pageCapacity: 16, storage: .f16)
         let a = cache.addSequence()
