@@ -402,12 +402,19 @@ static inline __attribute__((always_inline)) void dot_rows_widened(
     }
 }
 
-/// Four K rows (at k[0..3]) against n <= 4 query rows (n a constant after inlining): each Q chunk
-/// loaded once for the four keys, the 4n sums reduced four at a time.
-static inline __attribute__((always_inline)) void dot4_rows_widened(int dtype, const int n, const float *q,
-                                                                     ptrdiff_t ldq, const char *const k[4],
-                                                                     ptrdiff_t d, float scale, float *scores,
-                                                                     ptrdiff_t ld) {
+/// The address of key (or value) row j: rows[j] + offset when a row table is given (pages: rows
+/// wherever their page lies), else base + j * row_bytes.
+static inline __attribute__((always_inline)) const char *row_at(const char *base, ptrdiff_t row_bytes,
+                                                                const void *const *rows, ptrdiff_t offset,
+                                                                ptrdiff_t j) {
+    return rows ? (const char *)rows[j] + offset : base + j * row_bytes;
+}
+
+/// Four K rows (j to j + 3, addressed as by `row_at`) against n <= 4 query rows (n a constant
+/// after inlining): each Q chunk loaded once for the four keys, the 4n sums reduced four at a time.
+static inline __attribute__((always_inline)) void dot4_rows_widened(
+    int dtype, const int n, const float *q, ptrdiff_t ldq, const char *base, ptrdiff_t row_bytes,
+    const void *const *rows, ptrdiff_t offset, ptrdiff_t j, ptrdiff_t d, float scale, float *scores, ptrdiff_t ld) {
     const ptrdiff_t vector_end = d & ~(ptrdiff_t)15;
     v16f acc[4][4];
     for (int r = 0; r < n; r++)
@@ -415,7 +422,7 @@ static inline __attribute__((always_inline)) void dot4_rows_widened(int dtype, c
     ptrdiff_t c = 0;
     for (; c < vector_end; c += 16) {
         v16f kv[4];
-        for (int t = 0; t < 4; t++) kv[t] = load16_as(dtype, k[t], c);
+        for (int t = 0; t < 4; t++) kv[t] = load16_as(dtype, row_at(base, row_bytes, rows, offset, j + t), c);
         for (int r = 0; r < n; r++) {
             const v16f qv = load16(q + r * ldq + c);
             for (int t = 0; t < 4; t++) acc[r][t] = AK_FMA(qv, kv[t], acc[r][t]);
@@ -425,18 +432,11 @@ static inline __attribute__((always_inline)) void dot4_rows_widened(int dtype, c
         v4f dots = hsum16x4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
         for (ptrdiff_t e = c; e < d; e++) {
             const float qe = q[r * ldq + e];
-            for (int t = 0; t < 4; t++) dots[t] += qe * load1_as(dtype, k[t], e);
+            for (int t = 0; t < 4; t++)
+                dots[t] += qe * load1_as(dtype, row_at(base, row_bytes, rows, offset, j + t), e);
         }
         for (int t = 0; t < 4; t++) scores[r * ld + t] = dots[t] * scale;
     }
-}
-
-/// The address of key (or value) row j: rows[j] + offset when a row table is given (pages: rows
-/// wherever their page lies), else base + j * row_bytes.
-static inline __attribute__((always_inline)) const char *row_at(const char *base, ptrdiff_t row_bytes,
-                                                                const void *const *rows, ptrdiff_t offset,
-                                                                ptrdiff_t j) {
-    return rows ? (const char *)rows[j] + offset : base + j * row_bytes;
 }
 
 static inline __attribute__((always_inline)) void dot_scores_body(
@@ -461,18 +461,17 @@ static inline __attribute__((always_inline)) void dot_scores_body(
                         prefetch_row(row_at(base, row_bytes, k_rows, k_offset, j + AK_PREFETCH_ROWS + t),
                                      used_bytes);
                 }
-                const char *const k4[4] = {k_row, row_at(base, row_bytes, k_rows, k_offset, j + 1),
-                                           row_at(base, row_bytes, k_rows, k_offset, j + 2),
-                                           row_at(base, row_bytes, k_rows, k_offset, j + 3)};
                 for (ptrdiff_t h = 0; h < n; h += 4) {
                     float *out = scores + (r0 + h) * ld + j;
                     const float *qh = qs + h * ldq;
+#define AK_DOT4(N) dot4_rows_widened(dtype, N, qh, ldq, base, row_bytes, k_rows, k_offset, j, d, scale, out, ld)
                     switch (n - h) {
-                    case 1: dot4_rows_widened(dtype, 1, qh, ldq, k4, d, scale, out, ld); break;
-                    case 2: dot4_rows_widened(dtype, 2, qh, ldq, k4, d, scale, out, ld); break;
-                    case 3: dot4_rows_widened(dtype, 3, qh, ldq, k4, d, scale, out, ld); break;
-                    default: dot4_rows_widened(dtype, 4, qh, ldq, k4, d, scale, out, ld); break;
+                    case 1: AK_DOT4(1); break;
+                    case 2: AK_DOT4(2); break;
+                    case 3: AK_DOT4(3); break;
+                    default: AK_DOT4(4); break;
                     }
+#undef AK_DOT4
                 }
                 j += 3;
                 continue;
@@ -503,10 +502,13 @@ static void AK_FN(dot_scores)(ptrdiff_t rows, ptrdiff_t width, const float *q, p
 }
 
 /// out[r] += sum over t < 4 of w[r][t] * v_t for n <= 4 rows (a constant after inlining), the 4n
-/// weights broadcast once into registers, each V chunk (rows at v[0..3]) widened once.
+/// weights broadcast once into registers, each V chunk (rows j to j + 3, addressed as by
+/// `row_at`) widened once.
 static inline __attribute__((always_inline)) void accumulate4_rows(int dtype, const int n, const float *w,
-                                                                    ptrdiff_t ld, const char *const v[4],
-                                                                    ptrdiff_t dv, float *out, ptrdiff_t ldo) {
+                                                                    ptrdiff_t ld, const char *base,
+                                                                    ptrdiff_t row_bytes, const void *const *rows,
+                                                                    ptrdiff_t offset, ptrdiff_t j, ptrdiff_t dv,
+                                                                    float *out, ptrdiff_t ldo) {
     const ptrdiff_t vector_end = dv & ~(ptrdiff_t)15;
     v16f weight[4][4];
     for (int r = 0; r < n; r++)
@@ -514,7 +516,7 @@ static inline __attribute__((always_inline)) void accumulate4_rows(int dtype, co
     ptrdiff_t c = 0;
     for (; c < vector_end; c += 16) {
         v16f x[4];
-        for (int t = 0; t < 4; t++) x[t] = load16_as(dtype, v[t], c);
+        for (int t = 0; t < 4; t++) x[t] = load16_as(dtype, row_at(base, row_bytes, rows, offset, j + t), c);
         for (int r = 0; r < n; r++) {
             v16f acc = load16(out + r * ldo + c);
             for (int t = 0; t < 4; t++) acc = AK_FMA(weight[r][t], x[t], acc);
@@ -524,7 +526,8 @@ static inline __attribute__((always_inline)) void accumulate4_rows(int dtype, co
     for (; c < dv; c++) {
         for (int r = 0; r < n; r++) {
             float sum = out[r * ldo + c];
-            for (int t = 0; t < 4; t++) sum += w[r * ld + t] * load1_as(dtype, v[t], c);
+            for (int t = 0; t < 4; t++)
+                sum += w[r * ld + t] * load1_as(dtype, row_at(base, row_bytes, rows, offset, j + t), c);
             out[r * ldo + c] = sum;
         }
     }
@@ -574,12 +577,14 @@ static inline __attribute__((always_inline)) void accumulate_body(
             for (ptrdiff_t h = 0; h < rows; h += 4) {
                 const float *w = p + h * ld + j;
                 float *o = out + h * ldo;
+#define AK_ACC4(N) accumulate4_rows(dtype, N, w, ld, base, row_bytes, v_rows, v_offset, j, dv, o, ldo)
                 switch (rows - h) {
-                case 1: accumulate4_rows(dtype, 1, w, ld, v4, dv, o, ldo); break;
-                case 2: accumulate4_rows(dtype, 2, w, ld, v4, dv, o, ldo); break;
-                case 3: accumulate4_rows(dtype, 3, w, ld, v4, dv, o, ldo); break;
-                default: accumulate4_rows(dtype, 4, w, ld, v4, dv, o, ldo); break;
+                case 1: AK_ACC4(1); break;
+                case 2: AK_ACC4(2); break;
+                case 3: AK_ACC4(3); break;
+                default: AK_ACC4(4); break;
                 }
+#undef AK_ACC4
             }
             continue;
         }
@@ -624,6 +629,11 @@ static inline __attribute__((always_inline)) void accumulate_body(
     }
 }
 
+// The group kernels below call the bodies with a literal NULL row table when there is none, so
+// that the strided instantiation computes row addresses without the table test (row_at folds).
+#define AK_DOT_BODY(DT, ROWS) dot_scores_body(DT, rows, width, qg, ldq, kg, ldk, ROWS, offset, d, scale, sg, ld)
+#define AK_ACC_BODY(DT, ROWS) accumulate_body(DT, rows, width, pg, ld, vg, ldv, ROWS, offset, dv, og, ldo)
+
 static void AK_FN(dot_scores_groups)(ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq,
                                      ptrdiff_t q_group, int k_dtype, const void *k, ptrdiff_t ldk,
                                      const void *const *k_rows, ptrdiff_t k_group, ptrdiff_t d, float scale,
@@ -637,13 +647,13 @@ static void AK_FN(dot_scores_groups)(ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t
         float *sg = scores + g * s_group;
         switch (k_dtype) {
         case AK_DTYPE_F16:
-            dot_scores_body(AK_DTYPE_F16, rows, width, qg, ldq, kg, ldk, k_rows, offset, d, scale, sg, ld);
+            if (k_rows) AK_DOT_BODY(AK_DTYPE_F16, k_rows); else AK_DOT_BODY(AK_DTYPE_F16, NULL);
             break;
         case AK_DTYPE_BF16:
-            dot_scores_body(AK_DTYPE_BF16, rows, width, qg, ldq, kg, ldk, k_rows, offset, d, scale, sg, ld);
+            if (k_rows) AK_DOT_BODY(AK_DTYPE_BF16, k_rows); else AK_DOT_BODY(AK_DTYPE_BF16, NULL);
             break;
         default:
-            dot_scores_body(AK_DTYPE_F32, rows, width, qg, ldq, kg, ldk, k_rows, offset, d, scale, sg, ld);
+            if (k_rows) AK_DOT_BODY(AK_DTYPE_F32, k_rows); else AK_DOT_BODY(AK_DTYPE_F32, NULL);
             break;
         }
     }
@@ -661,15 +671,20 @@ static void AK_FN(accumulate_groups)(ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t
         float *og = out + g * o_group;
         switch (v_dtype) {
         case AK_DTYPE_F16:
-            accumulate_body(AK_DTYPE_F16, rows, width, pg, ld, vg, ldv, v_rows, offset, dv, og, ldo);
+            if (v_rows) AK_ACC_BODY(AK_DTYPE_F16, v_rows); else AK_ACC_BODY(AK_DTYPE_F16, NULL);
             break;
         case AK_DTYPE_BF16:
-            accumulate_body(AK_DTYPE_BF16, rows, width, pg, ld, vg, ldv, v_rows, offset, dv, og, ldo);
+            if (v_rows) AK_ACC_BODY(AK_DTYPE_BF16, v_rows); else AK_ACC_BODY(AK_DTYPE_BF16, NULL);
             break;
-        default: accumulate_body(AK_DTYPE_F32, rows, width, pg, ld, vg, ldv, v_rows, offset, dv, og, ldo); break;
+        default:
+            if (v_rows) AK_ACC_BODY(AK_DTYPE_F32, v_rows); else AK_ACC_BODY(AK_DTYPE_F32, NULL);
+            break;
         }
     }
 }
+
+#undef AK_DOT_BODY
+#undef AK_ACC_BODY
 
 static void AK_FN(accumulate)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, int v_dtype,
                               const void *v, ptrdiff_t ldv, ptrdiff_t dv, float *out, ptrdiff_t ldo) {
