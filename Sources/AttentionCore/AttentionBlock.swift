@@ -67,8 +67,9 @@ extension AttentionProblem {
 }
 
 extension AttentionMask {
-    /// The part of this mask over `batches` × `heads` × `queries` × `keys` of `problem` (a copy, in the
-    /// mask's own broadcast form: a dimension of size 1 stays 1).
+    /// The part of this mask over `batches` × `heads` × `queries` × `keys` of `problem`, in the mask's
+    /// own broadcast form (a dimension of size 1 stays 1): the mask itself when the part is all of it
+    /// (a split by heads of a mask broadcast over heads), else a copy of those rows.
     public func slice(
         _ problem: AttentionProblem, batches: Range<Int>, heads: Range<Int>, queries: Range<Int>, keys: Range<Int>
     ) throws(AttentionError) -> AttentionMask {
@@ -78,19 +79,25 @@ extension AttentionMask {
         var sliced = [batchRange.count, headRange.count, queries.count, keys.count]
         // Keep the mask's rank: leading broadcast dimensions it omitted stay omitted.
         sliced.removeFirst(4 - shape.count)
-        var indices: [Int] = []
-        indices.reserveCapacity(batchRange.count * headRange.count * queries.count * keys.count)
-        for b in batchRange {
-            for h in headRange {
-                for i in queries {
-                    let row = layout.offset(batch: b, head: h, row: i)
-                    for j in keys { indices.append(row + j) }
+        let starts = [batchRange.lowerBound, headRange.lowerBound, queries.lowerBound, keys.lowerBound]
+        if sliced == shape, starts.allSatisfy({ $0 == 0 }) { return self }
+        // Whole rows of keys at a time (a mask row's keys are adjacent).
+        func gather<T>(_ values: [T]) -> [T] {
+            var out: [T] = []
+            out.reserveCapacity(batchRange.count * headRange.count * queries.count * keys.count)
+            for b in batchRange {
+                for h in headRange {
+                    for i in queries {
+                        let row = layout.offset(batch: b, head: h, row: i)
+                        out.append(contentsOf: values[(row + keys.lowerBound)..<(row + keys.upperBound)])
+                    }
                 }
             }
+            return out
         }
         switch values {
-        case .boolean(let allowed): return try AttentionMask(shape: sliced, allowed: indices.map { allowed[$0] })
-        case .additive(let added): return try AttentionMask(shape: sliced, additive: indices.map { added[$0] })
+        case .boolean(let allowed): return try AttentionMask(shape: sliced, allowed: gather(allowed))
+        case .additive(let added): return try AttentionMask(shape: sliced, additive: gather(added))
         }
     }
 }

@@ -14,6 +14,29 @@ import Testing
         (false, .init(left: -1, right: 1)), (false, .init(left: 4, right: -1)), (true, .init(left: 0, right: 0)),
     ]
 
+    /// Slices of masks: all of a mask is the mask itself (a split by heads of a mask broadcast over
+    /// heads copies nothing); a part is exactly the elements it covers, in the mask's broadcast form.
+    @Test func maskSlicesAreTheCoveredElements() throws {
+        let (b, hq, nq, nk) = (2, 4, 5, 7)
+        let allowed = (0..<(b * nq * nk)).map { ($0 * 5) % 3 != 0 }
+        let broadcast = try AttentionMask(shape: [b, 1, nq, nk], allowed: allowed)
+        let p = try AttentionProblem(
+            query: [b, hq, nq, 8], key: [b, 2, nk, 8], value: [b, 2, nk, 8], options: .init(mask: broadcast))
+        let whole = try broadcast.slice(p, batches: 0..<b, heads: 1..<3, queries: 0..<nq, keys: 0..<nk)
+        #expect(whole == broadcast)
+        let part = try broadcast.slice(p, batches: 1..<2, heads: 0..<hq, queries: 2..<4, keys: 3..<7)
+        #expect(part.shape == [1, 1, 2, 4])
+        var expected: [Bool] = []
+        for i in 2..<4 { for j in 3..<7 { expected.append(allowed[(1 * nq + i) * nk + j]) } }
+        #expect(part.values == .boolean(expected))
+        let additive = try AttentionMask(shape: [nq, nk], additive: (0..<(nq * nk)).map { Float($0) })
+        let q = try AttentionProblem(
+            query: [b, hq, nq, 8], key: [b, 2, nk, 8], value: [b, 2, nk, 8], options: .init(mask: additive))
+        #expect(try additive.slice(q, batches: 1..<2, heads: 2..<4, queries: 0..<nq, keys: 0..<nk) == additive)
+        let rows = try additive.slice(q, batches: 0..<b, heads: 0..<hq, queries: 4..<5, keys: 0..<2)
+        #expect(rows.shape == [1, 2] && rows.values == .additive([28, 29]))
+    }
+
     @Test func blocksSeeWhatTheFullProblemSees() throws {
         for (nq, nk) in [(9, 9), (5, 12), (12, 5), (1, 7), (7, 1)] {
             for (causal, window) in Self.rules {
