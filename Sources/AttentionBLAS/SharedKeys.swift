@@ -4,7 +4,9 @@ import CAttentionCPU
 
 /// Every K/V head's keys packed once per call for the register-tiled products: Kᵀ, widened to
 /// fp32, one `[D][ld]` matrix per (batch, K/V head), `ld = round16(Nk) + 16` floats (the columns
-/// past Nk are zero, so a product starting at any key may read whole 16-key vectors).
+/// past Nk are zero, so a product starting at any key may read whole 16-key vectors). Values
+/// stored as fp16/bf16 are widened once too (`[Nk][Dv]` fp32 rows per head), so that P·V's
+/// micro-kernel, which reads each V row once per six query rows, converts nothing.
 ///
 /// Without it every work item packs the key blocks it reads, so a K/V head's keys are packed once
 /// per query block and per query head of its group: 16 times for prefill-2k's 128-row items. With
@@ -17,6 +19,10 @@ struct SharedKeys: @unchecked Sendable {
     let ld: Int
     let headDim: Int
     let keyValueHeads: Int
+    /// Widened values (fp16/bf16 V only), and their row length and key count.
+    let values: UnsafeMutablePointer<Float>?
+    let valueDim: Int
+    let keyLength: Int
 
     /// Keys packed per work unit of the packing pass.
     static let chunk = 512
@@ -32,7 +38,9 @@ struct SharedKeys: @unchecked Sendable {
         let queryBlocks = (nq + tiling.queryRows - 1) / tiling.queryRows
         guard problem.groupSize * queryBlocks >= 2, problem.keyLength > 0 else { return nil }
         let ld = (problem.keyLength + 15) / 16 * 16 + 16
-        let bytes = 4 * problem.batch * problem.keyValueHeads * problem.headDim * ld
+        let heads = problem.batch * problem.keyValueHeads
+        var bytes = 4 * heads * problem.headDim * ld
+        if problem.storage.keyValue != .f32 { bytes += 4 * heads * problem.keyLength * problem.valueDim }
         return bytes <= limitBytes ? bytes : nil
     }
 
@@ -42,8 +50,10 @@ struct SharedKeys: @unchecked Sendable {
         ld = (nk + 15) / 16 * 16 + 16
         headDim = d
         keyValueHeads = problem.keyValueHeads
+        (valueDim, keyLength) = (problem.valueDim, nk)
         let heads = problem.batch * problem.keyValueHeads
         base = .allocate(capacity: heads * d * ld)
+        values = problem.storage.keyValue == .f32 ? nil : .allocate(capacity: heads * nk * problem.valueDim)
         let chunks = (nk + Self.chunk - 1) / Self.chunk
         let units = heads * chunks
         let next = WorkCounter()
@@ -51,6 +61,7 @@ struct SharedKeys: @unchecked Sendable {
         WorkerPool.shared.run(workers: min(workers, units)) { _ in
             let cpu = kernels.table.pointee
             let key = Operand(buffers.key, shape: problem.keyShape)
+            let value = Operand(buffers.value, shape: problem.valueShape)
             while true {
                 let unit = next.value.add(1, ordering: .relaxed).oldValue
                 guard unit < units else { break }
@@ -60,6 +71,12 @@ struct SharedKeys: @unchecked Sendable {
                 let width = min(chunk, nk - j0)
                 let matrix = packed.base + head * d * ld
                 cpu.pack_keys(key.dtype, key.row(b, g, j0), key.strides.sequence, width, d, matrix + j0, ld)
+                if let values = packed.values {
+                    let dv = packed.valueDim
+                    cpu.load_rows(
+                        value.dtype, value.row(b, g, j0), value.strides.sequence, width, dv,
+                        values + (head * nk + j0) * dv, dv)
+                }
                 guard c == chunks - 1 else { continue }
                 // The columns past the last whole 16 keys: zero (pack_keys zeroed up to round16(Nk)).
                 let padding = (nk + 15) / 16 * 16
@@ -73,5 +90,14 @@ struct SharedKeys: @unchecked Sendable {
         UnsafePointer(base + (batch * keyValueHeads + group) * headDim * ld + start)
     }
 
-    func deallocate() { base.deallocate() }
+    /// The widened V rows of K/V head `group` of batch entry `batch` from key `start` on (rows Dv
+    /// apart), when V is fp16/bf16.
+    func values(batch: Int, group: Int, start: Int) -> UnsafeRawPointer? {
+        values.map { UnsafeRawPointer($0 + ((batch * keyValueHeads + group) * keyLength + start) * valueDim) }
+    }
+
+    func deallocate() {
+        base.deallocate()
+        values?.deallocate()
+    }
 }

@@ -243,7 +243,11 @@ struct TileKernel {
                 prepareScores(
                     item, span: span, rows: rowCount, keyStart: j0, width: width, visibility: needsVisibility)
                 cpu.softmax_update(scores, ld, rowCount, width, rowMax, rowSum, r.o, r.ldo, dv)
-                cpu.pv_tile(rowCount, width, scores, ld, v.dtype, vRows, v.strides.sequence, dv, r.o, r.ldo)
+                if let widened = sharedKeys?.values(batch: item.batch, group: group, start: j0) {
+                    cpu.pv_tile(rowCount, width, scores, ld, StorageType.f32.kernelCode, widened, dv, dv, r.o, r.ldo)
+                } else {
+                    cpu.pv_tile(rowCount, width, scores, ld, v.dtype, vRows, v.strides.sequence, dv, r.o, r.ldo)
+                }
             case .sgemm:
                 // SGEMM needs fp32 rows (converted K and V blocks unless they are fp32 in place).
                 let block = keyValueBlock(batch: item.batch, group: group, start: j0, width: width)
