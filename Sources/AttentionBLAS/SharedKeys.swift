@@ -29,6 +29,9 @@ struct SharedKeys: @unchecked Sendable {
     /// The largest packed copy made (beyond it, items pack their own key blocks).
     static let limitBytes = 48 << 20
 
+    /// Floats per row of a head's Kᵀ: whole 16-key vectors plus one of zeros.
+    static func rowLength(keys: Int) -> Int { (keys + 15) / 16 * 16 + 16 }
+
     /// The packed copy's size for `problem` run with `tiling` and the tiled products, or nil when
     /// it is not made (keys packed fewer than two times, few-row items, or over the limit).
     static func bytes(_ problem: AttentionProblem, tiling: BLASTiling) -> Int? {
@@ -37,7 +40,7 @@ struct SharedKeys: @unchecked Sendable {
         guard nq >= tiling.queryRows / 2, min(nq, tiling.queryRows) > TileKernel.streamingRows else { return nil }
         let queryBlocks = (nq + tiling.queryRows - 1) / tiling.queryRows
         guard problem.groupSize * queryBlocks >= 2, problem.keyLength > 0 else { return nil }
-        let ld = (problem.keyLength + 15) / 16 * 16 + 16
+        let ld = rowLength(keys: problem.keyLength)
         let heads = problem.batch * problem.keyValueHeads
         var bytes = 4 * heads * problem.headDim * ld
         if problem.storage.keyValue != .f32 { bytes += 4 * heads * problem.keyLength * problem.valueDim }
@@ -47,7 +50,7 @@ struct SharedKeys: @unchecked Sendable {
     /// Packs every head's keys, on `workers` threads.
     init(_ problem: AttentionProblem, _ buffers: AttentionBuffers, _ kernels: CPUKernels, workers: Int) {
         let (d, nk) = (problem.headDim, problem.keyLength)
-        ld = (nk + 15) / 16 * 16 + 16
+        ld = Self.rowLength(keys: nk)
         headDim = d
         keyValueHeads = problem.keyValueHeads
         (valueDim, keyLength) = (problem.valueDim, nk)

@@ -633,6 +633,20 @@ static inline __attribute__((always_inline)) void accumulate_body(
 // that the strided instantiation computes row addresses without the table test (row_at folds).
 #define AK_DOT_BODY(DT, ROWS) dot_scores_body(DT, rows, width, qg, ldq, kg, ldk, ROWS, offset, d, scale, sg, ld)
 #define AK_ACC_BODY(DT, ROWS) accumulate_body(DT, rows, width, pg, ld, vg, ldv, ROWS, offset, dv, og, ldo)
+// BODY(storage type, row table) with both as constants: one instantiation per type and per
+// table / no table.
+#define AK_DISPATCH(DTYPE, TABLE, BODY)                                                                                \
+    switch (DTYPE) {                                                                                                   \
+    case AK_DTYPE_F16:                                                                                                 \
+        if (TABLE) BODY(AK_DTYPE_F16, TABLE); else BODY(AK_DTYPE_F16, NULL);                                           \
+        break;                                                                                                         \
+    case AK_DTYPE_BF16:                                                                                                \
+        if (TABLE) BODY(AK_DTYPE_BF16, TABLE); else BODY(AK_DTYPE_BF16, NULL);                                         \
+        break;                                                                                                         \
+    default:                                                                                                           \
+        if (TABLE) BODY(AK_DTYPE_F32, TABLE); else BODY(AK_DTYPE_F32, NULL);                                           \
+        break;                                                                                                         \
+    }
 
 static void AK_FN(dot_scores_groups)(ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq,
                                      ptrdiff_t q_group, int k_dtype, const void *k, ptrdiff_t ldk,
@@ -645,17 +659,7 @@ static void AK_FN(dot_scores_groups)(ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t
         const char *kg = k_rows ? (const char *)k : (const char *)k + g * k_bytes;
         const ptrdiff_t offset = k_rows ? g * k_bytes : 0;
         float *sg = scores + g * s_group;
-        switch (k_dtype) {
-        case AK_DTYPE_F16:
-            if (k_rows) AK_DOT_BODY(AK_DTYPE_F16, k_rows); else AK_DOT_BODY(AK_DTYPE_F16, NULL);
-            break;
-        case AK_DTYPE_BF16:
-            if (k_rows) AK_DOT_BODY(AK_DTYPE_BF16, k_rows); else AK_DOT_BODY(AK_DTYPE_BF16, NULL);
-            break;
-        default:
-            if (k_rows) AK_DOT_BODY(AK_DTYPE_F32, k_rows); else AK_DOT_BODY(AK_DTYPE_F32, NULL);
-            break;
-        }
+        AK_DISPATCH(k_dtype, k_rows, AK_DOT_BODY)
     }
 }
 
@@ -669,22 +673,13 @@ static void AK_FN(accumulate_groups)(ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t
         const char *vg = v_rows ? (const char *)v : (const char *)v + g * v_bytes;
         const ptrdiff_t offset = v_rows ? g * v_bytes : 0;
         float *og = out + g * o_group;
-        switch (v_dtype) {
-        case AK_DTYPE_F16:
-            if (v_rows) AK_ACC_BODY(AK_DTYPE_F16, v_rows); else AK_ACC_BODY(AK_DTYPE_F16, NULL);
-            break;
-        case AK_DTYPE_BF16:
-            if (v_rows) AK_ACC_BODY(AK_DTYPE_BF16, v_rows); else AK_ACC_BODY(AK_DTYPE_BF16, NULL);
-            break;
-        default:
-            if (v_rows) AK_ACC_BODY(AK_DTYPE_F32, v_rows); else AK_ACC_BODY(AK_DTYPE_F32, NULL);
-            break;
-        }
+        AK_DISPATCH(v_dtype, v_rows, AK_ACC_BODY)
     }
 }
 
 #undef AK_DOT_BODY
 #undef AK_ACC_BODY
+#undef AK_DISPATCH
 
 static void AK_FN(accumulate)(ptrdiff_t rows, ptrdiff_t width, const float *p, ptrdiff_t ld, int v_dtype,
                               const void *v, ptrdiff_t ldv, ptrdiff_t dv, float *out, ptrdiff_t ldo) {
