@@ -117,6 +117,23 @@ INLINE float hsum(floatV x) {
     return c.x + c.y;
 }
 
+/// The lane sums of four vectors, (hsum(a), hsum(b), hsum(c), hsum(d)) in the same halving order,
+/// with the four interleaved so that the shuffles are shared.
+INLINE float4 hsum4(floatV a, floatV b, floatV c, floatV d) {
+#if VEC == 16
+    const float8 a8 = a.lo + a.hi, b8 = b.lo + b.hi, c8 = c.lo + c.hi, d8 = d.lo + d.hi;
+    const float8 ab = (float8)(a8.lo, b8.lo) + (float8)(a8.hi, b8.hi);
+    const float8 cd = (float8)(c8.lo, d8.lo) + (float8)(c8.hi, d8.hi);
+#elif VEC == 8
+    const float8 ab = (float8)(a.lo, b.lo) + (float8)(a.hi, b.hi);
+    const float8 cd = (float8)(c.lo, d.lo) + (float8)(c.hi, d.hi);
+#else
+    const float8 ab = (float8)(a, b), cd = (float8)(c, d);
+#endif
+    const float8 x = (float8)(ab.s01, ab.s45, cd.s01, cd.s45) + (float8)(ab.s23, ab.s67, cd.s23, cd.s67);
+    return x.even + x.odd;
+}
+
 /// e^x on VEC lanes, relative error below 2e-7: Cody-Waite reduction, degree-6 polynomial, 2^k built
 /// in the exponent bits. Lanes below -87.3 (and -inf) give exactly 0, NaN stays NaN, no libm call
 /// (PoCL scalarises the vector `exp`).

@@ -28,6 +28,46 @@ INLINE void key_dots(__global const kv_t *kRow, __global const float *qRows, con
     UNROLL for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = hsum(acc[r]) + tail[r];
 }
 
+// CPU devices (the host passes CPU_PREFETCH): Clang's prefetch builtin, which PoCL turns into
+// prefetch instructions (OpenCL's `prefetch` is a no-op there). The kernel walks K and V as two
+// streams per work-item; prefetching them ahead keeps more misses in flight than the hardware
+// prefetcher alone.
+#if CPU_PREFETCH
+#define HOST_PREFETCH(p) __builtin_prefetch((const void *)(ulong)(p), 0, 3)
+#endif
+
+#if ROWS <= 4
+/// key_dots for four keys at once (rows t .. t + 3 of the block, kStride apart): each Q chunk is
+/// loaded once for the four keys and the 4 x ROWS sums are reduced four at a time.
+INLINE void key_dots4(__global const kv_t *kRow, long kStride, __global const float *qRows, const int *qOffset, int D,
+                      float *dots, int t) {
+    floatV acc[ROWS][4];
+    UNROLL for (int r = 0; r < ROWS; r++) UNROLL for (int u = 0; u < 4; u++) acc[r][u] = (floatV)(0.0f);
+    int c = 0;
+    for (; c + VEC <= D; c += VEC) {
+        floatV kv[4];
+        UNROLL for (int u = 0; u < 4; u++) kv[u] = KV_LOADV(kRow + u * kStride, c);
+        UNROLL for (int r = 0; r < ROWS; r++) {
+            const floatV qv = vloadV(0, qRows + qOffset[r] + c);
+            UNROLL for (int u = 0; u < 4; u++) acc[r][u] = fma(qv, kv[u], acc[r][u]);
+        }
+    }
+    UNROLL for (int r = 0; r < ROWS; r++) {
+        float4 d4 = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+        for (int e = c; e < D; e++) {
+            const float qe = qRows[qOffset[r] + e];
+            d4 += qe * (float4)(KV_LOAD1(kRow, e), KV_LOAD1(kRow + kStride, e), KV_LOAD1(kRow + 2 * kStride, e),
+                                KV_LOAD1(kRow + 3 * kStride, e));
+        }
+        vstore4(d4, 0, dots + r * VEC + t);
+    }
+}
+#define BLOCK_DOTS4(t) key_dots4(kBlock + (long)(t) * p.kStrideS, p.kStrideS, qRows, qOffset, p.D, dots, t)
+#else
+#define BLOCK_DOTS4(t) \
+    UNROLL for (int u = (t); u < (t) + 4; u++) key_dots(kBlock + (long)u * p.kStrideS, qRows, qOffset, p.D, dots, u)
+#endif
+
 // Batches of sequences (SequenceBatch), one launch for all: BATCH_FORM 1 (cache lengths: sequence b
 // sees keys [0, lengths[b]) of its cache) or 2 (paged: key j of sequence b is row j % pageSize of page
 // blockTable[b * maxPages + j / pageSize]; the K/V batch stride steps pages). Blocks of keys never
@@ -98,27 +138,35 @@ __kernel void decode_partial(__global const float *q, __global const kv_t *k, __
     for (int t = 0; t < ROWS * VEC; t++) P[t] = 0.0f;
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < p.Dv; c++) oRows[r * p.Dv + c] = 0.0f;
-    int touchedNaN = 0;
 
     for (int j0 = jBegin, jn = 0; j0 < jEnd; j0 += jn) {
         jn = BLOCK_KEYS(j0, jEnd);
         // The block's first K and V rows (one table lookup per block: it never crosses a page).
         __global const kv_t *kBlock = KEY_ROW(j0);
         __global const kv_t *vBlock = VALUE_ROW(j0);
-        // Touch one float per cache line of this block's V rows before the dot products: the P.V
-        // step reads them column-chunk by column-chunk (16 rows 4*Dv bytes apart), which the
-        // hardware prefetcher follows poorly; these independent loads overlap the misses with the
-        // dot products. (The sum feeds the NaN check, so the loads are real.)
-        {
-            float touch = 0.0f;
-            for (int t = 0; t < jn; t++) {
-                __global const kv_t *vRow = vBlock + (long)t * p.vStrideS;
-                for (int e = 0; e < p.Dv; e += 64 / (int)sizeof(kv_t)) touch += KV_LOAD1(vRow, e);
-            }
-            if (isnan(touch)) touchedNaN = 1;
-        }
         if (jn == VEC) {
-            UNROLL for (int t = 0; t < VEC; t++) key_dots(kBlock + (long)t * p.kStrideS, qRows, qOffset, p.D, dots, t);
+#ifdef HOST_PREFETCH
+            // CPU devices: while the dot products walk this block's keys, the K rows half a block
+            // ahead and this block's V rows (read right after) are prefetched, a few lines per
+            // key (a burst of prefetches stalls on full miss buffers).
+            if (j0 + VEC < jEnd) {
+                const int jNext = j0 + VEC, nNext = BLOCK_KEYS(jNext, jEnd);
+                __global const kv_t *kNext = KEY_ROW(jNext);
+                for (int t = 0; t < VEC; t += 4) {
+                    UNROLL for (int u = t; u < t + 4; u++) {
+                        const int ahead = u + VEC / 2;
+                        __global const char *kr = (__global const char *)(ahead < VEC
+                            ? kBlock + (long)ahead * p.kStrideS
+                            : kNext + (long)min(ahead - VEC, nNext - 1) * p.kStrideS);
+                        __global const char *vr = (__global const char *)(vBlock + (long)u * p.vStrideS);
+                        for (int e = 0; e < p.D * (int)sizeof(kv_t); e += 64) HOST_PREFETCH(kr + e);
+                        for (int e = 0; e < p.Dv * (int)sizeof(kv_t); e += 64) HOST_PREFETCH(vr + e);
+                    }
+                    BLOCK_DOTS4(t);
+                }
+            } else
+#endif
+            for (int t = 0; t < VEC; t += 4) BLOCK_DOTS4(t);
         } else {
             for (int t = 0; t < VEC; t++) {
                 if (t < jn) {
@@ -140,7 +188,6 @@ __kernel void decode_partial(__global const float *q, __global const kv_t *k, __
         }
         accumulate_pv(oRows, p.Dv, rows, P, vBlock, p.vStrideS, jn, p.Dv);
     }
-    if (touchedNaN && p.B < 0) lseRows[0] = 0.0f;  // never true; keeps the touch loads alive
     for (int r = 0; r < rows; r++) finish_row(oRows + r * p.Dv, p.Dv, lseRows + r, m[r], l[r], poisoned[r]);
 }
 

@@ -93,7 +93,7 @@ extension OpenCLBackend {
         if split {
             try enqueueMerge(
                 out, lse, into: b, rows: totalRows, valueDim: dv, splits: t.splits, source: launch.mergeSource,
-                options: launch.config.decodeOptions(rows: 1), state: state)
+                options: launch.config.decodeOptions(rows: 1, cpuDevice: device?.info.isCPU ?? false), state: state)
         }
     }
 }

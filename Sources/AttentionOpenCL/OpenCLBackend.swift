@@ -650,7 +650,7 @@ public struct OpenCLBackend: AttentionBackend {
         let lsePart = try state.buffer(bytes: 4 * splits * totalRows, flags: Int32(CL_MEM_READ_WRITE))
         // K and V are read in place, as stored: one program per storage type.
         let options =
-            launch.config.decodeOptions(rows: p.groupSize * p.queryLength)
+            launch.config.decodeOptions(rows: p.groupSize * p.queryLength, cpuDevice: device?.info.isCPU ?? false)
             + " -DKV_TYPE=\(keyValueType.kernelCode)" + (batch.map { " -DBATCH_FORM=\($0.form)" } ?? "")
         // A head's rows far apart: each work-item walks its keys across every head (adjacent memory).
         let name = acrossHeads ? "decode_partial_heads" : "decode_partial"

@@ -88,11 +88,14 @@ public struct OpenCLKernelConfig: Sendable, Hashable, Codable, CustomStringConve
     }
 
     /// Build options of the decode program for `rows` query rows per K/V head (ROWS is the next
-    /// power of two, so a handful of variants cover every problem).
-    func decodeOptions(rows: Int) -> String {
+    /// power of two, so a handful of variants cover every problem). On CPU devices the kernel
+    /// prefetches K/V rows ahead (`CPU_PREFETCH`: Clang's `__builtin_prefetch`, which PoCL compiles
+    /// to prefetch instructions; OpenCL's own `prefetch` is a no-op there).
+    func decodeOptions(rows: Int, cpuDevice: Bool) -> String {
         var compiled = 1
         while compiled < rows { compiled *= 2 }
         return "-cl-std=CL1.2 -cl-mad-enable -w -DVEC=\(vectorWidth) -DROWS=\(compiled) -DKV_SPACE=__global"
+            + (cpuDevice ? " -DCPU_PREFETCH=1" : "")
     }
 }
 
