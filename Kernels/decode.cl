@@ -62,11 +62,35 @@ INLINE void key_dots4(__global const kv_t *kRow, long kStride, __global const fl
         vstore4(d4, 0, dots + r * VEC + t);
     }
 }
-#define BLOCK_DOTS4(t) key_dots4(kBlock + (long)(t) * p.kStrideS, p.kStrideS, qRows, qOffset, p.D, dots, t)
-#else
-#define BLOCK_DOTS4(t) \
-    UNROLL for (int u = (t); u < (t) + 4; u++) key_dots(kBlock + (long)u * p.kStrideS, qRows, qOffset, p.D, dots, u)
 #endif
+
+/// The dot products of a full block of VEC keys (rows kStride apart from kBlock) into dots. On CPU
+/// devices, with `kNext` (the next block's first K row, nNext rows; NULL when there is none), the
+/// K rows half a block ahead and this block's V rows (read right after) are prefetched while the
+/// dot products run, a few lines per key: a burst of prefetches would stall on full miss buffers.
+INLINE void block_dots(__global const kv_t *kBlock, long kStride, __global const kv_t *vBlock, long vStride,
+                       __global const kv_t *kNext, int nNext, __global const float *qRows, const int *qOffset, int D,
+                       int Dv, float *dots) {
+    for (int t = 0; t < VEC; t += 4) {
+#ifdef HOST_PREFETCH
+        if (kNext) {
+            UNROLL for (int u = t; u < t + 4; u++) {
+                const int ahead = u + VEC / 2;
+                __global const char *kr = (__global const char *)(ahead < VEC ? kBlock + (long)ahead * kStride
+                                                                              : kNext + (long)min(ahead - VEC, nNext - 1) * kStride);
+                __global const char *vr = (__global const char *)(vBlock + (long)u * vStride);
+                for (int e = 0; e < D * (int)sizeof(kv_t); e += 64) HOST_PREFETCH(kr + e);
+                for (int e = 0; e < Dv * (int)sizeof(kv_t); e += 64) HOST_PREFETCH(vr + e);
+            }
+        }
+#endif
+#if ROWS <= 4
+        key_dots4(kBlock + (long)t * kStride, kStride, qRows, qOffset, D, dots, t);
+#else
+        UNROLL for (int u = t; u < t + 4; u++) key_dots(kBlock + (long)u * kStride, qRows, qOffset, D, dots, u);
+#endif
+    }
+}
 
 // Batches of sequences (SequenceBatch), one launch for all: BATCH_FORM 1 (cache lengths: sequence b
 // sees keys [0, lengths[b]) of its cache) or 2 (paged: key j of sequence b is row j % pageSize of page
@@ -145,28 +169,9 @@ __kernel void decode_partial(__global const float *q, __global const kv_t *k, __
         __global const kv_t *kBlock = KEY_ROW(j0);
         __global const kv_t *vBlock = VALUE_ROW(j0);
         if (jn == VEC) {
-#ifdef HOST_PREFETCH
-            // CPU devices: while the dot products walk this block's keys, the K rows half a block
-            // ahead and this block's V rows (read right after) are prefetched, a few lines per
-            // key (a burst of prefetches stalls on full miss buffers).
-            if (j0 + VEC < jEnd) {
-                const int jNext = j0 + VEC, nNext = BLOCK_KEYS(jNext, jEnd);
-                __global const kv_t *kNext = KEY_ROW(jNext);
-                for (int t = 0; t < VEC; t += 4) {
-                    UNROLL for (int u = t; u < t + 4; u++) {
-                        const int ahead = u + VEC / 2;
-                        __global const char *kr = (__global const char *)(ahead < VEC
-                            ? kBlock + (long)ahead * p.kStrideS
-                            : kNext + (long)min(ahead - VEC, nNext - 1) * p.kStrideS);
-                        __global const char *vr = (__global const char *)(vBlock + (long)u * p.vStrideS);
-                        for (int e = 0; e < p.D * (int)sizeof(kv_t); e += 64) HOST_PREFETCH(kr + e);
-                        for (int e = 0; e < p.Dv * (int)sizeof(kv_t); e += 64) HOST_PREFETCH(vr + e);
-                    }
-                    BLOCK_DOTS4(t);
-                }
-            } else
-#endif
-            for (int t = 0; t < VEC; t += 4) BLOCK_DOTS4(t);
+            const int more = j0 + VEC < jEnd;
+            block_dots(kBlock, p.kStrideS, vBlock, p.vStrideS, more ? KEY_ROW(j0 + VEC) : 0,
+                       more ? BLOCK_KEYS(j0 + VEC, jEnd) : 0, qRows, qOffset, p.D, p.Dv, dots);
         } else {
             for (int t = 0; t < VEC; t++) {
                 if (t < jn) {
@@ -281,11 +286,17 @@ __kernel void decode_partial_heads(__global const float *q, __global const kv_t 
                     + (long)(rr % p.Nq) * p.Nk;
                 qOffset[r] = rr * p.D;
             }
-            for (int t = 0; t < VEC; t++) {
-                if (t < jn) {
-                    key_dots(kBlock + (long)t * p.kStrideS, qRows, qOffset, p.D, dots, t);
-                } else {
-                    UNROLL for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = 0.0f;
+            if (jn == VEC) {
+                const int more = j0 + VEC < jEnd;
+                block_dots(kBlock, p.kStrideS, vBlock, p.vStrideS, more ? KEY_ROW(j0 + VEC) : 0,
+                           more ? BLOCK_KEYS(j0 + VEC, jEnd) : 0, qRows, qOffset, p.D, p.Dv, dots);
+            } else {
+                for (int t = 0; t < VEC; t++) {
+                    if (t < jn) {
+                        key_dots(kBlock + (long)t * p.kStrideS, qRows, qOffset, p.D, dots, t);
+                    } else {
+                        UNROLL for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = 0.0f;
+                    }
                 }
             }
             for (int r = 0; r < rows; r++) {

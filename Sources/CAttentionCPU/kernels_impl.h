@@ -501,62 +501,33 @@ static void AK_FN(dot_scores)(ptrdiff_t rows, ptrdiff_t width, const float *q, p
     }
 }
 
-/// out[r] += sum over j < width of w[r][j] * v_j for n <= 4 rows (a constant after inlining),
-/// `chunks` 16-column chunks of every row at a time (a constant too), starting at column c0: the
-/// n x chunks output vectors stay in registers across all `width` keys, so O is loaded and stored
-/// once per call instead of once per four keys. Rows are prefetched ahead when `prefetch` is set
-/// (the first pass over a block).
-static inline __attribute__((always_inline)) void accumulate_resident(
-    int dtype, const int n, const int chunks, const float *w, ptrdiff_t ld, const char *base, ptrdiff_t row_bytes,
-    const void *const *rows, ptrdiff_t offset, ptrdiff_t width, ptrdiff_t c0, ptrdiff_t used_bytes, int prefetch,
-    float *out, ptrdiff_t ldo) {
-    v16f acc[4][8];
+/// out[r] += sum over t < 4 of w[r][t] * v_t for n <= 4 rows (a constant after inlining), the 4n
+/// weights broadcast once into registers, each V chunk (rows j to j + 3, addressed as by
+/// `row_at`) widened once.
+static inline __attribute__((always_inline)) void accumulate4_rows(int dtype, const int n, const float *w,
+                                                                    ptrdiff_t ld, const char *base,
+                                                                    ptrdiff_t row_bytes, const void *const *rows,
+                                                                    ptrdiff_t offset, ptrdiff_t j, ptrdiff_t dv,
+                                                                    float *out, ptrdiff_t ldo) {
+    const ptrdiff_t vector_end = dv & ~(ptrdiff_t)15;
+    v16f weight[4][4];
     for (int r = 0; r < n; r++)
-        for (int q = 0; q < chunks; q++) acc[r][q] = load16(out + r * ldo + c0 + 16 * q);
-    for (ptrdiff_t j = 0; j < width; j++) {
-        const char *row = row_at(base, row_bytes, rows, offset, j);
-        if (prefetch && j + AK_PREFETCH_ROWS < width)
-            prefetch_row(row_at(base, row_bytes, rows, offset, j + AK_PREFETCH_ROWS), used_bytes);
-        v16f x[8];
-        for (int q = 0; q < chunks; q++) x[q] = load16_as(dtype, row, c0 + 16 * q);
+        for (int t = 0; t < 4; t++) weight[r][t] = splat(w[r * ld + t]);
+    ptrdiff_t c = 0;
+    for (; c < vector_end; c += 16) {
+        v16f x[4];
+        for (int t = 0; t < 4; t++) x[t] = load16_as(dtype, row_at(base, row_bytes, rows, offset, j + t), c);
         for (int r = 0; r < n; r++) {
-            const v16f weight = splat(w[r * ld + j]);
-            for (int q = 0; q < chunks; q++) acc[r][q] = AK_FMA(weight, x[q], acc[r][q]);
+            v16f acc = load16(out + r * ldo + c);
+            for (int t = 0; t < 4; t++) acc = AK_FMA(weight[r][t], x[t], acc);
+            store16(out + r * ldo + c, acc);
         }
     }
-    for (int r = 0; r < n; r++)
-        for (int q = 0; q < chunks; q++) store16(out + r * ldo + c0 + 16 * q, acc[r][q]);
-}
-
-/// accumulate_resident over all vector columns of up to four rows: passes of four chunks (eight
-/// for one or two rows), the remainder in one pass of its own size; then the scalar columns.
-static inline __attribute__((always_inline)) void accumulate_rows_resident(
-    int dtype, const int n, const float *w, ptrdiff_t ld, const char *base, ptrdiff_t row_bytes,
-    const void *const *rows, ptrdiff_t offset, ptrdiff_t width, ptrdiff_t dv, ptrdiff_t used_bytes, int prefetch,
-    float *out, ptrdiff_t ldo) {
-    const ptrdiff_t vector_chunks = dv >> 4;
-    const int step = n <= 2 ? 8 : 4;
-    ptrdiff_t q0 = 0;
-    for (; q0 + step <= vector_chunks; q0 += step) {
-        accumulate_resident(dtype, n, step, w, ld, base, row_bytes, rows, offset, width, 16 * q0, used_bytes,
-                            prefetch && q0 == 0, out, ldo);
-    }
-    const int pf = prefetch && q0 == 0;
-    switch (vector_chunks - q0) {
-    case 1: accumulate_resident(dtype, n, 1, w, ld, base, row_bytes, rows, offset, width, 16 * q0, used_bytes, pf, out, ldo); break;
-    case 2: accumulate_resident(dtype, n, 2, w, ld, base, row_bytes, rows, offset, width, 16 * q0, used_bytes, pf, out, ldo); break;
-    case 3: accumulate_resident(dtype, n, 3, w, ld, base, row_bytes, rows, offset, width, 16 * q0, used_bytes, pf, out, ldo); break;
-    case 4: accumulate_resident(dtype, n, 4, w, ld, base, row_bytes, rows, offset, width, 16 * q0, used_bytes, pf, out, ldo); break;
-    case 5: accumulate_resident(dtype, n, 5, w, ld, base, row_bytes, rows, offset, width, 16 * q0, used_bytes, pf, out, ldo); break;
-    case 6: accumulate_resident(dtype, n, 6, w, ld, base, row_bytes, rows, offset, width, 16 * q0, used_bytes, pf, out, ldo); break;
-    case 7: accumulate_resident(dtype, n, 7, w, ld, base, row_bytes, rows, offset, width, 16 * q0, used_bytes, pf, out, ldo); break;
-    default: break;
-    }
-    for (ptrdiff_t c = vector_chunks << 4; c < dv; c++) {
+    for (; c < dv; c++) {
         for (int r = 0; r < n; r++) {
             float sum = out[r * ldo + c];
-            for (ptrdiff_t j = 0; j < width; j++)
-                sum += w[r * ld + j] * load1_as(dtype, row_at(base, row_bytes, rows, offset, j), c);
+            for (int t = 0; t < 4; t++)
+                sum += w[r * ld + t] * load1_as(dtype, row_at(base, row_bytes, rows, offset, j + t), c);
             out[r * ldo + c] = sum;
         }
     }
@@ -568,22 +539,6 @@ static inline __attribute__((always_inline)) void accumulate_body(
     const ptrdiff_t vector_end = dv & ~(ptrdiff_t)15;
     const ptrdiff_t row_bytes = ldv * dtype_size(dtype), used_bytes = dv * dtype_size(dtype);
     const char *base = (const char *)v;
-    if (rows >= 1 && rows <= 8) {
-        // Few rows (decode): O in registers across the whole block, passes of four rows.
-        for (ptrdiff_t h = 0; h < rows; h += 4) {
-            const float *w = p + h * ld;
-            float *o = out + h * ldo;
-#define AK_ACCR(N) accumulate_rows_resident(dtype, N, w, ld, base, row_bytes, v_rows, v_offset, width, dv, used_bytes, h == 0, o, ldo)
-            switch (rows - h) {
-            case 1: AK_ACCR(1); break;
-            case 2: AK_ACCR(2); break;
-            case 3: AK_ACCR(3); break;
-            default: AK_ACCR(4); break;
-            }
-#undef AK_ACCR
-        }
-        return;
-    }
     ptrdiff_t j = 0;
     // Four keys at a time, each V chunk loaded (and widened) once: every output vector is loaded and
     // stored once per four V rows.
@@ -616,7 +571,23 @@ static inline __attribute__((always_inline)) void accumulate_body(
             }
             continue;
         }
-        // fp16/bf16, more than eight rows: each V chunk widened once for every row.
+        // fp16/bf16: each V chunk widened once per pass of up to four rows, which keep their sixteen
+        // weights in registers across the chunks (a second pass reads the four V rows from L1).
+        if (rows >= 1 && rows <= 8) {
+            for (ptrdiff_t h = 0; h < rows; h += 4) {
+                const float *w = p + h * ld + j;
+                float *o = out + h * ldo;
+#define AK_ACC4(N) accumulate4_rows(dtype, N, w, ld, base, row_bytes, v_rows, v_offset, j, dv, o, ldo)
+                switch (rows - h) {
+                case 1: AK_ACC4(1); break;
+                case 2: AK_ACC4(2); break;
+                case 3: AK_ACC4(3); break;
+                default: AK_ACC4(4); break;
+                }
+#undef AK_ACC4
+            }
+            continue;
+        }
         ptrdiff_t c = 0;
         for (; c < vector_end; c += 16) {
             const v16f x0 = load16_as(dtype, v4[0], c), x1 = load16_as(dtype, v4[1], c),
