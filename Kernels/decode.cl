@@ -64,13 +64,24 @@ INLINE void key_dots4(__global const kv_t *kRow, long kStride, __global const fl
 }
 #endif
 
-/// The dot products of a full block of VEC keys (rows kStride apart from kBlock) into dots. On CPU
-/// devices, with `kNext` (the next block's first K row, nNext rows; NULL when there is none), the
-/// K rows half a block ahead and this block's V rows (read right after) are prefetched while the
-/// dot products run, a few lines per key: a burst of prefetches would stall on full miss buffers.
-INLINE void block_dots(__global const kv_t *kBlock, long kStride, __global const kv_t *vBlock, long vStride,
+/// The dot products of a block of jn <= VEC keys (rows kStride apart from kBlock) into dots, zero
+/// past jn. On CPU devices, for a full block with `kNext` (the next block's first K row, nNext
+/// rows; NULL when there is none), the K rows half a block ahead and this block's V rows (read
+/// right after) are prefetched while the dot products run, a few lines per key: a burst of
+/// prefetches would stall on full miss buffers.
+INLINE void block_dots(__global const kv_t *kBlock, long kStride, __global const kv_t *vBlock, long vStride, int jn,
                        __global const kv_t *kNext, int nNext, __global const float *qRows, const int *qOffset, int D,
                        int Dv, float *dots) {
+    if (jn < VEC) {
+        for (int t = 0; t < VEC; t++) {
+            if (t < jn) {
+                key_dots(kBlock + (long)t * kStride, qRows, qOffset, D, dots, t);
+            } else {
+                UNROLL for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = 0.0f;
+            }
+        }
+        return;
+    }
     for (int t = 0; t < VEC; t += 4) {
 #ifdef HOST_PREFETCH
         if (kNext) {
@@ -168,19 +179,9 @@ __kernel void decode_partial(__global const float *q, __global const kv_t *k, __
         // The block's first K and V rows (one table lookup per block: it never crosses a page).
         __global const kv_t *kBlock = KEY_ROW(j0);
         __global const kv_t *vBlock = VALUE_ROW(j0);
-        if (jn == VEC) {
-            const int more = j0 + VEC < jEnd;
-            block_dots(kBlock, p.kStrideS, vBlock, p.vStrideS, more ? KEY_ROW(j0 + VEC) : 0,
-                       more ? BLOCK_KEYS(j0 + VEC, jEnd) : 0, qRows, qOffset, p.D, p.Dv, dots);
-        } else {
-            for (int t = 0; t < VEC; t++) {
-                if (t < jn) {
-                    key_dots(kBlock + (long)t * p.kStrideS, qRows, qOffset, p.D, dots, t);
-                } else {
-                    UNROLL for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = 0.0f;
-                }
-            }
-        }
+        const int more = jn == VEC && j0 + VEC < jEnd;
+        block_dots(kBlock, p.kStrideS, vBlock, p.vStrideS, jn, more ? KEY_ROW(j0 + VEC) : 0,
+                   more ? BLOCK_KEYS(j0 + VEC, jEnd) : 0, qRows, qOffset, p.D, p.Dv, dots);
         const int needsMasking = p.maskKind != 0 || j0 < fullLo || j0 + VEC - 1 > fullHi || j0 + VEC > p.Nk;
         const intV inSplit = LANE_IDS < (intV)(jn);
         for (int r = 0; r < rows; r++) {
@@ -286,19 +287,9 @@ __kernel void decode_partial_heads(__global const float *q, __global const kv_t 
                     + (long)(rr % p.Nq) * p.Nk;
                 qOffset[r] = rr * p.D;
             }
-            if (jn == VEC) {
-                const int more = j0 + VEC < jEnd;
-                block_dots(kBlock, p.kStrideS, vBlock, p.vStrideS, more ? KEY_ROW(j0 + VEC) : 0,
-                           more ? BLOCK_KEYS(j0 + VEC, jEnd) : 0, qRows, qOffset, p.D, p.Dv, dots);
-            } else {
-                for (int t = 0; t < VEC; t++) {
-                    if (t < jn) {
-                        key_dots(kBlock + (long)t * p.kStrideS, qRows, qOffset, p.D, dots, t);
-                    } else {
-                        UNROLL for (int r = 0; r < ROWS; r++) dots[r * VEC + t] = 0.0f;
-                    }
-                }
-            }
+            const int more = jn == VEC && j0 + VEC < jEnd;
+            block_dots(kBlock, p.kStrideS, vBlock, p.vStrideS, jn, more ? KEY_ROW(j0 + VEC) : 0,
+                       more ? BLOCK_KEYS(j0 + VEC, jEnd) : 0, qRows, qOffset, p.D, p.Dv, dots);
             for (int r = 0; r < rows; r++) {
                 floatV s = finish_scores(p, vloadV(0, dots + r * VEC), r % p.Nq, j0, needsMasking, maskF, maskB,
                                          maskRows[r]);
