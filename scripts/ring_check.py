@@ -8,14 +8,16 @@ with --oversubscribe, and --allow-run-as-root only when root; otherwise ranks as
 O and LSE are compared with an independent NumPy float64 implementation (scripts/cli_check.py's) within
 the fp32 tolerance: causal and not, GQA, MQA, windows, fp16/bf16 K/V, lengths not divisible by the rank
 count, a rank with an empty shard, both shardings, packed sequences (--cu-seqlens), decode against a
-sharded cache. Then a rank that
-fails (killed under MPI; an error in-process) and a bad input file must make the run exit non-zero,
-with the reason, within a time bound. Prints 'N passed, N failed' and exits non-zero on failure.
+sharded cache. Then a rank that fails (killed under MPI; an error in-process; the root and the last
+rank) and a bad input file must make the run exit non-zero, with the reason, within a time bound (a run
+past it is killed with its ranks). Prints 'N passed, N failed' and exits non-zero on failure.
 """
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import zlib
 
 import numpy as np
 
@@ -30,6 +32,11 @@ def bf16(x):
     bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
     rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
     return rounded.astype(np.uint32).view(np.float32)
+
+
+def seed(name):
+    """The same inputs on every run (Python's hash() of a str changes from process to process)."""
+    return zlib.crc32(name.encode())
 
 
 class RingChecker:
@@ -49,11 +56,17 @@ class RingChecker:
         return [*launcher, self.exe, "ring", *args]
 
     def run(self, ranks, args):
+        """The finished run, or None past TIMEOUT; then mpirun and every rank it started are killed (their own
+        process group), so a hung run leaves nothing behind."""
+        process = subprocess.Popen(self.command(ranks, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   stdin=subprocess.DEVNULL, text=True, start_new_session=True)
         try:
-            return subprocess.run(self.command(ranks, args), capture_output=True, text=True,
-                                  stdin=subprocess.DEVNULL, timeout=TIMEOUT)
+            stdout, stderr = process.communicate(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
             return None
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
     def check(self, name, ok, detail=""):
         if ok:
@@ -64,7 +77,7 @@ class RingChecker:
 
     def case(self, name, b, hq, hkv, nq, nk, d, dv, causal=False, window=None, kv="f32", softcap=None,
              ranks=(2, 3), shardings=("zigzag", "contiguous")):
-        rng = np.random.default_rng(abs(hash(name)) % 2**32)
+        rng = np.random.default_rng(seed(name))
         q = rng.uniform(-2, 2, (b, hq, nq, d)).astype(np.float32)
         k = rng.uniform(-2, 2, (b, hkv, nk, d)).astype(np.float32)
         v = rng.uniform(-1, 1, (b, hkv, nk, dv)).astype(np.float32)
@@ -109,7 +122,7 @@ class RingChecker:
 
     def packed(self, name, lengths, hq, hkv, d, dv, causal=True, kv="f32", ranks=(2, 3)):
         """Packed sequences (--cu-seqlens): each sequence its own problem, against NumPy per sequence."""
-        rng = np.random.default_rng(abs(hash(name)) % 2**32)
+        rng = np.random.default_rng(seed(name))
         total = sum(lengths)
         q = rng.uniform(-2, 2, (total, hq, d)).astype(np.float32)
         k = rng.uniform(-2, 2, (total, hkv, d)).astype(np.float32)
@@ -159,10 +172,18 @@ class RingChecker:
         ok = ["--q", self.path("fail-q.npy"), "--k", self.path("fail-k.npy"), "--v", self.path("fail-v.npy"),
               "--out", self.path("fail-o.npy")]
         for n in (2, 3):
-            # A rank dies (SIGKILL under MPI) after the scatter: every rank must stop, non-zero, in time.
-            result = self.run(n, [*ok, "--causal", "--fail-rank", str(n - 1)])
-            self.check(f"{name}: rank {n - 1} of {n} fails", result is not None and result.returncode != 0,
-                       "hung" if result is None else f"exit {result.returncode}")
+            # A rank dies (SIGKILL under MPI; in-process, it throws) after the scatter, the root that reads and
+            # writes the files or the last one: every rank must stop, non-zero, in time, with the reason.
+            for failing in (0, n - 1):
+                result = self.run(n, [*ok, "--causal", "--fail-rank", str(failing)])
+                if result is None:
+                    self.check(f"{name}: rank {failing} of {n} fails", False, f"no result within {TIMEOUT} s")
+                    continue
+                said = result.stdout + result.stderr
+                reason = (f"rank {failing} with PID" in said and "signal 9" in said) if self.mpi else (
+                    f"rank {failing} failed" in said)
+                self.check(f"{name}: rank {failing} of {n} fails", result.returncode != 0 and reason,
+                           f"exit {result.returncode}: {said[-800:]}")
             # Bad input on rank 0 (Hq 2 with Hkv 3): non-zero, the reason on stderr.
             bad = ["--q", self.path("fail-q.npy"), "--k", self.path("fail-bad-k.npy"), "--v",
                    self.path("fail-v.npy"), "--out", self.path("fail-o.npy")]

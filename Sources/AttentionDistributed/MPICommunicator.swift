@@ -59,6 +59,10 @@
             }
         }
 
+        /// Non-blocking receive and send (`MPI_Irecv`, `MPI_Isend`) completed by `MPI_Waitall`. The ring calls
+        /// this on its exchange thread while the calling thread computes: MPI implementations progress
+        /// non-blocking transfers inside MPI calls, so the thread waiting in `MPI_Waitall` keeps them moving
+        /// while the compute makes none.
         public func sendReceive(
             _ send: UnsafeRawBufferPointer, to destination: Int, _ receive: UnsafeMutableRawBufferPointer,
             from source: Int
@@ -71,11 +75,10 @@
                 let sendCount = max(0, min(Self.piece, send.count - offset))
                 let receiveCount = max(0, min(Self.piece, receive.count - offset))
                 try check(
-                    MPI_Sendrecv(
-                        send.baseAddress.map { $0 + offset }, Int32(sendCount), attentionkit_mpi_byte(),
-                        Int32(destination), 7, receive.baseAddress.map { $0 + offset }, Int32(receiveCount),
-                        attentionkit_mpi_byte(), Int32(source), 7, attentionkit_mpi_comm_world(),
-                        attentionkit_mpi_status_ignore()), "MPI_Sendrecv")
+                    attentionkit_mpi_exchange(
+                        send.baseAddress.map { $0 + offset }, Int32(sendCount), Int32(destination),
+                        receive.baseAddress.map { $0 + offset }, Int32(receiveCount), Int32(source), 7),
+                    "MPI_Irecv/MPI_Isend/MPI_Waitall")
                 offset += Self.piece
             } while offset < total
         }

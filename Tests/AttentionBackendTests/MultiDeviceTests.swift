@@ -152,23 +152,31 @@ import Testing
         }
     }
 
-    /// The same call twice gives the same bits (the merge runs in member order), and key splits
-    /// balance causal work: the first member's keys are more than its weight's share of the keys.
+    /// The same call several times gives the same bits (the merge runs in member order), on every member
+    /// set (BLAS + the reference, BLAS + each OpenCL device), and key splits balance causal work: the first
+    /// member's keys are more than its weight's share of the keys.
     @Test func reproducibleAndBalanced() throws {
-        let backend = try MultiDeviceBackend(members: [BLASBackend(), NaiveBackend()], weights: [1, 1], split: .keys)
         let problem = try AttentionProblem(
             query: [1, 2, 200, 16], key: [1, 2, 200, 16], value: [1, 2, 200, 16], options: .init(causal: true))
-        let partition = try backend.partition(problem)
-        #expect(partition.parts.count == 2)
-        // Causal: early keys are seen by more rows, so the first half of the work is fewer than half the keys.
-        #expect(partition.parts[0].problem.keyLength < 100 && partition.parts[0].problem.keyLength > 50)
         let q = try Tensor.random(shape: [1, 2, 200, 16], seed: 1)
         let k = try Tensor.random(shape: [1, 2, 200, 16], seed: 2)
         let v = try Tensor.random(shape: [1, 2, 200, 16], seed: 3)
-        let a = try backend.attention(query: q, key: k, value: v, options: .init(causal: true))
-        let b = try backend.attention(query: q, key: k, value: v, options: .init(causal: true))
-        #expect(a.output.storage.map(\.bitPattern) == b.output.storage.map(\.bitPattern))
-        #expect(a.logSumExp.storage.map(\.bitPattern) == b.logSumExp.storage.map(\.bitPattern))
+        for members in Self.members() {
+            let backend = try MultiDeviceBackend(members: members, weights: [1, 1], split: .keys)
+            let partition = try backend.partition(problem)
+            #expect(partition.parts.count == 2)
+            // Causal: early keys are seen by more rows, so the first half of the work is fewer than half the keys.
+            #expect(partition.parts[0].problem.keyLength < 100 && partition.parts[0].problem.keyLength > 50)
+            let first = try backend.attention(query: q, key: k, value: v, options: .init(causal: true))
+            for _ in 0..<3 {
+                let again = try backend.attention(query: q, key: k, value: v, options: .init(causal: true))
+                #expect(
+                    first.output.storage.map(\.bitPattern) == again.output.storage.map(\.bitPattern), "\(backend.name)")
+                #expect(
+                    first.logSumExp.storage.map(\.bitPattern) == again.logSumExp.storage.map(\.bitPattern),
+                    "\(backend.name)")
+            }
+        }
     }
 
     @Test func automaticSplitAndExplanation() throws {
