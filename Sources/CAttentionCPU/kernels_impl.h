@@ -849,28 +849,49 @@ static void AK_FN(qk_tile)(ptrdiff_t rows, ptrdiff_t width, ptrdiff_t d, const f
 #endif
 
 static inline __attribute__((always_inline)) void transpose16(v16f m[16]) {
-#define AK_STAGE(b)                                                                                                    \
-    for (int r = 0; r < 16; r++) {                                                                                     \
-        if (r & b) continue;                                                                                           \
-        const v16f a = m[r], c = m[r + b];                                                                             \
-        m[r] = AK_T##b##_LO(a, c);                                                                                     \
-        m[r + b] = AK_T##b##_HI(a, c);                                                                                 \
-    }
-    AK_STAGE(8)
-    AK_STAGE(4)
-    AK_STAGE(2)
-    AK_STAGE(1)
+    // Every pair written out (constant indices only): a loop here was left rolled by the compiler,
+    // which then kept the 16 vectors on the stack (perf: pack_keys at 13% of the score product's time
+    // on prefill-512).
+#define AK_SWAP(b, i, j)                                                                                               \
+    do {                                                                                                               \
+        const v16f a_ = m[i], c_ = m[j];                                                                               \
+        m[i] = AK_T##b##_LO(a_, c_);                                                                                   \
+        m[j] = AK_T##b##_HI(a_, c_);                                                                                   \
+    } while (0)
+#define AK_STAGE(b, i0, i1, i2, i3, i4, i5, i6, i7)                                                                    \
+    AK_SWAP(b, i0, i0 + b);                                                                                            \
+    AK_SWAP(b, i1, i1 + b);                                                                                            \
+    AK_SWAP(b, i2, i2 + b);                                                                                            \
+    AK_SWAP(b, i3, i3 + b);                                                                                            \
+    AK_SWAP(b, i4, i4 + b);                                                                                            \
+    AK_SWAP(b, i5, i5 + b);                                                                                            \
+    AK_SWAP(b, i6, i6 + b);                                                                                            \
+    AK_SWAP(b, i7, i7 + b)
+    AK_STAGE(8, 0, 1, 2, 3, 4, 5, 6, 7);
+    AK_STAGE(4, 0, 1, 2, 3, 8, 9, 10, 11);
+    AK_STAGE(2, 0, 1, 4, 5, 8, 9, 12, 13);
+    AK_STAGE(1, 0, 2, 4, 6, 8, 10, 12, 14);
 #undef AK_STAGE
+#undef AK_SWAP
 }
 
 /// 16 keys x 16 head-dimension elements, transposed into dst (rows `ld_dst` apart); keys past
-/// `keys` (the block's end) are zero.
+/// `keys` (the block's end) are zero. `keys` is the constant 16 for whole blocks after inlining.
 static inline __attribute__((always_inline)) void pack16(int dtype, const char *k, ptrdiff_t row_bytes,
                                                           ptrdiff_t keys, ptrdiff_t c0, float *dst, ptrdiff_t ld_dst) {
     v16f m[16];
+#pragma clang loop unroll(full)
     for (int t = 0; t < 16; t++) m[t] = t < keys ? load16_as(dtype, k + t * row_bytes, c0) : splat(0.0f);
     transpose16(m);
+#pragma clang loop unroll(full)
     for (int c = 0; c < 16; c++) store16(dst + c * ld_dst, m[c]);
+}
+
+/// One 16-key group of pack_keys (dtype, and keys when 16, constants after inlining).
+static inline __attribute__((always_inline)) void pack_group(int dtype, const char *rows, ptrdiff_t row_bytes,
+                                                              ptrdiff_t keys, ptrdiff_t vector_end, float *dst,
+                                                              ptrdiff_t ld_dst) {
+    for (ptrdiff_t c0 = 0; c0 < vector_end; c0 += 16) pack16(dtype, rows, row_bytes, keys, c0, dst + c0 * ld_dst, ld_dst);
 }
 
 static void AK_FN(pack_keys)(int dtype, const void *k, ptrdiff_t ldk, ptrdiff_t width, ptrdiff_t d, float *dst,
@@ -880,17 +901,24 @@ static void AK_FN(pack_keys)(int dtype, const void *k, ptrdiff_t ldk, ptrdiff_t 
     for (ptrdiff_t j0 = 0; j0 < width; j0 += 16) {
         const char *rows = (const char *)k + j0 * row_bytes;
         const ptrdiff_t keys = width - j0 < 16 ? width - j0 : 16;
-        for (ptrdiff_t c0 = 0; c0 < vector_end; c0 += 16) {
+        float *out = dst + j0;
+        if (keys == 16) {
             switch (dtype) {
-            case AK_DTYPE_F16: pack16(AK_DTYPE_F16, rows, row_bytes, keys, c0, dst + c0 * ld_dst + j0, ld_dst); break;
-            case AK_DTYPE_BF16: pack16(AK_DTYPE_BF16, rows, row_bytes, keys, c0, dst + c0 * ld_dst + j0, ld_dst); break;
-            default: pack16(AK_DTYPE_F32, rows, row_bytes, keys, c0, dst + c0 * ld_dst + j0, ld_dst); break;
+            case AK_DTYPE_F16: pack_group(AK_DTYPE_F16, rows, row_bytes, 16, vector_end, out, ld_dst); break;
+            case AK_DTYPE_BF16: pack_group(AK_DTYPE_BF16, rows, row_bytes, 16, vector_end, out, ld_dst); break;
+            default: pack_group(AK_DTYPE_F32, rows, row_bytes, 16, vector_end, out, ld_dst); break;
+            }
+        } else {
+            switch (dtype) {
+            case AK_DTYPE_F16: pack_group(AK_DTYPE_F16, rows, row_bytes, keys, vector_end, out, ld_dst); break;
+            case AK_DTYPE_BF16: pack_group(AK_DTYPE_BF16, rows, row_bytes, keys, vector_end, out, ld_dst); break;
+            default: pack_group(AK_DTYPE_F32, rows, row_bytes, keys, vector_end, out, ld_dst); break;
             }
         }
         // Head-dimension elements past the last whole vector: one at a time.
         for (ptrdiff_t c = vector_end; c < d; c++) {
-            float *out = dst + c * ld_dst + j0;
-            for (ptrdiff_t t = 0; t < 16; t++) out[t] = t < keys ? load1_as(dtype, rows + t * row_bytes, c) : 0.0f;
+            float *tail = dst + c * ld_dst + j0;
+            for (ptrdiff_t t = 0; t < 16; t++) tail[t] = t < keys ? load1_as(dtype, rows + t * row_bytes, c) : 0.0f;
         }
     }
 }
