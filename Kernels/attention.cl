@@ -1,8 +1,11 @@
 // Prefill / general flash-attention kernel (the host prepends common.cl).
 //
 // Each work-item owns ROWS consecutive query rows of one (batch, head); a work-group owns
-// get_local_size(0) * ROWS consecutive rows. Keys are walked VEC at a time:
-//   1. S = Q K^T for VEC keys, with K re-laid on the device in key blocks (kt: [B, Hkv, NkPad/VEC, D, VEC])
+// get_local_size(0) * ROWS consecutive rows. Keys are walked KB = KBV * VEC at a time (KBV vectors:
+// 4 on CPUs, so that the softmax's reductions, its rescaling of O and O's loads and stores in P V come
+// once per 4 VEC keys, and the score product has ROWS x KBV independent accumulators; 1 when K/V tiles
+// are staged in local memory):
+//   1. S = Q K^T for KB keys, with K re-laid on the device in key blocks (kt: [B, Hkv, NkPad/VEC, D, VEC])
 //      so that VEC keys are one vector load, each query element one broadcast multiply-add, and a
 //      step reads one contiguous D x VEC tile (one stream for the prefetcher, not D);
 //   2. scale, softcap, causal/window bounds and mask (only on blocks that need them);
@@ -17,6 +20,13 @@
 #ifndef USE_LOCAL
 #define USE_LOCAL 0
 #endif
+#ifndef KBV
+#define KBV 1
+#endif
+#if USE_LOCAL && KBV != 1
+#error "local-memory staging takes one vector of keys per step (KBV 1)"
+#endif
+#define KB (KBV * VEC)
 // Storage of the K rows transpose_keys reads (the flash kernel itself reads fp32 only).
 #ifndef K_TYPE
 #define K_TYPE 0
@@ -42,6 +52,32 @@ __kernel void transpose_keys(__global const k_t *k, __global float *kt, int Nk, 
     if (j >= NkPad || c >= D) return;
     const long source = (bh / Hkv) * sB + (bh % Hkv) * sH + (long)j * sS + c;
     kt[((bh * (NkPad / VEC) + j / VEC) * D + c) * VEC + j % VEC] = j < Nk ? K_LOAD1(k, source) : 0.0f;
+}
+
+/// softmax_step over one block of KBV score vectors of a row, in place: s becomes P = exp(s - m_new).
+/// One maximum, one sum and one rescaling factor for the whole block.
+INLINE void softmax_block(floatV *s, float *m, float *l, float *alpha, int *poisoned) {
+    floatV top = s[0];
+    intV nan = isnan(s[0]);
+    UNROLL for (int u = 1; u < KBV; u++) {
+        top = fmax(top, s[u]);
+        nan |= isnan(s[u]);
+    }
+    if (any(nan)) *poisoned = 1;
+    const float mNew = fmax(*m, hmax(top));
+    if (mNew == -INFINITY) {
+        *alpha = 1.0f;
+        UNROLL for (int u = 0; u < KBV; u++) s[u] = (floatV)(0.0f);
+        return;
+    }
+    *alpha = (*m == -INFINITY) ? 0.0f : (*m == mNew ? 1.0f : exp(*m - mNew));
+    floatV sum = (floatV)(0.0f);
+    UNROLL for (int u = 0; u < KBV; u++) {
+        s[u] = vexp(s[u] - mNew);
+        sum += s[u];
+    }
+    *l = *l * *alpha + hsum(sum);
+    *m = mNew;
 }
 
 /// Global size (roundUp(ceil(Nq / ROWS), local size), B * Hq); local size (WG, 1).
@@ -81,21 +117,25 @@ __kernel void flash_attention(__global const float *q, __global const float *kt,
     long maskRows[ROWS];
     int qOffset[ROWS];
     UNROLL for (int r = 0; r < ROWS; r++) qOffset[r] = min(r, max(nrows, 1) - 1) * p.qStrideS;
+    // Each row's Q as a pointer (no index arithmetic in the product loop).
+    __global const float *qRowPtr[ROWS];
+    UNROLL for (int r = 0; r < ROWS; r++) qRowPtr[r] = qRows + qOffset[r];
     float m[ROWS], l[ROWS];
     int poisoned[ROWS];
-    float P[ROWS * VEC];
+    float P[ROWS * KB];
     for (int r = 0; r < ROWS; r++) {
         maskRows[r] = (long)b * p.maskBatchStride + (long)h * p.maskHeadStride + (long)min(r0 + r, p.Nq - 1) * p.Nk;
         m[r] = -INFINITY;
         l[r] = 0.0f;
         poisoned[r] = 0;
     }
-    for (int t = 0; t < ROWS * VEC; t++) P[t] = 0.0f;
+    for (int t = 0; t < ROWS * KB; t++) P[t] = 0.0f;
     for (int r = 0; r < nrows; r++)
         for (int c = 0; c < p.Dv; c++) oRows[r * p.oStrideS + c] = 0.0f;
 
-    for (int j0 = lo - lo % VEC; j0 <= hi; j0 += VEC) {
-        const int jn = min(VEC, p.Nk - j0);
+    // Blocks start at multiples of KB (the host pads the re-laid K to a multiple of KB with zeros).
+    for (int j0 = lo - lo % KB; j0 <= hi; j0 += KB) {
+        const int jn = min(KB, p.Nk - j0);
 #if USE_LOCAL
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int idx = get_local_id(0); idx < p.D * VEC; idx += get_local_size(0))
@@ -108,25 +148,33 @@ __kernel void flash_attention(__global const float *q, __global const float *kt,
         const long vRowStride = p.Dv;
         if (nrows == 0) continue;
 #else
-        KV_SPACE const float *ktStep = ktHead + (long)j0 * p.D;  // block j0 / VEC, D x VEC floats
+        KV_SPACE const float *ktStep = ktHead + (long)j0 * p.D;  // blocks j0 / VEC ..., D x VEC floats each
         KV_SPACE const kv_t *vStep = vHead + (long)j0 * p.vStrideS;
         const long vRowStride = p.vStrideS;
 #endif
-        floatV dots[ROWS];
-        UNROLL for (int r = 0; r < ROWS; r++) dots[r] = (floatV)(0.0f);
+        floatV dots[ROWS][KBV];
+        UNROLL for (int r = 0; r < ROWS; r++) UNROLL for (int u = 0; u < KBV; u++) dots[r][u] = (floatV)(0.0f);
         for (int c = 0; c < p.D; c++) {
-            const floatV kv = vloadV(0, ktStep + c * VEC);
-            UNROLL for (int r = 0; r < ROWS; r++) dots[r] = fma((floatV)(qRows[qOffset[r] + c]), kv, dots[r]);
+            floatV kv[KBV];
+            UNROLL for (int u = 0; u < KBV; u++) kv[u] = vloadV(0, ktStep + (u * p.D + c) * VEC);
+            UNROLL for (int r = 0; r < ROWS; r++) {
+                const floatV qb = (floatV)(qRowPtr[r][c]);
+                UNROLL for (int u = 0; u < KBV; u++) dots[r][u] = fma(qb, kv[u], dots[r][u]);
+            }
         }
-        const int needsMasking = p.maskKind != 0 || j0 < fullLo || j0 + VEC - 1 > fullHi || j0 + VEC > p.Nk;
-        for (int r = 0; r < nrows; r++) {
-            const floatV s = finish_scores(p, dots[r], r0 + r, j0, needsMasking, maskF, maskB, maskRows[r]);
-            float alpha;
-            const floatV e = softmax_step(s, &m[r], &l[r], &alpha, &poisoned[r]);
-            if (alpha != 1.0f) scale_row(oRows + r * p.oStrideS, p.Dv, alpha);
-            vstoreV(e, 0, P + r * VEC);
+        const int needsMasking = p.maskKind != 0 || j0 < fullLo || j0 + KB - 1 > fullHi || j0 + KB > p.Nk;
+        UNROLL for (int r = 0; r < ROWS; r++) {
+            if (r < nrows) {
+                floatV s[KBV];
+                UNROLL for (int u = 0; u < KBV; u++)
+                    s[u] = finish_scores(p, dots[r][u], r0 + r, j0 + u * VEC, needsMasking, maskF, maskB, maskRows[r]);
+                float alpha;
+                softmax_block(s, &m[r], &l[r], &alpha, &poisoned[r]);
+                if (alpha != 1.0f) scale_row(oRows + r * p.oStrideS, p.Dv, alpha);
+                UNROLL for (int u = 0; u < KBV; u++) vstoreV(s[u], 0, P + r * KB + u * VEC);
+            }
         }
-        accumulate_pv(oRows, p.oStrideS, nrows, P, vStep, vRowStride, jn, p.Dv);
+        accumulate_pv(oRows, p.oStrideS, nrows, P, KB, vStep, vRowStride, jn, p.Dv);
     }
     for (int r = 0; r < nrows; r++)
         finish_row(oRows + r * p.oStrideS, p.Dv, lse + rowBase + r, m[r], l[r], poisoned[r]);

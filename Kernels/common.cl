@@ -215,24 +215,70 @@ INLINE void scale_row(__global float *out, int n, float factor) {
     for (; c < n; c++) out[c] *= factor;
 }
 
-/// out[r][0..Dv) += sum over t < jn of P[r][t] * v[t][0..Dv), for rows r < nrows (row stride
-/// outStride), with P a private ROWS x VEC array and v rows vStride apart. Full blocks (jn == VEC)
-/// are unrolled so that P and the accumulators stay in registers.
-INLINE void accumulate_pv(__global float *out, int outStride, int nrows, const float *P,
+/// out[r][0..Dv) += sum over t < jn of P[r * pStride + t] * v[t][0..Dv), for rows r < nrows (row
+/// stride outStride), with P a private ROWS x pStride array (pStride a multiple of VEC, a constant
+/// after inlining) and v rows vStride apart. Full blocks (jn == pStride) are unrolled VEC keys at a
+/// time so that P and the accumulators stay in registers. Output columns go two vectors at a time
+/// where they can and ROWS <= 8 (2 x ROWS independent FMA chains, each P broadcast used twice; more
+/// rows would not fit the registers); every element
+/// still sums its keys in order t = 0, 1, ..., so the result is the same bits either way.
+INLINE void accumulate_pv(__global float *out, int outStride, int nrows, const float *P, const int pStride,
                           KV_SPACE const kv_t *v, long vStride, int jn, int Dv) {
     int c = 0;
-    for (; c + VEC <= Dv; c += VEC) {
-        floatV acc[ROWS];
-        UNROLL for (int r = 0; r < ROWS; r++) acc[r] = (r < nrows) ? vloadV(0, out + r * outStride + c) : (floatV)(0.0f);
-        if (jn == VEC) {
-            UNROLL for (int t = 0; t < VEC; t++) {
-                const floatV vv = KV_LOADV(v, t * vStride + c);
-                UNROLL for (int r = 0; r < ROWS; r++) acc[r] = fma((floatV)(P[r * VEC + t]), vv, acc[r]);
+#if ROWS <= 8
+    for (; c + 2 * VEC <= Dv; c += 2 * VEC) {
+        floatV acc[ROWS], acc2[ROWS];
+        UNROLL for (int r = 0; r < ROWS; r++) {
+            acc[r] = (r < nrows) ? vloadV(0, out + r * outStride + c) : (floatV)(0.0f);
+            acc2[r] = (r < nrows) ? vloadV(0, out + r * outStride + c + VEC) : (floatV)(0.0f);
+        }
+        if (jn == pStride) {
+            for (int t0 = 0; t0 < pStride; t0 += VEC) {
+                UNROLL for (int dt = 0; dt < VEC; dt++) {
+                    const int t = t0 + dt;
+                    const floatV vv = KV_LOADV(v, t * vStride + c);
+                    const floatV vv2 = KV_LOADV(v, t * vStride + c + VEC);
+                    UNROLL for (int r = 0; r < ROWS; r++) {
+                        const floatV pb = (floatV)(P[r * pStride + t]);
+                        acc[r] = fma(pb, vv, acc[r]);
+                        acc2[r] = fma(pb, vv2, acc2[r]);
+                    }
+                }
             }
         } else {
             for (int t = 0; t < jn; t++) {
                 const floatV vv = KV_LOADV(v, t * vStride + c);
-                UNROLL for (int r = 0; r < ROWS; r++) acc[r] = fma((floatV)(P[r * VEC + t]), vv, acc[r]);
+                const floatV vv2 = KV_LOADV(v, t * vStride + c + VEC);
+                UNROLL for (int r = 0; r < ROWS; r++) {
+                    const floatV pb = (floatV)(P[r * pStride + t]);
+                    acc[r] = fma(pb, vv, acc[r]);
+                    acc2[r] = fma(pb, vv2, acc2[r]);
+                }
+            }
+        }
+        UNROLL for (int r = 0; r < ROWS; r++) {
+            if (r < nrows) {
+                vstoreV(acc[r], 0, out + r * outStride + c);
+                vstoreV(acc2[r], 0, out + r * outStride + c + VEC);
+            }
+        }
+    }
+#endif
+    for (; c + VEC <= Dv; c += VEC) {
+        floatV acc[ROWS];
+        UNROLL for (int r = 0; r < ROWS; r++) acc[r] = (r < nrows) ? vloadV(0, out + r * outStride + c) : (floatV)(0.0f);
+        if (jn == pStride) {
+            for (int t0 = 0; t0 < pStride; t0 += VEC) {
+                UNROLL for (int dt = 0; dt < VEC; dt++) {
+                    const int t = t0 + dt;
+                    const floatV vv = KV_LOADV(v, t * vStride + c);
+                    UNROLL for (int r = 0; r < ROWS; r++) acc[r] = fma((floatV)(P[r * pStride + t]), vv, acc[r]);
+                }
+            }
+        } else {
+            for (int t = 0; t < jn; t++) {
+                const floatV vv = KV_LOADV(v, t * vStride + c);
+                UNROLL for (int r = 0; r < ROWS; r++) acc[r] = fma((floatV)(P[r * pStride + t]), vv, acc[r]);
             }
         }
         UNROLL for (int r = 0; r < ROWS; r++)
@@ -241,7 +287,7 @@ INLINE void accumulate_pv(__global float *out, int outStride, int nrows, const f
     for (; c < Dv; c++) {
         for (int r = 0; r < nrows; r++) {
             float acc = out[r * outStride + c];
-            for (int t = 0; t < jn; t++) acc = fma(P[r * VEC + t], KV_LOAD1(v, t * vStride + c), acc);
+            for (int t = 0; t < jn; t++) acc = fma(P[r * pStride + t], KV_LOAD1(v, t * vStride + c), acc);
             out[r * outStride + c] = acc;
         }
     }

@@ -192,7 +192,7 @@ __kernel void decode_partial(__global const float *q, __global const kv_t *k, __
             if (alpha != 1.0f) scale_row(oRows + r * p.Dv, p.Dv, alpha);
             vstoreV(e, 0, P + r * VEC);
         }
-        accumulate_pv(oRows, p.Dv, rows, P, vBlock, p.vStrideS, jn, p.Dv);
+        accumulate_pv(oRows, p.Dv, rows, P, VEC, vBlock, p.vStrideS, jn, p.Dv);
     }
     for (int r = 0; r < rows; r++) finish_row(oRows + r * p.Dv, p.Dv, lseRows + r, m[r], l[r], poisoned[r]);
 }
@@ -303,7 +303,7 @@ __kernel void decode_partial_heads(__global const float *q, __global const kv_t 
                 if (alpha != 1.0f) scale_row(oRows + r * p.Dv, p.Dv, alpha);
                 vstoreV(e, 0, P + r * VEC);
             }
-            accumulate_pv(oRows, p.Dv, rows, P, vBlock, p.vStrideS, jn, p.Dv);
+            accumulate_pv(oRows, p.Dv, rows, P, VEC, vBlock, p.vStrideS, jn, p.Dv);
         }
     }
     for (int kvh = 0; kvh < p.Hkv; kvh++) {

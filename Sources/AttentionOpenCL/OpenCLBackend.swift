@@ -199,10 +199,10 @@ public struct OpenCLBackend: AttentionBackend {
             case .additive(let values): sizes.append(4 * values.count)
             }
         }
-        let vec = kernelConfig(for: p)?.vectorWidth ?? 16
+        let block = kernelConfig(for: p)?.flashKeyBlock ?? 64
         switch choice {
         case .flash:
-            sizes.append(4 * p.batch * p.keyValueHeads * p.headDim * ((p.keyLength + vec - 1) / vec * vec))
+            sizes.append(4 * p.batch * p.keyValueHeads * p.headDim * ((p.keyLength + block - 1) / block * block))
         case .splitKV, .tiled:
             // Partial O and LSE per key split (none for an unsplit tiled launch).
             if choice.keySplits > 1 {
@@ -461,7 +461,7 @@ public struct OpenCLBackend: AttentionBackend {
     private func execute(
         _ p: AttentionProblem, _ launch: Launch, _ call: DeviceCall, state: ExecutionState
     ) throws(OpenCLError) {
-        var params = Self.parameters(p, keyPadding: launch.config.vectorWidth)
+        var params = Self.parameters(p, keyPadding: launch.config.flashKeyBlock)
         // The flash kernel reads fp32 Q and writes fp32 O through their strides, and (unless V is staged
         // in local memory) reads V as stored; the decode kernel reads K/V as stored and needs dense Q, O;
         // the tiled kernel reads fp32 Q, K and V as stored, and writes fp32 O through its strides

@@ -81,9 +81,17 @@ public struct OpenCLKernelConfig: Sendable, Hashable, Codable, CustomStringConve
             decodeTiles: GPUTiles.table(gpu, headDim: d, valueDim: dv, decodeRows: 8))
     }
 
+    /// Score vectors per step of the flash kernel (KBV): 4 when K/V are read through the caches, so
+    /// that the online softmax's reductions and O's rescaling, loads and stores come once per 4·VEC
+    /// keys (PoCL prefill-2k: 80-85 ms with one vector per step); 1 when tiles are staged in local memory.
+    var flashKeyVectors: Int { useLocalMemory ? 1 : 4 }
+
+    /// Keys per step of the flash kernel: its re-laid K is padded to a multiple of this.
+    var flashKeyBlock: Int { vectorWidth * flashKeyVectors }
+
     /// Build options of the flash program.
     var flashOptions: String {
-        "-cl-std=CL1.2 -cl-mad-enable -w -DVEC=\(vectorWidth) -DROWS=\(rows) "
+        "-cl-std=CL1.2 -cl-mad-enable -w -DVEC=\(vectorWidth) -DROWS=\(rows) -DKBV=\(flashKeyVectors) "
             + "-DUSE_LOCAL=\(useLocalMemory ? 1 : 0) -DKV_SPACE=\(useLocalMemory ? "__local" : "__global")"
     }
 
