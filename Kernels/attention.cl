@@ -55,17 +55,18 @@ __kernel void transpose_keys(__global const k_t *k, __global float *kt, int Nk, 
 }
 
 /// softmax_step over one block of KBV score vectors of a row, in place: s becomes P = exp(s - m_new).
-/// One maximum, one sum and one rescaling factor for the whole block.
+/// One maximum, one sum and one rescaling factor for the whole block. NaN scores are not looked
+/// for lane by lane: fmax passes over them, so exp(NaN - m_new) = NaN reaches l (and O), and the
+/// row ends poisoned through isnan(l) (see the caller); only a block that leaves the maximum at
+/// -inf, where P is all zero, is searched for NaN.
 INLINE void softmax_block(floatV *s, float *m, float *l, float *alpha, int *poisoned) {
     floatV top = s[0];
-    intV nan = isnan(s[0]);
-    UNROLL for (int u = 1; u < KBV; u++) {
-        top = fmax(top, s[u]);
-        nan |= isnan(s[u]);
-    }
-    if (any(nan)) *poisoned = 1;
+    UNROLL for (int u = 1; u < KBV; u++) top = fmax(top, s[u]);
     const float mNew = fmax(*m, hmax(top));
     if (mNew == -INFINITY) {
+        intV nan = isnan(s[0]);
+        UNROLL for (int u = 1; u < KBV; u++) nan |= isnan(s[u]);
+        if (any(nan)) *poisoned = 1;
         *alpha = 1.0f;
         UNROLL for (int u = 0; u < KBV; u++) s[u] = (floatV)(0.0f);
         return;
@@ -177,5 +178,5 @@ __kernel void flash_attention(__global const float *q, __global const float *kt,
         accumulate_pv(oRows, p.oStrideS, nrows, P, KB, vStep, vRowStride, jn, p.Dv);
     }
     for (int r = 0; r < nrows; r++)
-        finish_row(oRows + r * p.oStrideS, p.Dv, lse + rowBase + r, m[r], l[r], poisoned[r]);
+        finish_row(oRows + r * p.oStrideS, p.Dv, lse + rowBase + r, m[r], l[r], poisoned[r] || isnan(l[r]));
 }

@@ -134,16 +134,15 @@ INLINE float4 hsum4(floatV a, floatV b, floatV c, floatV d) {
     return x.even + x.odd;
 }
 
-/// e^x on VEC lanes, relative error below 2e-7: Cody-Waite reduction, degree-6 polynomial, 2^k built
-/// in the exponent bits. Lanes below -87.3 (and -inf) give exactly 0, NaN stays NaN, no libm call
-/// (PoCL scalarises the vector `exp`).
+/// e^x on VEC lanes for x <= 0 (the softmax's s - max), relative error below 2e-7: Cody-Waite
+/// reduction, degree-6 polynomial, 2^k built in the exponent bits in one step (x >= -87.3 gives
+/// k >= -126, a normal power of two). Lanes below -87.3 (and -inf) give exactly 0, NaN stays NaN,
+/// no libm call (PoCL scalarises the vector `exp`). Positive x is outside its contract.
 INLINE floatV vexp(floatV x) {
     const intV tiny = x < (floatV)(-87.3f);
-    floatV xc = select(x, (floatV)(-87.3f), tiny);
-    xc = select(xc, (floatV)(88.7f), xc > (floatV)(88.7f));
-    const floatV t = fma(xc, (floatV)(1.44269504f), (floatV)(12582912.0f));
+    const floatV t = fma(x, (floatV)(1.44269504f), (floatV)(12582912.0f));
     const floatV k = t - (floatV)(12582912.0f);
-    floatV r = fma(k, (floatV)(-0.693359375f), xc);
+    floatV r = fma(k, (floatV)(-0.693359375f), x);
     r = fma(k, (floatV)(2.12194440e-4f), r);
     floatV poly = (floatV)(1.9875691500e-4f);
     poly = fma(poly, r, (floatV)(1.3981999507e-3f));
@@ -152,12 +151,9 @@ INLINE floatV vexp(floatV x) {
     poly = fma(poly, r, (floatV)(1.6666665459e-1f));
     poly = fma(poly, r, (floatV)(5.0000001201e-1f));
     poly = fma(poly, r * r, r + (floatV)(1.0f));
-    const intV ki = as_intV(t) - (intV)(0x4B400000);
-    const intV k1 = ki >> 1;
-    const intV k2 = ki - k1;
-    const floatV s1 = as_floatV((k1 + (intV)(127)) << 23);
-    const floatV s2 = as_floatV((k2 + (intV)(127)) << 23);
-    return select(poly * s1 * s2, (floatV)(0.0f), tiny);
+    // as_int(t) - 0x4B400000 = k; (k + 127) << 23 = 2^k.
+    const floatV twoK = as_floatV((as_intV(t) - (intV)(0x4B400000 - 127)) << 23);
+    return select(poly * twoK, (floatV)(0.0f), tiny);
 }
 
 /// Turns raw dot products of one row into scores for keys j0 .. j0+VEC-1: scale, softcap,

@@ -102,6 +102,44 @@ struct OpenCLRobustness {
         ParityCase(batch: 1, heads: (8, 2), nq: 1, nk: 2000, d: 64, dv: 64, label: "split-KV"),
     ]
 
+    /// A NaN in one key poisons exactly the rows that see that key, among finite scores in the
+    /// same block; every other row is bitwise what it is without it. (The flash kernel finds such
+    /// rows through the row sum, exp(NaN) reaching it, rather than by testing every score.)
+    @Test func naNInOneKeyPoisonsExactlyTheRowsThatSeeIt() throws {
+        let c = cases[0]
+        let group = c.heads.q / c.heads.kv
+        let (batch, kvHead, key) = (c.batch - 1, 1, c.nk / 2 + 3)
+        let backends: [any AttentionBackend] = [BLASBackend()] + openCLBackends()
+        for backend in backends {
+            var (q, k, v) = try c.inputs()
+            let clean = try backend.attention(query: q, key: k, value: v, options: c.options)
+            k[batch, kvHead, key, 5] = .nan
+            let dirty = try backend.attention(query: q, key: k, value: v, options: c.options)
+            var poisonedRows = 0
+            for b in 0..<c.batch {
+                for h in 0..<c.heads.q {
+                    for i in 0..<c.nq {
+                        let row = (b * c.heads.q + h) * c.nq + i
+                        let range = row * c.dv..<(row + 1) * c.dv
+                        let seen = AttentionProblem.visibleKeys(
+                            query: i, queryLength: c.nq, keyLength: c.nk, causal: c.options.causal,
+                            window: c.options.window)
+                        if b == batch && h / group == kvHead && seen.lo <= key && key <= seen.hi {
+                            poisonedRows += 1
+                            #expect(dirty.output.storage[range].allSatisfy { $0.isNaN }, "\(backend.name) row \(row)")
+                            #expect(dirty.logSumExp.storage[row].isNaN, "\(backend.name) row \(row)")
+                        } else {
+                            #expect(
+                                clean.output.storage[range].map(\.bitPattern)
+                                    == dirty.output.storage[range].map(\.bitPattern), "\(backend.name) row \(row)")
+                        }
+                    }
+                }
+            }
+            #expect(poisonedRows > 0 && poisonedRows < c.heads.q * c.nq)
+        }
+    }
+
     @Test func naNInOneQueryRowLeavesOtherRowsBitwiseUnchanged() throws {
         for backend in openCLBackends() {
             for c in cases {
