@@ -84,9 +84,14 @@ public struct BLASBackend: AttentionBackend {
             * (tile.scratchBytesPerThread
                 + TileKernel.tileBytes(
                     problem, rows: tile.queryRows, keyBlock: tile.keyBlock, tiledProducts: usesTiledProducts(problem)))
-        // Decode by key ranges (a layout decision made per call) adds its partial results; prefill
-        // with the tiled products, the keys packed once for the call.
-        return perThread + (KeySplitPlan.make(problem)?.partialBytes(problem) ?? 0) + (sharedKeyBytes(problem) ?? 0)
+        // Decode by key ranges (a layout decision made per call): score, Q and O tiles of up to every
+        // head's rows per thread, and the partial results. Prefill with the tiled products: the keys
+        // packed once for the call.
+        let keySplit = KeySplitPlan.make(problem)
+        let rangeTiles = keySplit.map { plan in
+            threads * 4 * plan.rowsPerBatch(problem) * (plan.block + problem.headDim + problem.valueDim + 2)
+        }
+        return max(perThread, rangeTiles ?? 0) + (keySplit?.partialBytes(problem) ?? 0) + (sharedKeyBytes(problem) ?? 0)
     }
 
     public func plan(for problem: AttentionProblem) -> ExecutionPlan {
@@ -182,8 +187,11 @@ public struct BLASBackend: AttentionBackend {
         let partials = SplitPartials(problem, plan)
         defer { partials.deallocate() }
         let ranges = plan.ranges
-        parallel(problem.batch * ranges, problem, buffers, cpu, plan.tiling, maxRows: plan.rowsPerGroup) { kernel, i in
-            kernel.processKeyRange(batch: i / ranges, range: i % ranges, plan: plan, partials: partials)
+        let adjacent = KeySplitPlan.headRowsAdjacent(problem, buffers)
+        let rows = plan.tileRows(problem, headRowsAdjacent: adjacent)
+        parallel(problem.batch * ranges, problem, buffers, cpu, plan.tiling, maxRows: rows) { kernel, i in
+            kernel.processKeyRange(
+                batch: i / ranges, range: i % ranges, plan: plan, partials: partials, groupsOuter: adjacent)
         }
         parallel(problem.batch, problem, buffers, cpu, plan.tiling, maxRows: plan.rowsPerGroup) { kernel, b in
             let row = UnsafeMutablePointer<Float>.allocate(capacity: problem.valueDim)

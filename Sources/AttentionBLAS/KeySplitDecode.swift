@@ -21,9 +21,10 @@ struct KeySplitPlan {
     /// Query rows per K/V head: G · Nq.
     let rowsPerGroup: Int
 
-    /// Keys per inner block: small enough that one block of every head stays in cache while the
-    /// heads are walked.
-    static let blockKeys = 128
+    /// Keys per inner block: one block of every head stays in L2 while the heads are walked, and
+    /// the streams run long between the calls (measured on a decode with Hkv 2, 131k keys, fp16 K/V
+    /// in [B, H, N, D]: 4.2-4.8 ms with 512, 5.7-6.3 ms with 128).
+    static let blockKeys = 512
     /// Most query rows per K/V head the plan takes (the streaming kernels handle them 8 at a time).
     static let maxRowsPerGroup = 32
 
@@ -41,10 +42,20 @@ struct KeySplitPlan {
     /// two per thread (MQA, batch 1). Otherwise one item per K/V head streams longer contiguous runs
     /// (measured 11-13 ms against 15-17 ms on decode-32k fp32 [B, H, N, D] here).
     static func pays(_ p: AttentionProblem, _ buffers: AttentionBuffers, threads: Int) -> Bool {
-        let ks = buffers.key.strides(for: p.keyShape)
-        let vs = buffers.value.strides(for: p.valueShape)
-        let contiguous = ks.sequence == p.headDim && vs.sequence == p.valueDim
-        return !contiguous || p.batch * p.keyValueHeads < 2 * threads
+        !headRowsAdjacent(p, buffers) || p.batch * p.keyValueHeads < 2 * threads
+    }
+
+    /// Whether each K/V head's K rows and V rows are adjacent in memory ([B, H, N, D]): ranges then
+    /// walk one head group at a time; otherwise every group of a block in one call.
+    static func headRowsAdjacent(_ p: AttentionProblem, _ buffers: AttentionBuffers) -> Bool {
+        buffers.key.strides(for: p.keyShape).sequence == p.headDim
+            && buffers.value.strides(for: p.valueShape).sequence == p.valueDim
+    }
+
+    /// Query rows a worker's score tile holds: one head group's, or every head's when the groups of
+    /// a block are scored in one call.
+    func tileRows(_ p: AttentionProblem, headRowsAdjacent: Bool) -> Int {
+        headRowsAdjacent ? rowsPerGroup : rowsPerBatch(p)
     }
 
     /// The tiling of the per-thread tiles: one score tile of a head's rows by a block of keys.
@@ -86,7 +97,9 @@ struct SplitPartials: @unchecked Sendable {
 extension TileKernel {
     /// Keys of range `range` of batch entry `b`, for every query row of the batch entry: writes the
     /// range's normalised partial O and LSE.
-    func processKeyRange(batch b: Int, range: Int, plan: KeySplitPlan, partials: SplitPartials) {
+    /// `groupsOuter`: `KeySplitPlan.headRowsAdjacent` (then the score tile holds one group's rows,
+    /// else every head's).
+    func processKeyRange(batch b: Int, range: Int, plan: KeySplitPlan, partials: SplitPartials, groupsOuter: Bool) {
         let (d, dv, nq, g) = (p.headDim, p.valueDim, p.queryLength, p.groupSize)
         let rowsPerBatch = plan.rowsPerBatch(p)
         let firstPartialRow = (b * plan.ranges + range) * rowsPerBatch
@@ -104,35 +117,72 @@ extension TileKernel {
         let hi = min((range + 1) * plan.rangeLength, p.keyLength, last.hi + 1)
         let hasMask: Bool
         if case .none = mask { hasMask = false } else { hasMask = true }
-        // Every head group's query rows, fetched once for the whole range (widened into a tile of
-        // all the batch entry's rows when they cannot be used in place).
-        let items = (0..<p.keyValueHeads).map { group in
-            WorkItem(batch: b, head: group * g, headCount: g, queryStart: 0, queryEnd: nq, cost: 0)
-        }
-        let inPlace = items.map(queryRowsInPlace(of:))
-        let gatherTile = UnsafeMutablePointer<Float>.allocate(
-            capacity: inPlace.contains { $0 == nil } ? rowsPerBatch * d : 0)
-        defer { gatherTile.deallocate() }
-        let queries = items.indices.map { group in
-            inPlace[group] ?? gatherQueryRows(of: items[group], into: gatherTile + group * plan.rowsPerGroup * d)
-        }
-        var j0 = lo
-        while j0 < hi {
-            let width = min(plan.block, hi - j0)
-            let needsVisibility = hasMask || j0 < last.lo || j0 + width - 1 > first.hi
-            for group in 0..<p.keyValueHeads {
-                let item = items[group]
-                let rows = plan.rowsPerGroup
-                let (query, ldq) = queries[group]
-                let o = out + group * rows * dv
-                cpu.dot_scores(
-                    rows, width, query, ldq, k.dtype, k.row(b, group, j0), k.strides.sequence, d, p.scale, scores, ld)
-                prepareScores(
-                    item, span: nq, rows: rows, keyStart: j0, width: width, visibility: needsVisibility)
-                cpu.softmax_update(scores, ld, rows, width, rowMax + group * rows, rowSum + group * rows, o, dv, dv)
-                cpu.accumulate(rows, width, scores, ld, v.dtype, v.row(b, group, j0), v.strides.sequence, dv, o, dv)
+        let rows = plan.rowsPerGroup
+        // Each K/V head's rows adjacent ([B, H, N, D]): one head group at a time, each streaming its
+        // own rows. Otherwise ([B, N, H, D] caches, packed QKV views) every group of a block in one
+        // call, which reads the block's rows in address order (see `dot_scores_groups`); the scores
+        // of all groups share the tile.
+        let heads = p.keyValueHeads
+        if groupsOuter {
+            // Each head group's query rows, fetched once for the whole range (widened into a tile of
+            // all the batch entry's rows when they cannot be used in place).
+            let items = (0..<heads).map { group in
+                WorkItem(batch: b, head: group * g, headCount: g, queryStart: 0, queryEnd: nq, cost: 0)
             }
-            j0 += width
+            let inPlace = items.map(queryRowsInPlace(of:))
+            let gatherTile = UnsafeMutablePointer<Float>.allocate(
+                capacity: inPlace.contains { $0 == nil } ? rowsPerBatch * d : 0)
+            defer { gatherTile.deallocate() }
+            let queries = items.indices.map { group in
+                inPlace[group] ?? gatherQueryRows(of: items[group], into: gatherTile + group * rows * d)
+            }
+            var j0 = lo
+            while j0 < hi {
+                let width = min(plan.block, hi - j0)
+                let needsVisibility = hasMask || j0 < last.lo || j0 + width - 1 > first.hi
+                for group in 0..<heads {
+                    let (query, ldq) = queries[group]
+                    let o = out + group * rows * dv
+                    cpu.dot_scores(
+                        rows, width, query, ldq, k.dtype, k.row(b, group, j0), k.strides.sequence, d, p.scale, scores,
+                        ld)
+                    prepareScores(
+                        items[group], span: nq, rows: rows, keyStart: j0, width: width, visibility: needsVisibility)
+                    cpu.softmax_update(scores, ld, rows, width, rowMax + group * rows, rowSum + group * rows, o, dv, dv)
+                    cpu.accumulate(
+                        rows, width, scores, ld, v.dtype, v.row(b, group, j0), v.strides.sequence, dv, o, dv)
+                }
+                j0 += width
+            }
+        } else {
+            // Every head's query rows: in place when one stride apart, else widened into a tile.
+            let all = WorkItem(batch: b, head: 0, headCount: p.queryHeads, queryStart: 0, queryEnd: nq, cost: 0)
+            let inPlace = queryRowsInPlace(of: all)
+            let gatherTile = UnsafeMutablePointer<Float>.allocate(capacity: inPlace == nil ? rowsPerBatch * d : 0)
+            defer { gatherTile.deallocate() }
+            let (query, ldq) = inPlace ?? gatherQueryRows(of: all, into: gatherTile)
+            let groupScores = rows * ld
+            var j0 = lo
+            while j0 < hi {
+                let width = min(plan.block, hi - j0)
+                let needsVisibility = hasMask || j0 < last.lo || j0 + width - 1 > first.hi
+                cpu.dot_scores_groups(
+                    heads, rows, width, query, ldq, rows * ldq, k.dtype, k.row(b, 0, j0), k.strides.sequence, nil,
+                    k.strides.head, d, p.scale, scores, ld, groupScores)
+                for group in 0..<heads {
+                    let item = WorkItem(batch: b, head: group * g, headCount: g, queryStart: 0, queryEnd: nq, cost: 0)
+                    prepareScores(
+                        item, span: nq, rows: rows, keyStart: j0, width: width, visibility: needsVisibility,
+                        tile: scores + group * groupScores)
+                    cpu.softmax_update(
+                        scores + group * groupScores, ld, rows, width, rowMax + group * rows, rowSum + group * rows,
+                        out + group * rows * dv, dv, dv)
+                }
+                cpu.accumulate_groups(
+                    heads, rows, width, scores, ld, groupScores, v.dtype, v.row(b, 0, j0), v.strides.sequence, nil,
+                    v.strides.head, dv, out, dv, rows * dv)
+                j0 += width
+            }
         }
         cpu.finish(rowsPerBatch, out, dv, dv, rowMax, rowSum, partials.logSumExp + firstPartialRow)
     }

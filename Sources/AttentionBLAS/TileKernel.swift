@@ -298,8 +298,12 @@ struct TileKernel {
     static let streamingRows = 8
 
     /// Softcap, then (when `visibility`) the causal/window bounds of each row and the mask, on the
-    /// score tile's first `rows` rows.
-    func prepareScores(_ item: WorkItem, span: Int, rows: Int, keyStart j0: Int, width: Int, visibility: Bool) {
+    /// first `rows` rows of `tile` (by default the score tile).
+    func prepareScores(
+        _ item: WorkItem, span: Int, rows: Int, keyStart j0: Int, width: Int, visibility: Bool,
+        tile: UnsafeMutablePointer<Float>? = nil
+    ) {
+        let scores = tile ?? self.scores
         if let cap = p.options.softcap { cpu.softcap(scores, ld, rows, width, cap) }
         guard visibility else { return }
         for r in 0..<rows {
