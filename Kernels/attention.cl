@@ -54,33 +54,6 @@ __kernel void transpose_keys(__global const k_t *k, __global float *kt, int Nk, 
     kt[((bh * (NkPad / VEC) + j / VEC) * D + c) * VEC + j % VEC] = j < Nk ? K_LOAD1(k, source) : 0.0f;
 }
 
-/// softmax_step over one block of KBV score vectors of a row, in place: s becomes P = exp(s - m_new).
-/// One maximum, one sum and one rescaling factor for the whole block. NaN scores are not looked
-/// for lane by lane: fmax passes over them, so exp(NaN - m_new) = NaN reaches l (and O), and the
-/// row ends poisoned through isnan(l) (see the caller); only a block that leaves the maximum at
-/// -inf, where P is all zero, is searched for NaN.
-INLINE void softmax_block(floatV *s, float *m, float *l, float *alpha, int *poisoned) {
-    floatV top = s[0];
-    UNROLL for (int u = 1; u < KBV; u++) top = fmax(top, s[u]);
-    const float mNew = fmax(*m, hmax(top));
-    if (mNew == -INFINITY) {
-        intV nan = isnan(s[0]);
-        UNROLL for (int u = 1; u < KBV; u++) nan |= isnan(s[u]);
-        if (any(nan)) *poisoned = 1;
-        *alpha = 1.0f;
-        UNROLL for (int u = 0; u < KBV; u++) s[u] = (floatV)(0.0f);
-        return;
-    }
-    *alpha = (*m == -INFINITY) ? 0.0f : (*m == mNew ? 1.0f : exp(*m - mNew));
-    floatV sum = (floatV)(0.0f);
-    UNROLL for (int u = 0; u < KBV; u++) {
-        s[u] = vexp(s[u] - mNew);
-        sum += s[u];
-    }
-    *l = *l * *alpha + hsum(sum);
-    *m = mNew;
-}
-
 /// Global size (roundUp(ceil(Nq / ROWS), local size), B * Hq); local size (WG, 1).
 __kernel void flash_attention(__global const float *q, __global const float *kt, __global const kv_t *v,
                               __global const float *maskF, __global const uchar *maskB,
@@ -170,7 +143,7 @@ __kernel void flash_attention(__global const float *q, __global const float *kt,
                 UNROLL for (int u = 0; u < KBV; u++)
                     s[u] = finish_scores(p, dots[r][u], r0 + r, j0 + u * VEC, needsMasking, maskF, maskB, maskRows[r]);
                 float alpha;
-                softmax_block(s, &m[r], &l[r], &alpha, &poisoned[r]);
+                softmax_block(s, KBV, &m[r], &l[r], &alpha, &poisoned[r]);
                 if (alpha != 1.0f) scale_row(oRows + r * p.oStrideS, p.Dv, alpha);
                 UNROLL for (int u = 0; u < KBV; u++) vstoreV(s[u], 0, P + r * KB + u * VEC);
             }

@@ -188,20 +188,33 @@ INLINE floatV finish_scores(const Params p, floatV dots, int i, int j0, int need
     return select((floatV)(-INFINITY), s, visible);
 }
 
-/// Online-softmax update of one row with a block of scores: returns P = exp(s - m_new) and
-/// updates m, l. `alpha` receives the factor the row's accumulated output must be multiplied by.
-INLINE floatV softmax_step(floatV s, float *m, float *l, float *alpha, int *poisoned) {
-    if (any(isnan(s))) *poisoned = 1;
-    float mNew = fmax(*m, hmax(s));
+/// Online-softmax update of one row with a block of n score vectors (n a constant after inlining),
+/// in place: s becomes P = exp(s - m_new), m and l are updated, and `alpha` receives the factor the
+/// row's accumulated output must be multiplied by. One maximum, one sum and one rescaling factor
+/// for the whole block. NaN scores are not looked for lane by lane: fmax passes over them, so
+/// exp(NaN - m_new) = NaN reaches l (and O), and the row ends poisoned through isnan(l) (the callers
+/// pass `poisoned || isnan(l)` to finish_row); only a block that leaves the maximum at -inf, where
+/// P is all zero, is searched for NaN.
+INLINE void softmax_block(floatV *s, const int n, float *m, float *l, float *alpha, int *poisoned) {
+    floatV top = s[0];
+    UNROLL for (int u = 1; u < n; u++) top = fmax(top, s[u]);
+    const float mNew = fmax(*m, hmax(top));
     if (mNew == -INFINITY) {
+        intV nan = isnan(s[0]);
+        UNROLL for (int u = 1; u < n; u++) nan |= isnan(s[u]);
+        if (any(nan)) *poisoned = 1;
         *alpha = 1.0f;
-        return (floatV)(0.0f);
+        UNROLL for (int u = 0; u < n; u++) s[u] = (floatV)(0.0f);
+        return;
     }
     *alpha = (*m == -INFINITY) ? 0.0f : (*m == mNew ? 1.0f : exp(*m - mNew));
-    floatV e = vexp(s - mNew);
-    *l = *l * *alpha + hsum(e);
+    floatV sum = (floatV)(0.0f);
+    UNROLL for (int u = 0; u < n; u++) {
+        s[u] = vexp(s[u] - mNew);
+        sum += s[u];
+    }
+    *l = *l * *alpha + hsum(sum);
     *m = mNew;
-    return e;
 }
 
 /// out[0..n) *= factor
@@ -211,13 +224,32 @@ INLINE void scale_row(__global float *out, int n, float factor) {
     for (; c < n; c++) out[c] *= factor;
 }
 
+/// One key t of P·V on output columns [c, c + VEC) of ROWS rows: acc[r] += P[r][t] * v[t][c ..].
+INLINE void pv_key(floatV *acc, const float *P, const int pStride, KV_SPACE const kv_t *v, long vStride, int t, int c) {
+    const floatV vv = KV_LOADV(v, t * vStride + c);
+    UNROLL for (int r = 0; r < ROWS; r++) acc[r] = fma((floatV)(P[r * pStride + t]), vv, acc[r]);
+}
+
+/// pv_key on two column vectors at once, [c, c + VEC) into acc and [c + VEC, c + 2 VEC) into acc2
+/// (each P broadcast used twice).
+INLINE void pv_key2(floatV *acc, floatV *acc2, const float *P, const int pStride, KV_SPACE const kv_t *v, long vStride,
+                    int t, int c) {
+    const floatV vv = KV_LOADV(v, t * vStride + c);
+    const floatV vv2 = KV_LOADV(v, t * vStride + c + VEC);
+    UNROLL for (int r = 0; r < ROWS; r++) {
+        const floatV pb = (floatV)(P[r * pStride + t]);
+        acc[r] = fma(pb, vv, acc[r]);
+        acc2[r] = fma(pb, vv2, acc2[r]);
+    }
+}
+
 /// out[r][0..Dv) += sum over t < jn of P[r * pStride + t] * v[t][0..Dv), for rows r < nrows (row
 /// stride outStride), with P a private ROWS x pStride array (pStride a multiple of VEC, a constant
 /// after inlining) and v rows vStride apart. Full blocks (jn == pStride) are unrolled VEC keys at a
 /// time so that P and the accumulators stay in registers. Output columns go two vectors at a time
-/// where they can and ROWS <= 8 (2 x ROWS independent FMA chains, each P broadcast used twice; more
-/// rows would not fit the registers); every element
-/// still sums its keys in order t = 0, 1, ..., so the result is the same bits either way.
+/// where they can and ROWS <= 8 (2 x ROWS independent FMA chains; more rows would not fit the
+/// registers); every element still sums its keys in order t = 0, 1, ..., so the result is the same
+/// bits either way.
 INLINE void accumulate_pv(__global float *out, int outStride, int nrows, const float *P, const int pStride,
                           KV_SPACE const kv_t *v, long vStride, int jn, int Dv) {
     int c = 0;
@@ -229,28 +261,10 @@ INLINE void accumulate_pv(__global float *out, int outStride, int nrows, const f
             acc2[r] = (r < nrows) ? vloadV(0, out + r * outStride + c + VEC) : (floatV)(0.0f);
         }
         if (jn == pStride) {
-            for (int t0 = 0; t0 < pStride; t0 += VEC) {
-                UNROLL for (int dt = 0; dt < VEC; dt++) {
-                    const int t = t0 + dt;
-                    const floatV vv = KV_LOADV(v, t * vStride + c);
-                    const floatV vv2 = KV_LOADV(v, t * vStride + c + VEC);
-                    UNROLL for (int r = 0; r < ROWS; r++) {
-                        const floatV pb = (floatV)(P[r * pStride + t]);
-                        acc[r] = fma(pb, vv, acc[r]);
-                        acc2[r] = fma(pb, vv2, acc2[r]);
-                    }
-                }
-            }
+            for (int t0 = 0; t0 < pStride; t0 += VEC)
+                UNROLL for (int dt = 0; dt < VEC; dt++) pv_key2(acc, acc2, P, pStride, v, vStride, t0 + dt, c);
         } else {
-            for (int t = 0; t < jn; t++) {
-                const floatV vv = KV_LOADV(v, t * vStride + c);
-                const floatV vv2 = KV_LOADV(v, t * vStride + c + VEC);
-                UNROLL for (int r = 0; r < ROWS; r++) {
-                    const floatV pb = (floatV)(P[r * pStride + t]);
-                    acc[r] = fma(pb, vv, acc[r]);
-                    acc2[r] = fma(pb, vv2, acc2[r]);
-                }
-            }
+            for (int t = 0; t < jn; t++) pv_key2(acc, acc2, P, pStride, v, vStride, t, c);
         }
         UNROLL for (int r = 0; r < ROWS; r++) {
             if (r < nrows) {
@@ -264,18 +278,10 @@ INLINE void accumulate_pv(__global float *out, int outStride, int nrows, const f
         floatV acc[ROWS];
         UNROLL for (int r = 0; r < ROWS; r++) acc[r] = (r < nrows) ? vloadV(0, out + r * outStride + c) : (floatV)(0.0f);
         if (jn == pStride) {
-            for (int t0 = 0; t0 < pStride; t0 += VEC) {
-                UNROLL for (int dt = 0; dt < VEC; dt++) {
-                    const int t = t0 + dt;
-                    const floatV vv = KV_LOADV(v, t * vStride + c);
-                    UNROLL for (int r = 0; r < ROWS; r++) acc[r] = fma((floatV)(P[r * pStride + t]), vv, acc[r]);
-                }
-            }
+            for (int t0 = 0; t0 < pStride; t0 += VEC)
+                UNROLL for (int dt = 0; dt < VEC; dt++) pv_key(acc, P, pStride, v, vStride, t0 + dt, c);
         } else {
-            for (int t = 0; t < jn; t++) {
-                const floatV vv = KV_LOADV(v, t * vStride + c);
-                UNROLL for (int r = 0; r < ROWS; r++) acc[r] = fma((floatV)(P[r * pStride + t]), vv, acc[r]);
-            }
+            for (int t = 0; t < jn; t++) pv_key(acc, P, pStride, v, vStride, t, c);
         }
         UNROLL for (int r = 0; r < ROWS; r++)
             if (r < nrows) vstoreV(acc[r], 0, out + r * outStride + c);

@@ -112,7 +112,8 @@ public struct MachineProfile: Codable, Sendable, Equatable {
             }
             for tuned in entry.openclConfigs ?? [] {
                 let c = tuned.value
-                guard [4, 8, 16].contains(c.vectorWidth), (1...64).contains(c.rows), (1...4096).contains(c.workGroup),
+                guard OpenCLKernelConfig.vectorWidths.contains(c.vectorWidth), (1...64).contains(c.rows),
+                    (1...4096).contains(c.workGroup),
                     (1...4096).contains(c.decodeRows), (1...(1 << 24)).contains(c.minKeysPerSplit)
                 else { return "\(name) kernel configuration \(c) for head dim \(tuned.headDim)" }
             }

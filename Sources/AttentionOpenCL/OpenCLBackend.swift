@@ -199,7 +199,7 @@ public struct OpenCLBackend: AttentionBackend {
             case .additive(let values): sizes.append(4 * values.count)
             }
         }
-        let block = kernelConfig(for: p)?.flashKeyBlock ?? 64
+        let block = kernelConfig(for: p)?.flashKeyBlock ?? OpenCLKernelConfig.largestFlashKeyBlock
         switch choice {
         case .flash:
             sizes.append(4 * p.batch * p.keyValueHeads * p.headDim * ((p.keyLength + block - 1) / block * block))

@@ -81,10 +81,20 @@ public struct OpenCLKernelConfig: Sendable, Hashable, Codable, CustomStringConve
             decodeTiles: GPUTiles.table(gpu, headDim: d, valueDim: dv, decodeRows: 8))
     }
 
+    /// The float vector widths the kernels take (VEC).
+    public static let vectorWidths = [4, 8, 16]
+
+    /// The largest `flashKeyBlock` of any configuration: the widest vectors, read through the caches.
+    static var largestFlashKeyBlock: Int {
+        (vectorWidths.max() ?? 16) * OpenCLKernelConfig.keyVectors(useLocalMemory: false)
+    }
+
     /// Score vectors per step of the flash kernel (KBV): 4 when K/V are read through the caches, so
     /// that the online softmax's reductions and O's rescaling, loads and stores come once per 4·VEC
     /// keys (PoCL prefill-2k: 80-85 ms with one vector per step); 1 when tiles are staged in local memory.
-    var flashKeyVectors: Int { useLocalMemory ? 1 : 4 }
+    var flashKeyVectors: Int { Self.keyVectors(useLocalMemory: useLocalMemory) }
+
+    private static func keyVectors(useLocalMemory: Bool) -> Int { useLocalMemory ? 1 : 4 }
 
     /// Keys per step of the flash kernel: its re-laid K is padded to a multiple of this.
     var flashKeyBlock: Int { vectorWidth * flashKeyVectors }

@@ -223,7 +223,9 @@ struct Run: ParsableCommand {
             }
             switch parts[0].lowercased() {
             case "vec":
-                guard [4, 8, 16].contains(value) else { throw CLIError("--kernel-config: vec must be 4, 8 or 16") }
+                guard OpenCLKernelConfig.vectorWidths.contains(value) else {
+                    throw CLIError("--kernel-config: vec must be 4, 8 or 16")
+                }
                 config.vectorWidth = value
             case "rows": config.rows = max(1, value)
             case "wg": config.workGroup = max(1, value)

@@ -103,10 +103,11 @@ struct OpenCLRobustness {
     ]
 
     /// A NaN in one key poisons exactly the rows that see that key, among finite scores in the
-    /// same block; every other row is bitwise what it is without it. (The flash kernel finds such
-    /// rows through the row sum, exp(NaN) reaching it, rather than by testing every score.)
-    @Test func naNInOneKeyPoisonsExactlyTheRowsThatSeeIt() throws {
-        let c = cases[0]
+    /// same block; every other row is bitwise what it is without it, in the flash kernel (prefill)
+    /// and the split-KV decode kernel. (Both find such rows through the row sum, exp(NaN) reaching
+    /// it, rather than by testing every score.)
+    @Test(arguments: [0, 1]) func naNInOneKeyPoisonsExactlyTheRowsThatSeeIt(_ index: Int) throws {
+        let c = cases[index]
         let group = c.heads.q / c.heads.kv
         let (batch, kvHead, key) = (c.batch - 1, 1, c.nk / 2 + 3)
         let backends: [any AttentionBackend] = [BLASBackend()] + openCLBackends()
