@@ -639,35 +639,51 @@ static inline __attribute__((always_inline)) void accumulate_key1(int dtype, ptr
     }
 }
 
+/// Where head group g's rows are, its rows being group_bytes after group 0's: strided rows move the
+/// base, a row table moves the offset added to each of its entries (`row_at`).
+typedef struct {
+    const char *base;
+    ptrdiff_t offset;
+} ak_group_rows;
+
+static inline __attribute__((always_inline)) ak_group_rows group_rows(const void *base, const void *const *table,
+                                                                      ptrdiff_t g, ptrdiff_t group_bytes) {
+    const ak_group_rows rows = {(const char *)base + (table ? 0 : g * group_bytes), table ? g * group_bytes : 0};
+    return rows;
+}
+
+/// Whether the group kernels prefetch into L1: one step of four keys over every group needs at most
+/// AK_L1_PREFETCH_LINES lines.
+static inline __attribute__((always_inline)) int prefetch_to_l1(ptrdiff_t groups, ptrdiff_t used_bytes) {
+    return groups * 4 * ((used_bytes + 63) / 64) <= AK_L1_PREFETCH_LINES;
+}
+
 /// The scores of `groups` head groups (`dot_scores_groups`; one group: `dot_scores`). Each K element
 /// is loaded (and widened) once per four query rows and used by all of them: four keys at a time,
 /// their sums reduced together, the last keys one at a time; keys outermost, and for each four keys
-/// every group's rows in turn. Where the groups' rows of one key lie side by side ([B, N, H, D] caches, pages)
-/// memory is then read in address order; walking one group's rows over a whole block and then the
-/// next group's (rows H·D elements apart) streamed at 13-19 GB/s against 33 GB/s in address order
-/// on this project's 2-core Zen 5 machine. Group g's key rows are k_group_bytes after group 0's:
-/// its base moves (strided rows) or the offset added to each table entry does (a row table).
+/// every group's rows in turn. Where the groups' rows of one key lie side by side ([B, N, H, D]
+/// caches, pages) memory is then read in address order; walking one group's rows over a whole block
+/// and then the next group's (rows H·D elements apart) streamed at 13-19 GB/s against 33 GB/s in
+/// address order on the 2-core Zen 5 machine.
 static inline __attribute__((always_inline)) void dot_groups_body(
     int dtype, ptrdiff_t groups, ptrdiff_t rows, ptrdiff_t width, const float *q, ptrdiff_t ldq, ptrdiff_t q_group,
     const void *k, ptrdiff_t ldk, const void *const *k_rows, ptrdiff_t k_group_bytes, ptrdiff_t d, float scale,
     float *scores, ptrdiff_t ld, ptrdiff_t s_group) {
     const ptrdiff_t row_bytes = ldk * dtype_size(dtype), used_bytes = d * dtype_size(dtype);
-    const int to_l1 = groups * 4 * ((used_bytes + 63) / 64) <= AK_L1_PREFETCH_LINES;
+    const int to_l1 = prefetch_to_l1(groups, used_bytes);
     ptrdiff_t j = 0;
     for (; j + 4 <= width; j += 4) {
         for (ptrdiff_t g = 0; g < groups; g++) {
-            const char *kg = (const char *)k + (k_rows ? 0 : g * k_group_bytes);
-            const ptrdiff_t offset = k_rows ? g * k_group_bytes : 0;
-            prefetch_rows_ahead(kg, row_bytes, k_rows, offset, j, 4, width, used_bytes, to_l1);
-            dot_keys4(dtype, rows, q + g * q_group, ldq, kg, row_bytes, k_rows, offset, j, d, scale,
+            const ak_group_rows kg = group_rows(k, k_rows, g, k_group_bytes);
+            prefetch_rows_ahead(kg.base, row_bytes, k_rows, kg.offset, j, 4, width, used_bytes, to_l1);
+            dot_keys4(dtype, rows, q + g * q_group, ldq, kg.base, row_bytes, k_rows, kg.offset, j, d, scale,
                       scores + g * s_group, ld);
         }
     }
     for (; j < width; j++) {
         for (ptrdiff_t g = 0; g < groups; g++) {
-            const char *kg = (const char *)k + (k_rows ? 0 : g * k_group_bytes);
-            const ptrdiff_t offset = k_rows ? g * k_group_bytes : 0;
-            dot_key1(dtype, rows, q + g * q_group, ldq, row_at(kg, row_bytes, k_rows, offset, j), d, scale,
+            const ak_group_rows kg = group_rows(k, k_rows, g, k_group_bytes);
+            dot_key1(dtype, rows, q + g * q_group, ldq, row_at(kg.base, row_bytes, k_rows, kg.offset, j), d, scale,
                      scores + g * s_group + j, ld);
         }
     }
@@ -680,23 +696,21 @@ static inline __attribute__((always_inline)) void accumulate_groups_body(
     const void *v, ptrdiff_t ldv, const void *const *v_rows, ptrdiff_t v_group_bytes, ptrdiff_t dv, float *out,
     ptrdiff_t ldo, ptrdiff_t o_group) {
     const ptrdiff_t row_bytes = ldv * dtype_size(dtype), used_bytes = dv * dtype_size(dtype);
-    const int to_l1 = groups * 4 * ((used_bytes + 63) / 64) <= AK_L1_PREFETCH_LINES;
+    const int to_l1 = prefetch_to_l1(groups, used_bytes);
     ptrdiff_t j = 0;
     for (; j + 4 <= width; j += 4) {
         for (ptrdiff_t g = 0; g < groups; g++) {
-            const char *vg = (const char *)v + (v_rows ? 0 : g * v_group_bytes);
-            const ptrdiff_t offset = v_rows ? g * v_group_bytes : 0;
-            prefetch_rows_ahead(vg, row_bytes, v_rows, offset, j, 4, width, used_bytes, to_l1);
-            accumulate_keys4(dtype, rows, p + g * p_group, ld, vg, row_bytes, v_rows, offset, j, dv, out + g * o_group,
-                             ldo);
+            const ak_group_rows vg = group_rows(v, v_rows, g, v_group_bytes);
+            prefetch_rows_ahead(vg.base, row_bytes, v_rows, vg.offset, j, 4, width, used_bytes, to_l1);
+            accumulate_keys4(dtype, rows, p + g * p_group, ld, vg.base, row_bytes, v_rows, vg.offset, j, dv,
+                             out + g * o_group, ldo);
         }
     }
     for (; j < width; j++) {
         for (ptrdiff_t g = 0; g < groups; g++) {
-            const char *vg = (const char *)v + (v_rows ? 0 : g * v_group_bytes);
-            const ptrdiff_t offset = v_rows ? g * v_group_bytes : 0;
-            accumulate_key1(dtype, rows, p + g * p_group, ld, row_at(vg, row_bytes, v_rows, offset, j), j, dv,
-                            out + g * o_group, ldo);
+            const ak_group_rows vg = group_rows(v, v_rows, g, v_group_bytes);
+            accumulate_key1(dtype, rows, p + g * p_group, ld, row_at(vg.base, row_bytes, v_rows, vg.offset, j), j,
+                            dv, out + g * o_group, ldo);
         }
     }
 }
