@@ -187,8 +187,28 @@ public struct MultiDeviceBackend: AttentionBackend {
 
     // MARK: AttentionBackend
 
+    /// The partition and every member's support of its part: what `plan(for:)` decides, without
+    /// its workspace sum and path text (the dispatcher asks this on every call).
     public func support(for problem: AttentionProblem) -> BackendSupport {
-        plan(for: problem).support
+        let partition: Partition
+        do throws(AttentionError) {
+            partition = try self.partition(problem)
+        } catch {
+            return .unsupported(reason: Self.unsplittable(error))
+        }
+        for part in partition.parts {
+            let member = members[part.member]
+            if case .unsupported(let reason) = member.support(for: part.problem) {
+                return .unsupported(reason: Self.memberRefuses(member, reason))
+            }
+        }
+        return .supported
+    }
+
+    private static func unsplittable(_ error: AttentionError) -> String { "cannot split the problem: \(error)" }
+
+    private static func memberRefuses(_ member: any AttentionBackend, _ reason: String) -> String {
+        "\(member.id) cannot run its part: \(reason)"
     }
 
     public func workspaceBytes(for problem: AttentionProblem) -> Int {
@@ -200,7 +220,7 @@ public struct MultiDeviceBackend: AttentionBackend {
         do throws(AttentionError) {
             partition = try self.partition(problem)
         } catch {
-            return ExecutionPlan(support: .unsupported(reason: "cannot split the problem: \(error)"), workspaceBytes: 0)
+            return ExecutionPlan(support: .unsupported(reason: Self.unsplittable(error)), workspaceBytes: 0)
         }
         var workspace = 0
         var shares: [String] = []
@@ -209,7 +229,7 @@ public struct MultiDeviceBackend: AttentionBackend {
             let plan = member.plan(for: part.problem)
             if case .unsupported(let reason) = plan.support {
                 return ExecutionPlan(
-                    support: .unsupported(reason: "\(member.id) cannot run its part: \(reason)"), workspaceBytes: 0)
+                    support: .unsupported(reason: Self.memberRefuses(member, reason)), workspaceBytes: 0)
             }
             workspace += plan.workspaceBytes + Self.scratchBytes(part.problem, split: partition.split)
             let count: Int
