@@ -40,7 +40,8 @@ struct KeySplitPlan {
     /// Whether key ranges pay for this call: when a head's K or V rows are not adjacent in memory
     /// ([B, N, H, D] caches, packed QKV views), or when there are fewer (batch, K/V head) items than
     /// two per thread (MQA, batch 1). Otherwise one item per K/V head streams longer contiguous runs
-    /// (measured 11-13 ms against 15-17 ms on decode-32k fp32 [B, H, N, D] here).
+    /// (measured 11-13 ms against 15-17 ms on decode-32k fp32 [B, H, N, D] with 128-key blocks; with
+    /// 512-key blocks the two are within the noise, 10.5-11.2 against 11.1-11.3 ms).
     static func pays(_ p: AttentionProblem, _ buffers: AttentionBuffers, threads: Int) -> Bool {
         !headRowsAdjacent(p, buffers) || p.batch * p.keyValueHeads < 2 * threads
     }
@@ -58,7 +59,8 @@ struct KeySplitPlan {
         headRowsAdjacent ? rowsPerGroup : rowsPerBatch(p)
     }
 
-    /// The tiling of the per-thread tiles: one score tile of a head's rows by a block of keys.
+    /// The tiling of the per-thread tiles: a score tile of a head group's rows (`tileRows` says how
+    /// many groups) by a block of keys.
     var tiling: BLASTiling { BLASTiling(queryRows: rowsPerGroup, keyBlock: block) }
 
     /// Bytes of the partial results (O, LSE, running max and sum of every row of every range).
