@@ -119,72 +119,56 @@ extension TileKernel {
         let hi = min((range + 1) * plan.rangeLength, p.keyLength, last.hi + 1)
         let hasMask: Bool
         if case .none = mask { hasMask = false } else { hasMask = true }
-        let rows = plan.rowsPerGroup
-        // Each K/V head's rows adjacent ([B, H, N, D]): one head group at a time, each streaming its
-        // own rows. Otherwise ([B, N, H, D] caches, packed QKV views) every group of a block in one
-        // call, which reads the block's rows in address order (see `dot_scores_groups`); the scores
-        // of all groups share the tile.
-        let heads = p.keyValueHeads
+        let (rows, heads) = (plan.rowsPerGroup, p.keyValueHeads)
+        let items = (0..<heads).map { group in
+            WorkItem(batch: b, head: group * g, headCount: g, queryStart: 0, queryEnd: nq, cost: 0)
+        }
+        // Each group's query rows, fetched once for the whole range: in place where they can be,
+        // else widened into a tile of all the batch entry's rows. Scored together, the groups' rows
+        // must be one stride apart, so they are taken (or widened) as one run of every head's rows.
+        let all = WorkItem(batch: b, head: 0, headCount: p.queryHeads, queryStart: 0, queryEnd: nq, cost: 0)
+        let inPlace = groupsOuter ? items.map(queryRowsInPlace(of:)) : [queryRowsInPlace(of: all)]
+        let gatherTile = UnsafeMutablePointer<Float>.allocate(
+            capacity: inPlace.contains { $0 == nil } ? rowsPerBatch * d : 0)
+        defer { gatherTile.deallocate() }
+        let queries: [(UnsafePointer<Float>, Int)]
         if groupsOuter {
-            // Each head group's query rows, fetched once for the whole range (widened into a tile of
-            // all the batch entry's rows when they cannot be used in place).
-            let items = (0..<heads).map { group in
-                WorkItem(batch: b, head: group * g, headCount: g, queryStart: 0, queryEnd: nq, cost: 0)
-            }
-            let inPlace = items.map(queryRowsInPlace(of:))
-            let gatherTile = UnsafeMutablePointer<Float>.allocate(
-                capacity: inPlace.contains { $0 == nil } ? rowsPerBatch * d : 0)
-            defer { gatherTile.deallocate() }
-            let queries = items.indices.map { group in
+            queries = items.indices.map { group in
                 inPlace[group] ?? gatherQueryRows(of: items[group], into: gatherTile + group * rows * d)
             }
-            var j0 = lo
-            while j0 < hi {
-                let width = min(plan.block, hi - j0)
-                let needsVisibility = hasMask || j0 < last.lo || j0 + width - 1 > first.hi
-                for group in 0..<heads {
-                    let (query, ldq) = queries[group]
-                    let o = out + group * rows * dv
-                    cpu.dot_scores(
-                        rows, width, query, ldq, k.dtype, k.row(b, group, j0), k.strides.sequence, d, p.scale, scores,
-                        ld)
-                    prepareScores(
-                        items[group], span: nq, rows: rows, keyStart: j0, width: width, visibility: needsVisibility)
-                    cpu.softmax_update(scores, ld, rows, width, rowMax + group * rows, rowSum + group * rows, o, dv, dv)
-                    cpu.accumulate(
-                        rows, width, scores, ld, v.dtype, v.row(b, group, j0), v.strides.sequence, dv, o, dv)
-                }
-                j0 += width
-            }
         } else {
-            // Every head's query rows: in place when one stride apart, else widened into a tile.
-            let all = WorkItem(batch: b, head: 0, headCount: p.queryHeads, queryStart: 0, queryEnd: nq, cost: 0)
-            let inPlace = queryRowsInPlace(of: all)
-            let gatherTile = UnsafeMutablePointer<Float>.allocate(capacity: inPlace == nil ? rowsPerBatch * d : 0)
-            defer { gatherTile.deallocate() }
-            let (query, ldq) = inPlace ?? gatherQueryRows(of: all, into: gatherTile)
-            let groupScores = rows * ld
-            var j0 = lo
-            while j0 < hi {
-                let width = min(plan.block, hi - j0)
-                let needsVisibility = hasMask || j0 < last.lo || j0 + width - 1 > first.hi
+            let (query, ldq) = inPlace[0] ?? gatherQueryRows(of: all, into: gatherTile)
+            queries = (0..<heads).map { group in (query + group * rows * ldq, ldq) }
+        }
+        // The passes over each block. Each K/V head's rows adjacent ([B, H, N, D]): one head group
+        // per pass, each streaming its own rows. Otherwise ([B, N, H, D] caches, packed QKV views)
+        // every group in one pass, whose calls read the block's rows in address order (see
+        // `dot_scores_groups`); the score tile then holds every group's rows.
+        let passes = groupsOuter ? (0..<heads).map { $0..<($0 + 1) } : [0..<heads]
+        var j0 = lo
+        while j0 < hi {
+            let width = min(plan.block, hi - j0)
+            let needsVisibility = hasMask || j0 < last.lo || j0 + width - 1 > first.hi
+            for groups in passes {
+                let g0 = groups.lowerBound
+                let (query, ldq) = queries[g0]
                 cpu.dot_scores_groups(
-                    heads, rows, width, query, ldq, rows * ldq, k.dtype, k.row(b, 0, j0), k.strides.sequence, nil,
-                    k.strides.head, d, p.scale, scores, ld, groupScores)
-                for group in 0..<heads {
-                    let item = WorkItem(batch: b, head: group * g, headCount: g, queryStart: 0, queryEnd: nq, cost: 0)
+                    groups.count, rows, width, query, ldq, rows * ldq, k.dtype, k.row(b, g0, j0),
+                    k.strides.sequence, nil, k.strides.head, d, p.scale, scores, ld, rows * ld)
+                for group in groups {
+                    let tile = scores + (group - g0) * rows * ld
                     prepareScores(
-                        item, span: nq, rows: rows, keyStart: j0, width: width, visibility: needsVisibility,
-                        tile: scores + group * groupScores)
+                        items[group], span: nq, rows: rows, keyStart: j0, width: width, visibility: needsVisibility,
+                        tile: tile)
                     cpu.softmax_update(
-                        scores + group * groupScores, ld, rows, width, rowMax + group * rows, rowSum + group * rows,
-                        out + group * rows * dv, dv, dv)
+                        tile, ld, rows, width, rowMax + group * rows, rowSum + group * rows, out + group * rows * dv,
+                        dv, dv)
                 }
                 cpu.accumulate_groups(
-                    heads, rows, width, scores, ld, groupScores, v.dtype, v.row(b, 0, j0), v.strides.sequence, nil,
-                    v.strides.head, dv, out, dv, rows * dv)
-                j0 += width
+                    groups.count, rows, width, scores, ld, rows * ld, v.dtype, v.row(b, g0, j0),
+                    v.strides.sequence, nil, v.strides.head, dv, out + g0 * rows * dv, dv, rows * dv)
             }
+            j0 += width
         }
         cpu.finish(rowsPerBatch, out, dv, dv, rowMax, rowSum, partials.logSumExp + firstPartialRow)
     }
